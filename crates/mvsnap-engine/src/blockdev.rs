@@ -1,0 +1,142 @@
+//! The block-I/O seam: the only way the engine touches a device. Tests swap in a backend that
+//! simulates power loss (see `crashsim`).
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A device or file the engine reads and writes by offset. Implementations must be safe to call
+/// from many threads at once (pread/pwrite semantics).
+pub trait BlockDev: Send + Sync {
+    fn len(&self) -> io::Result<u64>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Grow a file to `len` bytes with allocated space (fallocate); block devices refuse.
+    fn grow(&self, len: u64) -> io::Result<()>;
+    /// Whether `grow` can work (a regular file).
+    fn can_grow(&self) -> bool;
+    /// Tell the device a range holds nothing (punch a hole); best effort.
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Which parts of a range hold data and which are holes reading as zeros. The default,
+    /// for devices that cannot tell, is all data.
+    fn allocation(&self, _offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
+        Ok(vec![crate::types::Extent {
+            length: len,
+            zero: false,
+        }])
+    }
+    /// Where this device lives, for error messages.
+    fn path(&self) -> &Path;
+}
+
+/// Opens origins (and the store) by path; tests substitute one that hands out simulated devices.
+pub trait DeviceOpener: Send + Sync {
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn BlockDev>>;
+}
+
+/// A regular file or a block device, used through pread/pwrite.
+pub struct FileDev {
+    file: File,
+    path: PathBuf,
+    is_block: bool,
+}
+
+impl FileDev {
+    pub fn open(path: &Path, writable: bool) -> io::Result<FileDev> {
+        let file = FsOpenOptions::new().read(true).write(writable).open(path)?;
+        let is_block = file.metadata()?.file_type().is_block_device();
+        Ok(FileDev {
+            file,
+            path: path.to_path_buf(),
+            is_block,
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl BlockDev for FileDev {
+    fn len(&self) -> io::Result<u64> {
+        if self.is_block {
+            use std::io::{Seek, SeekFrom};
+            // The size of a block device is where SEEK_END lands; metadata says 0.
+            (&self.file).seek(SeekFrom::End(0))
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn grow(&self, len: u64) -> io::Result<()> {
+        if self.is_block {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a block device cannot grow",
+            ));
+        }
+        let cur = self.file.metadata()?.len();
+        if len <= cur {
+            return Ok(());
+        }
+        crate::sys::fallocate(&self.file, cur, len - cur)
+    }
+
+    fn can_grow(&self) -> bool {
+        !self.is_block
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block {
+            return Ok(());
+        }
+        crate::sys::punch_hole(&self.file, offset, len)
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
+        if self.is_block {
+            return Ok(vec![crate::types::Extent {
+                length: len,
+                zero: false,
+            }]);
+        }
+        crate::sys::allocation(&self.file, offset, len)
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Opens real files and block devices.
+pub struct FileOpener;
+
+impl DeviceOpener for FileOpener {
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn BlockDev>> {
+        Ok(Arc::new(FileDev::open(path, writable)?))
+    }
+}
+
+/// Exclusive advisory lock on the store file so two processes never write one store.
+pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
+    crate::sys::flock(file.as_raw_fd(), exclusive)
+}

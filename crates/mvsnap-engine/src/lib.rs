@@ -1,0 +1,26 @@
+//! mvsnap's engine: a crash-consistent, multi-version copy-on-write snapshot store.
+//!
+//! Layers (docs/ARCHITECTURE.md): `blockdev` (the I/O seam) < `format`, `journal`, `alloc`,
+//! `index` (the store's pieces) < `state` (metadata, changed only by journal records) <
+//! `store` (recovery, group commit, checkpoints, snapshots) and `volume` (I/O of origin and
+//! snapshots). Front ends (NBD, FUSE) see only [`Store`] and [`Volume`].
+
+pub mod alloc;
+pub mod blockdev;
+mod check;
+mod codec;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod journal;
+mod state;
+mod store;
+mod sys;
+pub mod types;
+mod volume;
+
+pub use blockdev::{BlockDev, DeviceOpener, FileDev, FileOpener};
+pub use error::{Error, Result};
+pub use store::Store;
+pub use types::*;
+pub use volume::Volume;

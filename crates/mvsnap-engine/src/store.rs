@@ -1,0 +1,1184 @@
+//! The store: opening with recovery, group commit, checkpoints, and the administrative
+//! operations (origins, snapshots). Volume I/O lives in `volume.rs`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::blockdev::{try_lock, BlockDev, DeviceOpener, FileDev, FileOpener};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, CheckpointRef, Geometry, Superblock, FORMAT_VERSION, JOURNAL_OFFSET, META_BLOCK, NO_SLOT,
+    SB_OFFSETS,
+};
+use crate::journal::{self, JournalWriter, NewSnap, Record};
+use crate::state::State;
+use crate::types::*;
+
+const CK_MAGIC: u32 = 0x4b43_564d; // "MVCK"
+const CK_HEADER: usize = 32;
+
+pub(crate) struct CommitState {
+    pub durable_seq: u64,
+    pub leader: bool,
+}
+
+pub(crate) struct Inner {
+    pub path: PathBuf,
+    pub dev: Arc<dyn BlockDev>,
+    _lock: Option<File>,
+    pub opener: Arc<dyn DeviceOpener>,
+    pub geo: Geometry,
+    pub ephemeral: bool,
+    pub read_only: bool,
+    pub state: RwLock<State>,
+    pub sb: Mutex<Superblock>,
+    pub journal: Mutex<JournalWriter>,
+    pub commit: Mutex<CommitState>,
+    pub commit_cv: Condvar,
+    /// Records up to this sequence are settled: a later group is durable, so recovery will
+    /// never verify their data again.
+    pub settled_seq: AtomicU64,
+    poisoned: AtomicBool,
+    poison_msg: Mutex<String>,
+    pub events: Mutex<Vec<Event>>,
+    low_space_raised: AtomicBool,
+    pub closed: AtomicBool,
+}
+
+/// An open COW store. Cheap to clone; every clone is the same store.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Inner {
+    pub fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned(self.poison_msg.lock().clone()));
+        }
+        Ok(())
+    }
+
+    /// After a failed write or sync of the store nothing more is written (fsync failure
+    /// semantics: the page cache may have dropped the data, so a retry could lie).
+    pub fn poison(&self, what: &str, e: &std::io::Error) -> Error {
+        let msg = format!("{what} {}: {e}", self.path.display());
+        tracing::error!("store poisoned: {msg}");
+        *self.poison_msg.lock() = msg.clone();
+        self.poisoned.store(true, Ordering::Release);
+        Error::Poisoned(msg)
+    }
+
+    pub fn store_write(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_poison()?;
+        self.dev
+            .write_at(buf, off)
+            .map_err(|e| self.poison("write", &e))
+    }
+
+    pub fn store_read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.dev
+            .read_at(buf, off)
+            .map_err(|e| Error::io("read", &self.path, e))
+    }
+
+    pub fn store_sync(&self) -> Result<()> {
+        if self.ephemeral {
+            return Ok(());
+        }
+        self.check_poison()?;
+        self.dev.sync().map_err(|e| self.poison("sync", &e))
+    }
+
+    pub fn event(&self, kind: EventKind, message: String) {
+        match kind {
+            EventKind::LowSpace | EventKind::SnapshotInvalidated | EventKind::Corruption => {
+                tracing::warn!(?kind, "{message}")
+            }
+            EventKind::Grown => tracing::info!(?kind, "{message}"),
+        }
+        let mut ev = self.events.lock();
+        ev.push(Event {
+            time: now(),
+            kind,
+            message,
+        });
+        let n = ev.len();
+        if n > 1000 {
+            ev.drain(..n - 1000);
+        }
+    }
+
+    /// Append a record and apply it to the state (the caller holds the state write lock).
+    /// Returns the record's sequence number.
+    pub fn log(&self, st: &mut State, rec: Record) -> Result<u64> {
+        self.check_poison()?;
+        if self.read_only {
+            return Err(Error::ReadOnly("store opened read-only".into()));
+        }
+        let seq = {
+            let mut j = self.journal.lock();
+            if !self.ephemeral && j.nearly_full(4096) {
+                drop(j);
+                self.checkpoint_locked(st)?;
+                j = self.journal.lock();
+            }
+            if self.ephemeral {
+                let s = j.next_seq;
+                j.next_seq += 1;
+                s
+            } else {
+                j.append(&rec)
+            }
+        };
+        st.apply(&rec, seq, true, !self.ephemeral).map_err(|e| {
+            // A live record that does not apply is a bug; stop writing before it spreads.
+            let e = std::io::Error::other(e);
+            self.poison("apply", &e)
+        })?;
+        Ok(seq)
+    }
+
+    /// Highest sequence number appended so far.
+    pub fn appended_seq(&self) -> u64 {
+        self.journal.lock().next_seq.saturating_sub(1)
+    }
+
+    /// Wait until record `seq` is durable, leading a group commit if nobody else is.
+    pub fn wait_durable(&self, seq: u64) -> Result<()> {
+        if self.ephemeral {
+            return Ok(());
+        }
+        let mut cs = self.commit.lock();
+        loop {
+            if cs.durable_seq >= seq {
+                return Ok(());
+            }
+            self.check_poison()?;
+            if cs.leader {
+                self.commit_cv.wait(&mut cs);
+                continue;
+            }
+            cs.leader = true;
+            let before = cs.durable_seq;
+            drop(cs);
+            let result = self.write_group();
+            cs = self.commit.lock();
+            cs.leader = false;
+            match result {
+                Ok(Some(last)) => {
+                    cs.durable_seq = last;
+                    // The previous group is now followed by a durable one: settled.
+                    self.settled_seq.fetch_max(before, Ordering::AcqRel);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.commit_cv.notify_all();
+                    return Err(e);
+                }
+            }
+            self.commit_cv.notify_all();
+        }
+    }
+
+    fn write_group(&self) -> Result<Option<u64>> {
+        let group = self.journal.lock().take_group();
+        let Some(g) = group else {
+            // Nothing pending: everything appended was already taken by a checkpoint.
+            return Ok(Some(self.appended_seq()));
+        };
+        self.store_write(&g.bytes, JOURNAL_OFFSET + g.pos)?;
+        self.store_sync()?;
+        Ok(Some(g.last_seq))
+    }
+
+    /// Write the whole index into fresh slots, then point the superblock at it: recovery then
+    /// starts from here and the journal is empty. The caller holds the state write lock.
+    pub fn checkpoint_locked(&self, st: &mut State) -> Result<()> {
+        if self.ephemeral || self.read_only {
+            return Ok(());
+        }
+        self.check_poison()?;
+        // No group commit may run while the journal is reset.
+        let mut cs = self.commit.lock();
+        while cs.leader {
+            self.commit_cv.wait(&mut cs);
+        }
+        cs.leader = true;
+        drop(cs);
+        let result = self.write_checkpoint(st);
+        let mut cs = self.commit.lock();
+        cs.leader = false;
+        if let Ok(last) = result {
+            cs.durable_seq = last;
+            self.settled_seq.store(last, Ordering::Release);
+            st.unsettled_slots.clear();
+            st.inflight_preserves.clear();
+        }
+        self.commit_cv.notify_all();
+        result.map(|_| ())
+    }
+
+    fn write_checkpoint(&self, st: &mut State) -> Result<u64> {
+        let stream = st.serialize();
+        let payload = self.geo.chunk_size as usize - CK_HEADER;
+        let nslots = stream.len().div_ceil(payload).max(1);
+        // The old checkpoint stays valid until the superblock moves, so take fresh slots.
+        let mut slots = Vec::with_capacity(nslots);
+        for _ in 0..nslots {
+            match st.alloc.alloc().or_else(|| {
+                self.try_grow(st);
+                st.alloc.alloc()
+            }) {
+                Some(s) => slots.push(s),
+                None => {
+                    for s in slots {
+                        st.alloc.decref(s, None);
+                    }
+                    return Err(Error::NoSpace(
+                        "no room left for a metadata checkpoint".into(),
+                    ));
+                }
+            }
+        }
+        let epoch = self.sb.lock().epoch + 1;
+        for (i, piece) in stream.chunks(payload).enumerate() {
+            let next = slots.get(i + 1).copied().unwrap_or(NO_SLOT);
+            let mut buf = Vec::with_capacity(CK_HEADER + piece.len());
+            buf.extend_from_slice(&CK_MAGIC.to_le_bytes());
+            buf.extend_from_slice(&[0; 4]);
+            buf.extend_from_slice(&epoch.to_le_bytes());
+            buf.extend_from_slice(&(i as u32).to_le_bytes());
+            buf.extend_from_slice(&next.to_le_bytes());
+            buf.extend_from_slice(&(piece.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&[0; 4]);
+            buf.extend_from_slice(piece);
+            let c = format::crc(format::SALT_CHECKPOINT, &buf[8..]);
+            buf[4..8].copy_from_slice(&c.to_le_bytes());
+            self.store_write(&buf, self.geo.slot_offset(slots[i]))?;
+        }
+        if stream.is_empty() {
+            unreachable!("a serialized state always has its magic");
+        }
+        self.store_sync()?;
+        let last = {
+            let mut j = self.journal.lock();
+            let last = j.next_seq.saturating_sub(1);
+            j.reset(epoch);
+            last
+        };
+        let mut sb = self.sb.lock().clone();
+        sb.epoch = epoch;
+        sb.journal_seq = last + 1;
+        sb.checkpoint = Some(CheckpointRef {
+            first_slot: slots[0],
+            len: stream.len() as u64,
+            crc: format::crc(format::SALT_CHECKPOINT, &stream),
+        });
+        self.write_superblock(&mut sb)?;
+        *self.sb.lock() = sb;
+        // The new checkpoint holds everything: the old one and all quarantined slots are free.
+        for s in std::mem::replace(&mut st.ckpt_slots, slots) {
+            st.alloc.decref(s, None);
+        }
+        st.alloc.settle_all();
+        tracing::debug!(bytes = stream.len(), epoch, "checkpoint written");
+        Ok(last)
+    }
+
+    /// Write the superblock into the copy not holding the current one, and sync.
+    pub fn write_superblock(&self, sb: &mut Superblock) -> Result<()> {
+        sb.sb_seq += 1;
+        let off = SB_OFFSETS[(sb.sb_seq % 2) as usize];
+        self.store_write(&sb.encode(), off)?;
+        self.store_sync()
+    }
+
+    /// Grow a file-backed store towards its maximum size; returns whether it grew.
+    pub fn try_grow(&self, st: &mut State) -> bool {
+        let max = self.sb.lock().max_size;
+        if self.read_only || !self.dev.can_grow() || max == 0 {
+            return false;
+        }
+        let cur_len = self.geo.data_start + st.alloc.nslots() * self.geo.chunk_size as u64;
+        if cur_len >= max {
+            return false;
+        }
+        let step = (cur_len / 8).max(64 << 20);
+        let new_len = (cur_len + step).min(max);
+        let new_slots = self.geo.slots_for_len(new_len);
+        if new_slots <= st.alloc.nslots() {
+            return false;
+        }
+        let target = self.geo.data_start + new_slots * self.geo.chunk_size as u64;
+        if let Err(e) = self.dev.grow(target) {
+            tracing::warn!("could not grow {} to {target}: {e}", self.path.display());
+            return false;
+        }
+        st.alloc.grow(new_slots);
+        self.event(
+            EventKind::Grown,
+            format!("store grown to {target} bytes (max {max})"),
+        );
+        true
+    }
+
+    /// Slots kept back for the next checkpoint, so metadata can always be written.
+    pub fn reserve_slots(&self, st: &State) -> u64 {
+        if self.ephemeral {
+            return 0;
+        }
+        let bytes = 4096 + st.mappings() * 24 + st.snaps.len() as u64 * 256;
+        bytes.div_ceil(self.geo.chunk_size as u64 - CK_HEADER as u64) + 2
+    }
+
+    /// Allocate a data slot, growing the store if it can; None when the store is full.
+    pub fn alloc_data_slot(&self, st: &mut State) -> Option<u32> {
+        st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
+        loop {
+            if st.alloc.free() > self.reserve_slots(st) {
+                let s = st.alloc.alloc();
+                self.check_low_space(st);
+                return s;
+            }
+            if !self.try_grow(st) {
+                self.check_low_space(st);
+                return None;
+            }
+        }
+    }
+
+    fn check_low_space(&self, st: &State) {
+        let pct = self.sb.lock().low_space_percent as u64;
+        let max = self.sb.lock().max_size;
+        let max_slots = if max > 0 {
+            self.geo.slots_for_len(max).max(st.alloc.nslots())
+        } else {
+            st.alloc.nslots()
+        };
+        let free = st.alloc.free() + (max_slots - st.alloc.nslots());
+        let low = free * 100 < max_slots * pct;
+        if low && !self.low_space_raised.swap(true, Ordering::AcqRel) {
+            self.event(
+                EventKind::LowSpace,
+                format!(
+                    "COW store low on space: {} of {} bytes free (threshold {pct}%)",
+                    free * self.geo.chunk_size as u64,
+                    max_slots * self.geo.chunk_size as u64
+                ),
+            );
+        } else if !low {
+            self.low_space_raised.store(false, Ordering::Release);
+        }
+    }
+
+    pub fn is_low_space(&self) -> bool {
+        self.low_space_raised.load(Ordering::Acquire)
+    }
+}
+
+fn read_superblocks(dev: &dyn BlockDev, path: &Path) -> Result<Superblock> {
+    let len = dev.len().map_err(|e| Error::io("stat", path, e))?;
+    if len < 2 * META_BLOCK {
+        return Err(Error::NotAStore { path: path.into() });
+    }
+    let mut best: Option<Superblock> = None;
+    let mut errors = Vec::new();
+    let mut any_magic = false;
+    for off in SB_OFFSETS {
+        let mut buf = vec![0u8; META_BLOCK as usize];
+        dev.read_at(&mut buf, off)
+            .map_err(|e| Error::io("read", path, e))?;
+        any_magic |= &buf[..8] == format::SB_MAGIC;
+        match Superblock::decode(&buf) {
+            Ok(Some(sb)) => {
+                if best.as_ref().is_none_or(|b| sb.sb_seq > b.sb_seq) {
+                    best = Some(sb);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(format!("superblock at {off}: {e}")),
+        }
+    }
+    match best {
+        Some(sb) => {
+            if sb.version != FORMAT_VERSION {
+                return Err(Error::Version {
+                    path: path.into(),
+                    found: sb.version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            Ok(sb)
+        }
+        None if any_magic => Err(Error::corrupt(path, errors.join("; "))),
+        None => Err(Error::NotAStore { path: path.into() }),
+    }
+}
+
+impl Store {
+    /// Create a new, empty store on a file (created or resized) or a block device.
+    pub fn format(path: &Path, opts: &FormatOptions) -> Result<()> {
+        Geometry::new(opts.chunk_size, 0).map_err(Error::InvalidArgument)?;
+        if opts.max_size != 0 && opts.max_size < opts.size {
+            return Err(Error::InvalidArgument(format!(
+                "--max-size {} is smaller than --size {}",
+                opts.max_size, opts.size
+            )));
+        }
+        let exists = path.exists();
+        if !exists {
+            File::create(path).map_err(|e| Error::io("create", path, e))?;
+        }
+        let dev = FileDev::open(path, true).map_err(|e| Error::io("open", path, e))?;
+        if !try_lock(dev.file(), true).map_err(|e| Error::io("lock", path, e))? {
+            return Err(Error::Locked { path: path.into() });
+        }
+        if exists && !opts.force {
+            match read_superblocks(&dev, path) {
+                Err(Error::NotAStore { .. }) => {}
+                _ => {
+                    return Err(Error::AlreadyExists(format!(
+                        "{} holds an mvsnap store (or a damaged one); use --force to overwrite",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        let size = if dev.can_grow() {
+            let cur = dev.len().map_err(|e| Error::io("stat", path, e))?;
+            let want = if cur > 0 && exists && opts.size == FormatOptions::default().size {
+                cur
+            } else {
+                opts.size
+            };
+            if cur > want {
+                dev.file()
+                    .set_len(want)
+                    .map_err(|e| Error::io("truncate", path, e))?;
+            }
+            dev.grow(want).map_err(|e| Error::io("allocate", path, e))?;
+            want
+        } else {
+            dev.len().map_err(|e| Error::io("stat", path, e))?
+        };
+        let geo = Geometry::new(opts.chunk_size, Geometry::default_journal_len(size))
+            .map_err(Error::InvalidArgument)?;
+        if geo.slots_for_len(size) < 16 {
+            return Err(Error::InvalidArgument(format!(
+                "store size {size} is too small: it needs at least {} bytes",
+                geo.data_start + 16 * geo.chunk_size as u64
+            )));
+        }
+        // Wipe the first journal block so nothing of an old store can ever look valid.
+        dev.write_at(&vec![0u8; META_BLOCK as usize], JOURNAL_OFFSET)
+            .map_err(|e| Error::io("write", path, e))?;
+        let mut sb = Superblock {
+            version: FORMAT_VERSION,
+            uuid: rand::random(),
+            geo,
+            max_size: if dev.can_grow() { opts.max_size } else { 0 },
+            low_space_percent: opts.low_space_percent,
+            sb_seq: 0,
+            epoch: rand::random::<u32>() as u64,
+            journal_seq: 1,
+            checkpoint: None,
+        };
+        // Both copies, so a stale copy of an older store can never win.
+        for _ in 0..2 {
+            sb.sb_seq += 1;
+            dev.write_at(&sb.encode(), SB_OFFSETS[(sb.sb_seq % 2) as usize])
+                .map_err(|e| Error::io("write", path, e))?;
+        }
+        dev.sync().map_err(|e| Error::io("sync", path, e))?;
+        Ok(())
+    }
+
+    /// Open a store file or device, recovering from the journal.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Store> {
+        let dev = FileDev::open(path, !opts.read_only).map_err(|e| Error::io("open", path, e))?;
+        if !try_lock(dev.file(), !opts.read_only).map_err(|e| Error::io("lock", path, e))? {
+            return Err(Error::Locked { path: path.into() });
+        }
+        let lock = dev
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io("open", path, e))?;
+        Self::open_with(Arc::new(dev), Some(lock), Arc::new(FileOpener), opts)
+    }
+
+    /// Open through any block-I/O backend (tests use a crash simulator here).
+    pub fn open_with(
+        dev: Arc<dyn BlockDev>,
+        lock: Option<File>,
+        opener: Arc<dyn DeviceOpener>,
+        opts: &OpenOptions,
+    ) -> Result<Store> {
+        let path = dev.path().to_path_buf();
+        let sb = read_superblocks(&*dev, &path)?;
+        let geo = sb.geo;
+        let len = dev.len().map_err(|e| Error::io("stat", &path, e))?;
+        if len < geo.data_start + geo.chunk_size as u64 {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "store is truncated: {len} bytes, its data area starts at {}",
+                    geo.data_start
+                ),
+            ));
+        }
+        let mut usable = len;
+        if sb.max_size > 0 {
+            usable = usable.min(sb.max_size.max(geo.data_start + geo.chunk_size as u64));
+        }
+        let nslots = geo.slots_for_len(usable).min(u32::MAX as u64 - 1);
+
+        // 1. The checkpoint.
+        let (mut st, ckpt_slots) = match sb.checkpoint {
+            None => (State::new(geo, nslots), Vec::new()),
+            Some(ck) => {
+                let (stream, slots) = read_checkpoint(&*dev, &path, geo, nslots, ck, sb.epoch)?;
+                let mut st = State::deserialize(geo, nslots, &stream)
+                    .map_err(|e| Error::corrupt(&path, format!("checkpoint: {e}")))?;
+                for &s in &slots {
+                    if !st.alloc.claim(s) {
+                        return Err(Error::corrupt(
+                            &path,
+                            format!("checkpoint slot {s} is also used by data"),
+                        ));
+                    }
+                }
+                (st, slots)
+            }
+        };
+        st.ckpt_slots = ckpt_slots;
+
+        // 2. The journal.
+        let (groups, next_seq) = journal::scan(
+            geo.journal_len,
+            sb.epoch,
+            sb.journal_seq,
+            &mut |off, buf| dev.read_at(buf, JOURNAL_OFFSET + off),
+        )
+        .map_err(|e| Error::io("read journal", &path, e))?;
+        let ngroups = groups.len();
+        let mut replayed = 0u64;
+        let mut last_seq = sb.journal_seq - 1;
+        'replay: for (gi, g) in groups.into_iter().enumerate() {
+            // Only the last group may be one whose sync never completed: verify its data.
+            let verify = gi + 1 == ngroups;
+            for (seq, rec) in g.records {
+                if verify && !data_intact(&*dev, geo, &rec)? {
+                    tracing::info!(
+                        seq,
+                        "journal tail: data of a record never became durable; stopping replay"
+                    );
+                    break 'replay;
+                }
+                st.apply(&rec, seq, false, false)
+                    .map_err(|e| Error::corrupt(&path, format!("journal record {seq}: {e}")))?;
+                replayed += 1;
+                last_seq = seq;
+            }
+        }
+        let _ = next_seq;
+        st.unsettled_slots.clear();
+
+        // 3. The origins.
+        for o in st.origins.values_mut() {
+            o.dev = open_origin(&*opener, &o.path, &o.id, o.size, !opts.read_only);
+        }
+        if opts.ephemeral && st.snaps.values().any(|s| s.state != SnapshotState::Hidden) {
+            return Err(Error::Busy(format!(
+                "{}: --ephemeral needs a store without persistent snapshots; delete them first",
+                path.display()
+            )));
+        }
+
+        let journal = JournalWriter::new(sb.epoch, last_seq + 1, geo.journal_len);
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            dev,
+            _lock: lock,
+            opener,
+            geo,
+            ephemeral: opts.ephemeral,
+            read_only: opts.read_only,
+            state: RwLock::new(st),
+            sb: Mutex::new(sb),
+            journal: Mutex::new(journal),
+            commit: Mutex::new(CommitState {
+                durable_seq: last_seq,
+                leader: false,
+            }),
+            commit_cv: Condvar::new(),
+            settled_seq: AtomicU64::new(last_seq),
+            poisoned: AtomicBool::new(false),
+            poison_msg: Mutex::new(String::new()),
+            events: Mutex::new(Vec::new()),
+            low_space_raised: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        if !opts.read_only && !opts.ephemeral {
+            let mut st = inner.state.write();
+            if replayed > 0 {
+                // Fold the replayed records into a checkpoint: a new epoch, an empty journal.
+                inner.checkpoint_locked(&mut st)?;
+            } else {
+                // A new epoch, so no record a crashed writer left behind can ever validate.
+                let mut sb = inner.sb.lock().clone();
+                sb.epoch += 1;
+                sb.journal_seq = last_seq + 1;
+                inner.write_superblock(&mut sb)?;
+                inner.journal.lock().reset(sb.epoch);
+                *inner.sb.lock() = sb;
+            }
+        }
+        tracing::debug!(replayed, "store opened");
+        Ok(Store { inner })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Make everything durable and write a checkpoint, so the next open replays nothing.
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// Like `close`, for a store shared by several handles (the daemon).
+    pub fn shutdown(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if self.inner.read_only || self.inner.ephemeral {
+            return Ok(());
+        }
+        self.inner.check_poison()?;
+        let mut st = self.inner.state.write();
+        for o in st.origins.values() {
+            if let Ok(d) = &o.dev {
+                d.sync().map_err(|e| Error::io("sync", &o.path, e))?;
+            }
+        }
+        self.inner.checkpoint_locked(&mut st)
+    }
+
+    /// Write a checkpoint now (bounds recovery time).
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut st = self.inner.state.write();
+        self.inner.checkpoint_locked(&mut st)
+    }
+
+    /// Make every record appended so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let seq = self.inner.appended_seq();
+        self.inner.wait_durable(seq)
+    }
+
+    pub fn add_origin(&self, path: &Path, id: Option<&str>) -> Result<OriginInfo> {
+        let abs = std::fs::canonicalize(path).map_err(|e| Error::io("open origin", path, e))?;
+        let id = match id {
+            Some(i) => i.to_string(),
+            None => abs
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{}: cannot derive an origin id",
+                        path.display()
+                    ))
+                })?,
+        };
+        validate_name("origin id", &id)?;
+        let dev = self
+            .inner
+            .opener
+            .open(&abs, !self.inner.read_only)
+            .map_err(|e| Error::io("open origin", &abs, e))?;
+        let size = dev.len().map_err(|e| Error::io("stat", &abs, e))?;
+        if size == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "origin {} is empty",
+                abs.display()
+            )));
+        }
+        let abs_s = abs.to_string_lossy().into_owned();
+        let mut st = self.inner.state.write();
+        if st.origin_by_id(&id).is_some() {
+            return Err(Error::AlreadyExists(format!("origin {id}")));
+        }
+        if let Some(o) = st.origins.values().find(|o| o.path == abs_s) {
+            return Err(Error::AlreadyExists(format!(
+                "origin {} (as {})",
+                abs.display(),
+                o.id
+            )));
+        }
+        let no = st.next_origin_no;
+        self.inner.log(
+            &mut st,
+            Record::OriginAdd {
+                no,
+                id: id.clone(),
+                path: abs_s.clone(),
+                size,
+            },
+        )?;
+        st.origins.get_mut(&no).unwrap().dev = Ok(dev);
+        let seq = self.inner.appended_seq();
+        drop(st);
+        self.inner.wait_durable(seq)?;
+        Ok(OriginInfo {
+            id,
+            path: abs_s,
+            size,
+            snapshots: 0,
+        })
+    }
+
+    pub fn remove_origin(&self, id: &str) -> Result<()> {
+        let mut st = self.inner.state.write();
+        let o = st
+            .origin_by_id(id)
+            .ok_or_else(|| Error::NotFound(format!("origin {id}")))?;
+        let no = o.no;
+        let n = st.snaps.values().filter(|s| s.origin == no).count();
+        if n > 0 {
+            return Err(Error::Busy(format!(
+                "origin {id} still has {n} snapshots; delete them first"
+            )));
+        }
+        let seq = self.inner.log(&mut st, Record::OriginRemove { no })?;
+        drop(st);
+        self.inner.wait_durable(seq)
+    }
+
+    pub fn origins(&self) -> Vec<OriginInfo> {
+        let st = self.inner.state.read();
+        st.origins
+            .values()
+            .map(|o| OriginInfo {
+                id: o.id.clone(),
+                path: o.path.clone(),
+                size: o.size,
+                snapshots: st
+                    .snaps
+                    .values()
+                    .filter(|s| s.origin == o.no && s.state != SnapshotState::Hidden)
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// Take snapshots of one or more volumes at one instant. Every write acknowledged before
+    /// this returns is in them; a write in flight is wholly in or wholly out.
+    pub fn create_snapshot(
+        &self,
+        sources: &[&str],
+        tag: Option<&str>,
+        memo: &str,
+        writable: bool,
+    ) -> Result<Vec<SnapshotInfo>> {
+        if sources.is_empty() {
+            return Err(Error::InvalidArgument("no volume to snapshot".into()));
+        }
+        if let Some(t) = tag {
+            validate_name("tag", t)?;
+        }
+        // Resolve names and take each involved origin's gate, in origin order (no deadlock).
+        let (targets, gates) = {
+            let st = self.inner.state.read();
+            let mut targets = Vec::new();
+            for src in sources {
+                let (origin, snap) = resolve_name(&st, src)?;
+                if targets.iter().any(|&(o, _)| o == origin) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{src}: two volumes of one origin in one snapshot set"
+                    )));
+                }
+                targets.push((origin, snap));
+            }
+            let mut gates: Vec<(u32, Arc<RwLock<()>>)> = targets
+                .iter()
+                .map(|&(o, _)| (o, st.origins[&o].gate.clone()))
+                .collect();
+            gates.sort_by_key(|g| g.0);
+            (targets, gates)
+        };
+        let _guards: Vec<_> = gates.iter().map(|(_, g)| g.write()).collect();
+        // In-flight origin writes have drained; make what they wrote durable before the
+        // snapshot that shares it becomes durable (invariant 1 survives a crash).
+        {
+            let st = self.inner.state.read();
+            for &(o, _) in &targets {
+                if let Ok(d) = &st.origins[&o].dev {
+                    if !self.inner.ephemeral {
+                        d.sync()
+                            .map_err(|e| Error::io("sync", &st.origins[&o].path, e))?;
+                    }
+                }
+            }
+        }
+        let mut st = self.inner.state.write();
+        let tag = match tag {
+            Some(t) => t.to_string(),
+            None => {
+                // The lowest number free on every involved origin.
+                let mut n = 1u64;
+                while targets
+                    .iter()
+                    .any(|&(o, _)| st.snap_by_tag(o, &n.to_string()).is_some())
+                {
+                    n += 1;
+                }
+                n.to_string()
+            }
+        };
+        let mut snaps = Vec::new();
+        let mut id = st.next_snap_id;
+        for &(origin, parent) in &targets {
+            let o = &st.origins[&origin];
+            if st.snap_by_tag(origin, &tag).is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {}@{tag}", o.id)));
+            }
+            o.dev
+                .as_ref()
+                .map_err(|e| Error::Busy(format!("origin {}: {e}", o.id)))?;
+            let gen = match parent {
+                None => o.gen + 1,
+                Some(p) => {
+                    let ps = &st.snaps[&p];
+                    if ps.state != SnapshotState::Valid {
+                        return Err(Error::SnapshotInvalid {
+                            name: format!("{}@{}", o.id, ps.tag),
+                            reason: ps.reason.clone().unwrap_or_else(|| "deleted".into()),
+                        });
+                    }
+                    ps.gen
+                }
+            };
+            snaps.push(NewSnap {
+                id,
+                origin,
+                parent: parent.unwrap_or(0),
+                gen,
+                tag: tag.clone(),
+                memo: memo.to_string(),
+                writable,
+            });
+            id += 1;
+        }
+        let ids: Vec<u64> = snaps.iter().map(|s| s.id).collect();
+        let seq = self
+            .inner
+            .log(&mut st, Record::SnapshotCreate { time: now(), snaps })?;
+        drop(st);
+        self.inner.wait_durable(seq)?;
+        let st = self.inner.state.read();
+        Ok(ids
+            .iter()
+            .map(|id| self.snapshot_info(&st, &st.snaps[id], None))
+            .collect())
+    }
+
+    /// Delete a snapshot: instant; its space comes back by `reclaim`.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let mut st = self.inner.state.write();
+        let (origin, snap) = resolve_name(&st, name)?;
+        let id = snap.ok_or_else(|| {
+            Error::InvalidArgument(format!("{name} is an origin; use `origin remove`"))
+        })?;
+        let seq = self.inner.log(&mut st, Record::SnapshotDelete { id })?;
+        let seq2 = self.inner.log(&mut st, Record::Reclaim { origin })?;
+        drop(st);
+        let _ = seq;
+        self.inner.wait_durable(seq2)
+    }
+
+    /// Give back the space no live snapshot needs (after deletes and invalidations).
+    pub fn reclaim(&self) -> Result<()> {
+        let mut st = self.inner.state.write();
+        let origins: Vec<u32> = st.origins.keys().copied().collect();
+        let mut last = 0;
+        for o in origins {
+            last = self.inner.log(&mut st, Record::Reclaim { origin: o })?;
+        }
+        drop(st);
+        self.inner.wait_durable(last)
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let st = self.inner.state.read();
+        let usage = space_usage(&st, self.inner.geo);
+        st.snaps
+            .values()
+            .filter(|s| s.state != SnapshotState::Hidden)
+            .map(|s| self.snapshot_info(&st, s, usage.get(&s.id).copied()))
+            .collect()
+    }
+
+    fn snapshot_info(
+        &self,
+        st: &State,
+        s: &crate::state::Snap,
+        usage: Option<(u64, u64)>,
+    ) -> SnapshotInfo {
+        let o = &st.origins[&s.origin];
+        let parent = if s.parent == 0 {
+            o.id.clone()
+        } else {
+            match st.snaps.get(&s.parent) {
+                Some(p) => format!("{}@{}", o.id, p.tag),
+                None => format!("{}@?", o.id),
+            }
+        };
+        let (exclusive_bytes, shared_bytes) = usage.unwrap_or((0, 0));
+        SnapshotInfo {
+            origin: o.id.clone(),
+            tag: s.tag.clone(),
+            name: format!("{}@{}", o.id, s.tag),
+            parent,
+            memo: s.memo.clone(),
+            created: s.created,
+            writable: s.writable,
+            state: s.state,
+            reason: s.reason.clone(),
+            exclusive_bytes,
+            shared_bytes,
+        }
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.inner.events.lock().clone()
+    }
+
+    pub fn info(&self) -> StoreInfo {
+        let snapshots = self.snapshots();
+        let origins = self.origins();
+        let st = self.inner.state.read();
+        let geo = self.inner.geo;
+        let sb = self.inner.sb.lock().clone();
+        let cs = geo.chunk_size as u64;
+        let meta = st.ckpt_slots.len() as u64 * cs;
+        StoreInfo {
+            path: self.inner.path.display().to_string(),
+            uuid: format::uuid_string(&sb.uuid),
+            chunk_size: geo.chunk_size,
+            block_size: geo.sub_size,
+            journal_bytes: geo.journal_len,
+            data_bytes: st.alloc.nslots() * cs,
+            max_bytes: if sb.max_size > 0 {
+                sb.max_size
+            } else {
+                geo.data_start + st.alloc.nslots() * cs
+            },
+            used_bytes: st.alloc.used() * cs,
+            free_bytes: st.alloc.free() * cs,
+            metadata_bytes: meta + geo.journal_len + JOURNAL_OFFSET,
+            mappings: st.mappings(),
+            ephemeral: self.inner.ephemeral,
+            low_space: self.inner.is_low_space(),
+            origins,
+            snapshots,
+            events: self.events(),
+        }
+    }
+}
+
+/// Exclusive and shared bytes per snapshot id.
+fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64, u64)> {
+    use std::collections::HashMap;
+    let mut out: HashMap<u64, (u64, u64)> = HashMap::new();
+    let sub = geo.sub_size as u64;
+    // Preserved entries: exclusive when one live snapshot's generation uses them.
+    for o in st.origins.values() {
+        let mut by_gen: HashMap<u32, Vec<u64>> = HashMap::new();
+        for s in st
+            .snaps
+            .values()
+            .filter(|s| s.origin == o.no && s.state == SnapshotState::Valid)
+        {
+            by_gen.entry(s.gen).or_default().push(s.id);
+        }
+        o.pindex.for_each(|_, e| {
+            let users: Vec<u64> = o
+                .live_gens
+                .range(e.lo..=e.hi)
+                .flat_map(|(g, _)| by_gen.get(g).cloned().unwrap_or_default())
+                .collect();
+            let bytes = e.bits.count_ones() as u64 * sub;
+            for u in &users {
+                let ent = out.entry(*u).or_default();
+                if users.len() == 1 {
+                    ent.0 += bytes;
+                } else {
+                    ent.1 += bytes;
+                }
+            }
+        });
+    }
+    for s in st.snaps.values() {
+        s.map.for_each(&mut |_, e| {
+            let bytes = e.bits.count_ones() as u64 * sub;
+            let ent = out.entry(s.id).or_default();
+            if st.alloc.refcount(e.slot) > 1 {
+                ent.1 += bytes;
+            } else {
+                ent.0 += bytes;
+            }
+        });
+    }
+    out
+}
+
+pub(crate) fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:+".contains(c))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{what} {name:?}: use 1-128 characters from A-Z a-z 0-9 - _ . : +"
+        )))
+    }
+}
+
+/// `ORIGIN` or `ORIGIN@TAG` to (origin number, snapshot id).
+pub(crate) fn resolve_name(st: &State, name: &str) -> Result<(u32, Option<u64>)> {
+    let (oid, tag) = match name.split_once('@') {
+        Some((o, t)) => (o, Some(t)),
+        None => (name, None),
+    };
+    let o = st
+        .origin_by_id(oid)
+        .ok_or_else(|| Error::NotFound(format!("origin {oid}")))?;
+    match tag {
+        None => Ok((o.no, None)),
+        Some(t) => {
+            let s = st
+                .snap_by_tag(o.no, t)
+                .ok_or_else(|| Error::NotFound(format!("snapshot {name}")))?;
+            Ok((o.no, Some(s.id)))
+        }
+    }
+}
+
+fn open_origin(
+    opener: &dyn DeviceOpener,
+    path: &str,
+    id: &str,
+    size: u64,
+    writable: bool,
+) -> Result<Arc<dyn BlockDev>, String> {
+    let dev = opener
+        .open(Path::new(path), writable)
+        .map_err(|e| format!("origin {id}: cannot open {path}: {e}"))?;
+    let found = dev.len().map_err(|e| format!("origin {id}: {path}: {e}"))?;
+    if found != size {
+        return Err(Error::OriginSizeChanged {
+            id: id.to_string(),
+            recorded: size,
+            found,
+        }
+        .to_string());
+    }
+    Ok(dev)
+}
+
+fn read_checkpoint(
+    dev: &dyn BlockDev,
+    path: &Path,
+    geo: Geometry,
+    nslots: u64,
+    ck: CheckpointRef,
+    epoch: u64,
+) -> Result<(Vec<u8>, Vec<u32>)> {
+    let _ = epoch;
+    let mut stream = Vec::with_capacity(ck.len as usize);
+    let mut slots = Vec::new();
+    let mut slot = ck.first_slot;
+    let payload = geo.chunk_size as usize - CK_HEADER;
+    let mut buf = vec![0u8; geo.chunk_size as usize];
+    let mut ck_epoch = None;
+    while (stream.len() as u64) < ck.len {
+        if slot as u64 >= nslots || slots.len() as u64 > nslots {
+            return Err(Error::corrupt(
+                path,
+                format!("checkpoint slot {slot} lies past the end of the store"),
+            ));
+        }
+        let want = (ck.len as usize - stream.len()).min(payload);
+        let blk = &mut buf[..CK_HEADER + want];
+        dev.read_at(blk, geo.slot_offset(slot))
+            .map_err(|e| Error::io("read checkpoint", path, e))?;
+        let magic = u32::from_le_bytes(blk[0..4].try_into().unwrap());
+        let c = u32::from_le_bytes(blk[4..8].try_into().unwrap());
+        let e = u64::from_le_bytes(blk[8..16].try_into().unwrap());
+        let idx = u32::from_le_bytes(blk[16..20].try_into().unwrap());
+        let next = u32::from_le_bytes(blk[20..24].try_into().unwrap());
+        let plen = u32::from_le_bytes(blk[24..28].try_into().unwrap()) as usize;
+        if magic != CK_MAGIC
+            || plen != want
+            || idx as usize != slots.len()
+            || format::crc(format::SALT_CHECKPOINT, &blk[8..]) != c
+        {
+            return Err(Error::corrupt(
+                path,
+                format!("checkpoint block in slot {slot} is damaged (checksum or header mismatch)"),
+            ));
+        }
+        if *ck_epoch.get_or_insert(e) != e {
+            return Err(Error::corrupt(
+                path,
+                "checkpoint blocks of different epochs",
+            ));
+        }
+        stream.extend_from_slice(&blk[CK_HEADER..]);
+        slots.push(slot);
+        slot = next;
+    }
+    if format::crc(format::SALT_CHECKPOINT, &stream) != ck.crc {
+        return Err(Error::corrupt(path, "checkpoint checksum mismatch"));
+    }
+    Ok((stream, slots))
+}
+
+/// For a record of the last journal group: is the data it vouches for really on disk?
+fn data_intact(dev: &dyn BlockDev, geo: Geometry, rec: &Record) -> Result<bool> {
+    let (slot, bits, crc) = match rec {
+        Record::Preserve {
+            slot, bits, crc, ..
+        } => (*slot, *bits, *crc),
+        Record::MapWrite {
+            slot,
+            data_bits,
+            crc,
+            ..
+        } => (*slot, *data_bits, *crc),
+        _ => return Ok(true),
+    };
+    if (slot as u64) >= geo.slots_for_len(dev.len().unwrap_or(0)) {
+        return Ok(false);
+    }
+    Ok(crate::volume::blocks_crc(dev, geo, slot, bits)
+        .map(|c| c == crc)
+        .unwrap_or(false))
+}

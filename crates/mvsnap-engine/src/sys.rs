@@ -1,0 +1,107 @@
+//! The few syscalls std does not wrap. Every `unsafe` block of the engine lives here.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+
+/// Allocate `len` bytes at `offset`, growing the file.
+pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid open fd; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as i64, len as i64) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // Filesystems without fallocate (tmpfs on old kernels): extend sparsely instead.
+        return file.set_len(offset + len);
+    }
+    Err(err)
+}
+
+/// Free the space behind a range of a file; a no-op where the filesystem cannot.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid open fd; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(err),
+    }
+}
+
+/// flock(LOCK_EX|LOCK_NB) or LOCK_SH; Ok(false) when someone else holds it.
+pub fn flock(fd: RawFd, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: plain syscall on a valid open fd; no memory is passed.
+    let rc = unsafe { libc::flock(fd, op) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(err)
+}
+
+/// Data and hole extents of `[offset, offset+len)` of a file, by SEEK_DATA/SEEK_HOLE.
+pub fn allocation(file: &File, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
+    let fd = file.as_raw_fd();
+    let end = offset + len;
+    let mut out: Vec<crate::types::Extent> = Vec::new();
+    let mut push = |length: u64, zero: bool| match out.last_mut() {
+        Some(l) if l.zero == zero => l.length += length,
+        _ => out.push(crate::types::Extent { length, zero }),
+    };
+    let mut pos = offset;
+    while pos < end {
+        // SAFETY: plain syscall on a valid open fd; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // No data after pos: the rest is a hole.
+                Some(libc::ENXIO) => {
+                    push(end - pos, true);
+                    break;
+                }
+                // The filesystem cannot tell: say data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    push(end - pos, false);
+                    break;
+                }
+                _ => return Err(err),
+            }
+        }
+        let data = (data as u64).min(end);
+        if data > pos {
+            push(data - pos, true);
+            pos = data;
+            continue;
+        }
+        // SAFETY: plain syscall on a valid open fd; no memory is passed.
+        let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end).max(pos + 1);
+        push(hole - pos, false);
+        pos = hole;
+    }
+    Ok(out)
+}

@@ -1,0 +1,145 @@
+//! Plain data the engine hands to front ends and the CLI: nothing here knows the on-disk format.
+
+use serde::Serialize;
+
+/// Options for [`crate::Store::format`].
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    /// Initial size of a file-backed store; ignored for block devices (their size is used).
+    pub size: u64,
+    /// A file-backed store grows on demand up to this size (0: never grows past `size`).
+    pub max_size: u64,
+    /// Chunk size, a power of two from 4 KiB to 1 MiB.
+    pub chunk_size: u32,
+    /// Overwrite an existing mvsnap store.
+    pub force: bool,
+    /// Free-space fraction (percent) under which a low-space event is raised.
+    pub low_space_percent: u8,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            size: 1 << 30,
+            max_size: 0,
+            chunk_size: 64 * 1024,
+            force: false,
+            low_space_percent: 10,
+        }
+    }
+}
+
+/// Options for [`crate::Store::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// blksnap's model for backups: nothing is synced and every snapshot made in this session is
+    /// gone when the store closes. Refused while the store holds persistent snapshots.
+    pub ephemeral: bool,
+    /// Open without taking the write lock and without replaying into the store (check, info).
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OriginInfo {
+    pub id: String,
+    pub path: String,
+    pub size: u64,
+    /// Number of live (not deleted) snapshots of this origin.
+    pub snapshots: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    Valid,
+    /// The store ran out of space and this snapshot lost data; reads fail.
+    Invalid,
+    /// Deleted, kept only because snapshots taken from it still exist.
+    Hidden,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub origin: String,
+    pub tag: String,
+    /// `ORIGIN@TAG`, the export name.
+    pub name: String,
+    /// `ORIGIN` or `ORIGIN@TAG` of the volume it was taken from.
+    pub parent: String,
+    pub memo: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub writable: bool,
+    pub state: SnapshotState,
+    /// Why the snapshot is invalid, if it is.
+    pub reason: Option<String>,
+    /// Bytes of COW space only this snapshot uses.
+    pub exclusive_bytes: u64,
+    /// Bytes of COW space this snapshot shares with others.
+    pub shared_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub time: u64,
+    pub kind: EventKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    LowSpace,
+    Grown,
+    SnapshotInvalidated,
+    Corruption,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StoreInfo {
+    pub path: String,
+    pub uuid: String,
+    pub chunk_size: u32,
+    /// Granularity of copy-out inside a chunk.
+    pub block_size: u32,
+    pub journal_bytes: u64,
+    /// Bytes of the data area now (a file-backed store may grow to `max_bytes`).
+    pub data_bytes: u64,
+    pub max_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub metadata_bytes: u64,
+    pub mappings: u64,
+    pub ephemeral: bool,
+    pub low_space: bool,
+    pub origins: Vec<OriginInfo>,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub events: Vec<Event>,
+}
+
+/// One extent of a volume's block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// The range reads as zeros and holds no data of its own (a hole).
+    pub zero: bool,
+}
+
+/// The result of `check`: every invariant of DESIGN.md verified.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CheckReport {
+    pub slots_total: u64,
+    pub slots_used: u64,
+    pub slots_free: u64,
+    pub mappings: u64,
+    pub snapshots: usize,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
