@@ -654,6 +654,18 @@ impl Store {
         &self.inner.path
     }
 
+    /// The store's UUID, read without taking its lock (a running daemon holds it): the daemon's
+    /// sockets are named after it, so every command finds them from the store path alone.
+    pub fn probe_uuid(path: &Path) -> Result<String> {
+        let dev = FileDev::open(path, false).map_err(|e| Error::io("open", path, e))?;
+        let sb = read_superblocks(&dev, path)?;
+        Ok(format::uuid_string(&sb.uuid))
+    }
+
+    pub fn uuid(&self) -> String {
+        format::uuid_string(&self.inner.sb.lock().uuid)
+    }
+
     /// Make everything durable and write a checkpoint, so the next open replays nothing.
     pub fn close(self) -> Result<()> {
         self.shutdown()
@@ -849,8 +861,7 @@ impl Store {
             }
         };
         let mut snaps = Vec::new();
-        let mut id = st.next_snap_id;
-        for &(origin, parent) in &targets {
+        for (id, &(origin, parent)) in (st.next_snap_id..).zip(targets.iter()) {
             let o = &st.origins[&origin];
             if st.snap_by_tag(origin, &tag).is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {}@{tag}", o.id)));
@@ -880,7 +891,6 @@ impl Store {
                 memo: memo.to_string(),
                 writable,
             });
-            id += 1;
         }
         let ids: Vec<u64> = snaps.iter().map(|s| s.id).collect();
         let seq = self

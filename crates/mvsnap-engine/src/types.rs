@@ -1,6 +1,6 @@
 //! Plain data the engine hands to front ends and the CLI: nothing here knows the on-disk format.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Options for [`crate::Store::format`].
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct OpenOptions {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OriginInfo {
     pub id: String,
     pub path: String,
@@ -48,7 +48,7 @@ pub struct OriginInfo {
     pub snapshots: usize,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotState {
     Valid,
@@ -58,7 +58,7 @@ pub enum SnapshotState {
     Hidden,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
     pub origin: String,
     pub tag: String,
@@ -79,7 +79,7 @@ pub struct SnapshotInfo {
     pub shared_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
     /// Seconds since the Unix epoch.
     pub time: u64,
@@ -87,7 +87,7 @@ pub struct Event {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum EventKind {
     LowSpace,
@@ -96,7 +96,7 @@ pub enum EventKind {
     Corruption,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoreInfo {
     pub path: String,
     pub uuid: String,
@@ -127,7 +127,7 @@ pub struct Extent {
 }
 
 /// The result of `check`: every invariant of DESIGN.md verified.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct CheckReport {
     pub slots_total: u64,
     pub slots_used: u64,

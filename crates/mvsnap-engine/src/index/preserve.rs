@@ -50,6 +50,10 @@ impl PreserveIndex {
         self.count
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     fn split(chunk: u64) -> (usize, usize) {
         (
             (chunk >> LEAF_BITS) as usize,

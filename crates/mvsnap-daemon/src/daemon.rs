@@ -1,0 +1,303 @@
+//! `mvsnap serve`: open the store (recovery first), serve every volume over NBD, answer the
+//! control socket, and on SIGTERM/SIGINT finish in-flight requests, checkpoint and exit 0.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use mvsnap_engine::{OpenOptions, Store};
+use mvsnap_nbd::{bind_unix, NbdServer};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use crate::control::{Reply, Request, MAX_IO};
+use crate::exports::EngineRegistry;
+
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub store: PathBuf,
+    /// NBD Unix socket; default: named after the store in the runtime directory.
+    pub nbd_socket: Option<PathBuf>,
+    /// Also listen on TCP: `PORT` (127.0.0.1) or `ADDR:PORT`.
+    pub listen: Option<String>,
+    pub ephemeral: bool,
+}
+
+/// Parse `--listen`: a bare port binds loopback only.
+fn listen_addr(s: &str) -> Result<String> {
+    if s.parse::<u16>().is_ok() {
+        return Ok(format!("127.0.0.1:{s}"));
+    }
+    if s.rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_some()
+    {
+        return Ok(s.to_string());
+    }
+    bail!("--listen {s:?}: expected PORT or ADDR:PORT")
+}
+
+/// Run the daemon until a signal or a `shutdown` request; blocks.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let uuid = Store::probe_uuid(&opts.store)?;
+    let ctl_path = crate::paths::control_socket(&uuid);
+    if std::os::unix::net::UnixStream::connect(&ctl_path).is_ok() {
+        bail!(
+            "a daemon already serves {} (control socket {})",
+            opts.store.display(),
+            ctl_path.display()
+        );
+    }
+    let store = Store::open(
+        &opts.store,
+        &OpenOptions {
+            ephemeral: opts.ephemeral,
+            read_only: false,
+        },
+    )
+    .with_context(|| format!("cannot serve {}", opts.store.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(run(store.clone(), opts, uuid, ctl_path.clone()));
+    let _ = std::fs::remove_file(&ctl_path);
+    // Whatever happened, leave the store consistent: checkpoint and release it.
+    let closed = store.shutdown();
+    result?;
+    closed.context("final checkpoint")?;
+    tracing::info!("daemon stopped cleanly");
+    Ok(())
+}
+
+async fn run(store: Store, opts: ServeOptions, uuid: String, ctl_path: PathBuf) -> Result<()> {
+    let dir = crate::paths::runtime_dir();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("runtime directory {}", dir.display()))?;
+    let nbd_path = opts
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| crate::paths::default_nbd_socket(&uuid));
+    let nbd = NbdServer::new(Arc::new(EngineRegistry {
+        store: store.clone(),
+    }));
+    let nbd_listener =
+        bind_unix(&nbd_path).with_context(|| format!("NBD socket {}", nbd_path.display()))?;
+    let _ = std::fs::remove_file(&ctl_path);
+    let ctl = UnixListener::bind(&ctl_path)
+        .with_context(|| format!("control socket {}", ctl_path.display()))?;
+    std::fs::set_permissions(&ctl_path, std::fs::Permissions::from_mode(0o600))?;
+    let tcp = match &opts.listen {
+        Some(l) => {
+            let addr = listen_addr(l)?;
+            Some(
+                tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("listen on {addr}"))?,
+            )
+        }
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
+
+    let stop = Arc::new(Notify::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let nbd = nbd.clone();
+        tasks.spawn(async move {
+            nbd.serve_unix(nbd_listener)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    if let Some(t) = tcp {
+        let nbd = nbd.clone();
+        tasks.spawn(async move { nbd.serve_tcp(t).await.map_err(anyhow::Error::from) });
+    }
+    let ctl_task = {
+        let (store, nbd, stop) = (store.clone(), nbd.clone(), stop.clone());
+        tokio::spawn(async move { control_loop(ctl, store, nbd, stop).await })
+    };
+
+    // The readiness line scripts wait for.
+    let mut ready = format!(
+        "ready nbd=unix:{} control={}",
+        nbd_path.display(),
+        ctl_path.display()
+    );
+    if let Some(a) = tcp_addr {
+        ready.push_str(&format!(" tcp={a}"));
+    }
+    println!("{ready}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!("{ready}");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = stop.notified() => tracing::info!("shutdown requested"),
+        r = tasks.join_next() => {
+            if let Some(Ok(Err(e))) = r {
+                tracing::error!("NBD listener failed: {e:#}");
+            }
+        }
+    }
+    ctl_task.abort();
+    // Stop accepting, let in-flight requests finish, close connections.
+    nbd.shutdown().await;
+    tasks.abort_all();
+    let _ = std::fs::remove_file(&nbd_path);
+    Ok(())
+}
+
+async fn control_loop(listener: UnixListener, store: Store, nbd: NbdServer, stop: Arc<Notify>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (store, nbd, stop) = (store.clone(), nbd.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = control_conn(conn, store, nbd, stop).await {
+                tracing::debug!("control connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn control_conn(
+    conn: UnixStream,
+    store: Store,
+    nbd: NbdServer,
+    stop: Arc<Notify>,
+) -> std::io::Result<()> {
+    let (rd, mut wr) = conn.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if rd.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&mut wr, &Reply::err(format!("malformed request: {e}")), &[]).await?;
+                return Ok(());
+            }
+        };
+        let mut payload = Vec::new();
+        if let Request::Write { length, .. } = &req {
+            if *length > MAX_IO {
+                send(
+                    &mut wr,
+                    &Reply::err(format!("write of {length} bytes exceeds {MAX_IO}")),
+                    &[],
+                )
+                .await?;
+                return Ok(());
+            }
+            payload.resize(*length as usize, 0);
+            rd.read_exact(&mut payload).await?;
+        }
+        if let Request::SnapshotDelete { name, force } = &req {
+            if nbd.open_exports().iter().any(|e| e == name) {
+                if !*force {
+                    let r = Reply::err(format!(
+                        "{name} is open by an NBD client; use --force to disconnect it and delete"
+                    ));
+                    send(&mut wr, &r, &[]).await?;
+                    continue;
+                }
+                nbd.disconnect(name).await;
+            }
+        }
+        if let Request::Shutdown = req {
+            send(&mut wr, &Reply::ok(serde_json::Value::Null), &[]).await?;
+            stop.notify_one();
+            return Ok(());
+        }
+        let st = store.clone();
+        let (reply, bytes) = tokio::task::spawn_blocking(move || handle(&st, req, payload))
+            .await
+            .unwrap_or_else(|e| (Reply::err(format!("internal error: {e}")), Vec::new()));
+        send(&mut wr, &reply, &bytes).await?;
+    }
+}
+
+async fn send(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    r: &Reply,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    wr.write_all(&line).await?;
+    wr.write_all(bytes).await
+}
+
+/// Run one control request against the store (blocking).
+fn handle(store: &Store, req: Request, payload: Vec<u8>) -> (Reply, Vec<u8>) {
+    fn json<T: serde::Serialize>(r: mvsnap_engine::Result<T>) -> Reply {
+        match r {
+            Ok(v) => Reply::ok(serde_json::to_value(v).unwrap_or_default()),
+            Err(e) => Reply::err(e),
+        }
+    }
+    let reply = match req {
+        Request::OriginAdd { path, id } => {
+            json(store.add_origin(std::path::Path::new(&path), id.as_deref()))
+        }
+        Request::OriginRemove { id } => json(store.remove_origin(&id)),
+        Request::OriginList => json(Ok(store.origins())),
+        Request::SnapshotCreate {
+            sources,
+            tag,
+            memo,
+            writable,
+        } => {
+            let srcs: Vec<&str> = sources.iter().map(String::as_str).collect();
+            json(store.create_snapshot(&srcs, tag.as_deref(), &memo, writable))
+        }
+        Request::SnapshotDelete { name, .. } => json(store.delete_snapshot(&name)),
+        Request::SnapshotList => json(Ok(store.snapshots())),
+        Request::Info => json(Ok(store.info())),
+        Request::Check => json(Ok(store.check())),
+        Request::Size { name } => json(store.volume(&name).map(|v| v.size())),
+        Request::Flush { name } => json(store.volume(&name).and_then(|v| v.flush())),
+        Request::Write { name, offset, .. } => json(
+            store
+                .volume(&name)
+                .and_then(|v| v.write_at(offset, &payload, false)),
+        ),
+        Request::Read {
+            name,
+            offset,
+            length,
+        } => {
+            if length > MAX_IO {
+                return (
+                    Reply::err(format!("read of {length} bytes exceeds {MAX_IO}")),
+                    Vec::new(),
+                );
+            }
+            let mut buf = vec![0u8; length as usize];
+            return match store
+                .volume(&name)
+                .and_then(|v| v.read_at(offset, &mut buf))
+            {
+                Ok(()) => {
+                    let mut r = Reply::ok(serde_json::Value::Null);
+                    r.bytes = length;
+                    (r, buf)
+                }
+                Err(e) => (Reply::err(e), Vec::new()),
+            };
+        }
+        Request::Shutdown => Reply::ok(serde_json::Value::Null),
+    };
+    (reply, Vec::new())
+}

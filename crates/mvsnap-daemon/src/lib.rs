@@ -1,0 +1,12 @@
+//! The control plane between the CLI and the engine. A daemon (`serve`) owns a store and serves
+//! every volume over NBD; [`Session`] lets the CLI run the same commands against the daemon
+//! through its control socket, or against the store directly when no daemon serves it.
+
+pub mod control;
+pub mod daemon;
+pub mod exports;
+pub mod paths;
+mod session;
+
+pub use daemon::{serve, ServeOptions};
+pub use session::Session;

@@ -1,0 +1,169 @@
+//! The CLI's view of a store: the same calls whether a daemon serves it (through the control
+//! socket) or not (the store opened directly, under its exclusive lock).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use mvsnap_engine::{CheckReport, OpenOptions, OriginInfo, SnapshotInfo, Store, StoreInfo};
+use serde::de::DeserializeOwned;
+
+use crate::control::{ControlClient, Request};
+
+pub enum Session {
+    Offline(Store),
+    Daemon(ControlClient),
+}
+
+fn decode<T: DeserializeOwned>(v: serde_json::Value) -> Result<T> {
+    serde_json::from_value(v).context("control socket: unexpected reply")
+}
+
+impl Session {
+    /// Connect to the store's daemon if one serves it, else open the store. `writes` says
+    /// whether the command changes anything (read-only commands open read-only).
+    pub fn open(store: &Path, writes: bool, ephemeral: bool) -> Result<Session> {
+        if let Some(sock) = crate::paths::control_socket_for_store(store) {
+            if let Ok(c) = ControlClient::connect(&sock) {
+                tracing::debug!("using the daemon at {}", sock.display());
+                return Ok(Session::Daemon(c));
+            }
+        }
+        let opts = OpenOptions {
+            ephemeral,
+            read_only: !writes,
+        };
+        let s = Store::open(store, &opts)?;
+        Ok(Session::Offline(s))
+    }
+
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Session::Daemon(_))
+    }
+
+    pub fn add_origin(&mut self, path: &Path, id: Option<&str>) -> Result<OriginInfo> {
+        match self {
+            Session::Offline(s) => Ok(s.add_origin(path, id)?),
+            Session::Daemon(c) => {
+                let abs = std::fs::canonicalize(path)
+                    .with_context(|| format!("origin {}", path.display()))?;
+                decode(c.call(&Request::OriginAdd {
+                    path: abs.to_string_lossy().into(),
+                    id: id.map(String::from),
+                })?)
+            }
+        }
+    }
+
+    pub fn remove_origin(&mut self, id: &str) -> Result<()> {
+        match self {
+            Session::Offline(s) => Ok(s.remove_origin(id)?),
+            Session::Daemon(c) => c
+                .call(&Request::OriginRemove { id: id.into() })
+                .map(|_| ())
+                .map_err(Into::into),
+        }
+    }
+
+    pub fn origins(&mut self) -> Result<Vec<OriginInfo>> {
+        match self {
+            Session::Offline(s) => Ok(s.origins()),
+            Session::Daemon(c) => decode(c.call(&Request::OriginList)?),
+        }
+    }
+
+    pub fn create_snapshot(
+        &mut self,
+        sources: &[&str],
+        tag: Option<&str>,
+        memo: &str,
+        writable: bool,
+    ) -> Result<Vec<SnapshotInfo>> {
+        match self {
+            Session::Offline(s) => Ok(s.create_snapshot(sources, tag, memo, writable)?),
+            Session::Daemon(c) => decode(c.call(&Request::SnapshotCreate {
+                sources: sources.iter().map(|s| s.to_string()).collect(),
+                tag: tag.map(String::from),
+                memo: memo.into(),
+                writable,
+            })?),
+        }
+    }
+
+    /// `force`: a daemon disconnects the clients that have it open; offline nobody has.
+    pub fn delete_snapshot(&mut self, name: &str, force: bool) -> Result<()> {
+        match self {
+            Session::Offline(s) => Ok(s.delete_snapshot(name)?),
+            Session::Daemon(c) => c
+                .call(&Request::SnapshotDelete {
+                    name: name.into(),
+                    force,
+                })
+                .map(|_| ())
+                .map_err(Into::into),
+        }
+    }
+
+    pub fn snapshots(&mut self) -> Result<Vec<SnapshotInfo>> {
+        match self {
+            Session::Offline(s) => Ok(s.snapshots()),
+            Session::Daemon(c) => decode(c.call(&Request::SnapshotList)?),
+        }
+    }
+
+    pub fn info(&mut self) -> Result<StoreInfo> {
+        match self {
+            Session::Offline(s) => Ok(s.info()),
+            Session::Daemon(c) => decode(c.call(&Request::Info)?),
+        }
+    }
+
+    pub fn check(&mut self) -> Result<CheckReport> {
+        match self {
+            Session::Offline(s) => Ok(s.check()),
+            Session::Daemon(c) => decode(c.call(&Request::Check)?),
+        }
+    }
+
+    pub fn volume_size(&mut self, name: &str) -> Result<u64> {
+        match self {
+            Session::Offline(s) => Ok(s.volume(name)?.size()),
+            Session::Daemon(c) => decode(c.call(&Request::Size { name: name.into() })?),
+        }
+    }
+
+    pub fn read(&mut self, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        match self {
+            Session::Offline(s) => {
+                let mut buf = vec![0u8; length as usize];
+                s.volume(name)?.read_at(offset, &mut buf)?;
+                Ok(buf)
+            }
+            Session::Daemon(c) => Ok(c.read(name, offset, length)?),
+        }
+    }
+
+    pub fn write(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Session::Offline(s) => Ok(s.volume(name)?.write_at(offset, data, false)?),
+            Session::Daemon(c) => Ok(c.write(name, offset, data)?),
+        }
+    }
+
+    pub fn flush(&mut self, name: &str) -> Result<()> {
+        match self {
+            Session::Offline(s) => Ok(s.volume(name)?.flush()?),
+            Session::Daemon(c) => c
+                .call(&Request::Flush { name: name.into() })
+                .map(|_| ())
+                .map_err(Into::into),
+        }
+    }
+
+    /// Offline: checkpoint and release the lock. Daemon: nothing to do.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Session::Offline(s) => Ok(s.close()?),
+            Session::Daemon(_) => Ok(()),
+        }
+    }
+}
