@@ -48,6 +48,36 @@ pub(crate) struct Inner {
     pub events: Mutex<Vec<Event>>,
     low_space_raised: AtomicBool,
     pub closed: AtomicBool,
+    /// Commits records nobody waits for (unflushed writable-snapshot writes), so the window a
+    /// crash can lose stays short and quarantined slots come back.
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How often the background flusher commits pending records.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn spawn_flusher(inner: &Arc<Inner>) {
+    let weak = Arc::downgrade(inner);
+    let handle = std::thread::Builder::new()
+        .name("mvsnap-flush".into())
+        .spawn(move || loop {
+            std::thread::park_timeout(FLUSH_INTERVAL);
+            let Some(inner) = weak.upgrade() else { break };
+            if inner.closed.load(Ordering::Acquire) {
+                break;
+            }
+            let seq = inner.appended_seq();
+            if seq > inner.commit.lock().durable_seq {
+                if let Err(e) = inner.wait_durable(seq) {
+                    tracing::error!("background commit failed: {e}");
+                    break;
+                }
+            }
+        });
+    match handle {
+        Ok(h) => *inner.flusher.lock() = Some(h),
+        Err(e) => tracing::warn!("no background flusher: {e}"),
+    }
 }
 
 /// An open COW store. Cheap to clone; every clone is the same store.
@@ -630,6 +660,7 @@ impl Store {
             events: Mutex::new(Vec::new()),
             low_space_raised: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            flusher: Mutex::new(None),
         });
         if !opts.read_only && !opts.ephemeral {
             let mut st = inner.state.write();
@@ -645,6 +676,9 @@ impl Store {
                 inner.journal.lock().reset(sb.epoch);
                 *inner.sb.lock() = sb;
             }
+        }
+        if !opts.read_only && !opts.ephemeral {
+            spawn_flusher(&inner);
         }
         tracing::debug!(replayed, "store opened");
         Ok(Store { inner })
@@ -675,6 +709,10 @@ impl Store {
     pub fn shutdown(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        if let Some(h) = self.inner.flusher.lock().take() {
+            h.thread().unpark();
+            let _ = h.join();
         }
         if self.inner.read_only || self.inner.ephemeral {
             return Ok(());

@@ -545,7 +545,6 @@ impl Volume {
         let end = offset + data.len() as u64;
         let mut chunkbuf = vec![0u8; cs as usize];
         let mut pos = offset;
-        let mut needs_sync = false;
         while pos < end {
             let c = pos / cs;
             let cend = ((c + 1) * cs).min(end);
@@ -596,9 +595,8 @@ impl Volume {
                     .store_write(&chunkbuf[o0..o0 + l], geo.slot_offset(slot) + o0 as u64)?;
             }
             let old_bits = entry.map(|e| e.bits).unwrap_or(0);
-            if exclusive && touched & !old_bits == 0 {
-                needs_sync = true; // in place, no metadata change
-            } else {
+            // An in-place overwrite of valid blocks changes no metadata: no record.
+            if !exclusive || touched & !old_bits != 0 {
                 let crc = crc_of(&chunkbuf, sub, data_bits);
                 self.inner.log(
                     &mut st,
@@ -617,8 +615,6 @@ impl Volume {
         drop(st);
         if fua {
             self.flush()?;
-        } else if needs_sync && self.inner.ephemeral {
-            // nothing to do
         }
         Ok(())
     }
