@@ -34,7 +34,7 @@ pub enum Request {
     SnapshotList,
     Info,
     Check,
-    Size {
+    VolumeInfo {
         name: String,
     },
     Read {

@@ -266,7 +266,9 @@ fn handle(store: &Store, req: Request, payload: Vec<u8>) -> (Reply, Vec<u8>) {
         Request::SnapshotList => json(Ok(store.snapshots())),
         Request::Info => json(Ok(store.info())),
         Request::Check => json(Ok(store.check())),
-        Request::Size { name } => json(store.volume(&name).map(|v| v.size())),
+        Request::VolumeInfo { name } => {
+            json(store.volume(&name).map(|v| (v.size(), v.read_only())))
+        }
         Request::Flush { name } => json(store.volume(&name).and_then(|v| v.flush())),
         Request::Write { name, offset, .. } => json(
             store

@@ -124,10 +124,14 @@ impl Session {
         }
     }
 
-    pub fn volume_size(&mut self, name: &str) -> Result<u64> {
+    /// A volume's size and whether it is read-only.
+    pub fn volume_info(&mut self, name: &str) -> Result<(u64, bool)> {
         match self {
-            Session::Offline(s) => Ok(s.volume(name)?.size()),
-            Session::Daemon(c) => decode(c.call(&Request::Size { name: name.into() })?),
+            Session::Offline(s) => {
+                let v = s.volume(name)?;
+                Ok((v.size(), v.read_only()))
+            }
+            Session::Daemon(c) => decode(c.call(&Request::VolumeInfo { name: name.into() })?),
         }
     }
 

@@ -31,6 +31,10 @@ pub enum Error {
     Locked { path: PathBuf },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error(
+        "{path} already holds an mvsnap store (or a damaged one); use --force to overwrite it"
+    )]
+    StoreExists { path: PathBuf },
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]

@@ -112,6 +112,8 @@ pub struct Superblock {
     /// First journal sequence number of this epoch.
     pub journal_seq: u64,
     pub checkpoint: Option<CheckpointRef>,
+    /// Bytes the store had when this superblock was written: a shorter file was truncated.
+    pub store_len: u64,
 }
 
 impl Superblock {
@@ -138,6 +140,7 @@ impl Superblock {
         w.u32(ck.first_slot);
         w.u64(ck.len);
         w.u32(ck.crc);
+        w.u64(self.store_len);
         let mut buf = w.into_inner();
         buf.resize(META_BLOCK as usize - 4, 0);
         let c = crc(SALT_SUPERBLOCK, &buf);
@@ -176,6 +179,7 @@ impl Superblock {
             let first_slot = r.u32()?;
             let len = r.u64()?;
             let ck_crc = r.u32()?;
+            let store_len = r.u64()?;
             Some(Superblock {
                 version,
                 uuid,
@@ -195,6 +199,7 @@ impl Superblock {
                     len,
                     crc: ck_crc,
                 }),
+                store_len,
             })
         };
         let sb = parse(&mut r).ok_or("superblock truncated")?;
@@ -240,6 +245,7 @@ mod tests {
                 len: 1234,
                 crc: 99,
             }),
+            store_len: 1 << 30,
         };
         let mut buf = sb.encode();
         assert_eq!(buf.len(), META_BLOCK as usize);

@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod blockdev;
 mod check;
 mod codec;
+pub mod crashsim;
 pub mod error;
 pub mod format;
 pub mod index;

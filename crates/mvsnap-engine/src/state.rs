@@ -10,7 +10,7 @@ use crate::codec::{Reader, Writer};
 use crate::format::Geometry;
 use crate::index::{MapEntry, PreserveIndex, VolumeMap};
 use crate::journal::Record;
-use crate::types::SnapshotState;
+use crate::types::{Event, EventKind, SnapshotState};
 
 pub struct Origin {
     pub no: u32,
@@ -344,7 +344,7 @@ impl State {
     }
 
     /// Serialize the whole index for a checkpoint.
-    pub fn serialize(&self) -> Vec<u8> {
+    pub fn serialize(&self, events: &[Event]) -> Vec<u8> {
         let mut w = Writer::with_capacity(64 + self.mappings() as usize * 24);
         w.bytes(b"MVCKPT01");
         w.u32(self.next_origin_no);
@@ -389,11 +389,23 @@ impl State {
                 w.u64(e.bits);
             });
         }
+        // The newest events, so `info` shows them in later sessions too.
+        let recent = &events[events.len().saturating_sub(100)..];
+        w.u32(recent.len() as u32);
+        for e in recent {
+            w.u64(e.time);
+            w.u8(e.kind as u8);
+            w.str(&e.message);
+        }
         w.into_inner()
     }
 
     /// Rebuild the index from a checkpoint, claiming every slot it references.
-    pub fn deserialize(geo: Geometry, nslots: u64, buf: &[u8]) -> Result<State, ApplyError> {
+    pub fn deserialize(
+        geo: Geometry,
+        nslots: u64,
+        buf: &[u8],
+    ) -> Result<(State, Vec<Event>), ApplyError> {
         let mut st = State::new(geo, nslots);
         let mut r = Reader::new(buf);
         let short = || "checkpoint truncated".to_string();
@@ -511,9 +523,25 @@ impl State {
                 },
             );
         }
+        let nevents = r.u32().ok_or_else(short)?;
+        let mut events = Vec::new();
+        for _ in 0..nevents {
+            let time = r.u64().ok_or_else(short)?;
+            let kind = match r.u8().ok_or_else(short)? {
+                0 => EventKind::LowSpace,
+                1 => EventKind::Grown,
+                2 => EventKind::SnapshotInvalidated,
+                _ => EventKind::Corruption,
+            };
+            events.push(Event {
+                time,
+                kind,
+                message: r.str().ok_or_else(short)?,
+            });
+        }
         if r.remaining() != 0 {
             return Err("checkpoint has trailing bytes".into());
         }
-        Ok(st)
+        Ok((st, events))
     }
 }

@@ -48,6 +48,11 @@ pub(crate) struct Inner {
     pub events: Mutex<Vec<Event>>,
     low_space_raised: AtomicBool,
     pub closed: AtomicBool,
+    /// This open already moved to a new journal epoch (done before its first record, so a
+    /// command that fails before changing anything writes nothing).
+    epoch_fresh: AtomicBool,
+    /// Something changed since the last checkpoint: close must write one.
+    dirty: AtomicBool,
     /// Commits records nobody waits for (unflushed writable-snapshot writes), so the window a
     /// crash can lose stays short and quarantined slots come back.
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -158,6 +163,10 @@ impl Inner {
         if self.read_only {
             return Err(Error::ReadOnly("store opened read-only".into()));
         }
+        if !self.ephemeral && !self.epoch_fresh.load(Ordering::Acquire) {
+            self.new_epoch(st)?;
+        }
+        self.dirty.store(true, Ordering::Release);
         let seq = {
             let mut j = self.journal.lock();
             if !self.ephemeral && j.nearly_full(4096) {
@@ -179,6 +188,19 @@ impl Inner {
             self.poison("apply", &e)
         })?;
         Ok(seq)
+    }
+
+    /// Start a new journal epoch, so no record a crashed writer left behind can ever validate
+    /// after ours. The caller holds the state write lock and nothing is pending.
+    fn new_epoch(&self, st: &State) -> Result<()> {
+        let mut sb = self.sb.lock().clone();
+        sb.epoch += 1;
+        sb.journal_seq = self.journal.lock().next_seq;
+        self.write_superblock(&mut sb, st)?;
+        self.journal.lock().reset(sb.epoch);
+        *self.sb.lock() = sb;
+        self.epoch_fresh.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Highest sequence number appended so far.
@@ -262,7 +284,7 @@ impl Inner {
     }
 
     fn write_checkpoint(&self, st: &mut State) -> Result<u64> {
-        let stream = st.serialize();
+        let stream = st.serialize(&self.events.lock());
         let payload = self.geo.chunk_size as usize - CK_HEADER;
         let nslots = stream.len().div_ceil(payload).max(1);
         // The old checkpoint stays valid until the superblock moves, so take fresh slots.
@@ -317,8 +339,10 @@ impl Inner {
             len: stream.len() as u64,
             crc: format::crc(format::SALT_CHECKPOINT, &stream),
         });
-        self.write_superblock(&mut sb)?;
+        self.write_superblock(&mut sb, st)?;
         *self.sb.lock() = sb;
+        self.epoch_fresh.store(true, Ordering::Release);
+        self.dirty.store(false, Ordering::Release);
         // The new checkpoint holds everything: the old one and all quarantined slots are free.
         for s in std::mem::replace(&mut st.ckpt_slots, slots) {
             st.alloc.decref(s, None);
@@ -329,8 +353,9 @@ impl Inner {
     }
 
     /// Write the superblock into the copy not holding the current one, and sync.
-    pub fn write_superblock(&self, sb: &mut Superblock) -> Result<()> {
+    pub fn write_superblock(&self, sb: &mut Superblock, st: &State) -> Result<()> {
         sb.sb_seq += 1;
+        sb.store_len = self.geo.data_start + st.alloc.nslots() * self.geo.chunk_size as u64;
         let off = SB_OFFSETS[(sb.sb_seq % 2) as usize];
         self.store_write(&sb.encode(), off)?;
         self.store_sync()
@@ -422,6 +447,16 @@ impl Inner {
 fn read_superblocks(dev: &dyn BlockDev, path: &Path) -> Result<Superblock> {
     let len = dev.len().map_err(|e| Error::io("stat", path, e))?;
     if len < 2 * META_BLOCK {
+        // Too short for both superblocks: truncated if what is left starts like a store.
+        let mut head = vec![0u8; len.min(8) as usize];
+        dev.read_at(&mut head, 0)
+            .map_err(|e| Error::io("read", path, e))?;
+        if head == format::SB_MAGIC {
+            return Err(Error::corrupt(
+                path,
+                format!("store is truncated: {len} bytes, shorter than its superblocks"),
+            ));
+        }
         return Err(Error::NotAStore { path: path.into() });
     }
     let mut best: Option<Superblock> = None;
@@ -479,12 +514,7 @@ impl Store {
         if exists && !opts.force {
             match read_superblocks(&dev, path) {
                 Err(Error::NotAStore { .. }) => {}
-                _ => {
-                    return Err(Error::AlreadyExists(format!(
-                        "{} holds an mvsnap store (or a damaged one); use --force to overwrite",
-                        path.display()
-                    )))
-                }
+                _ => return Err(Error::StoreExists { path: path.into() }),
             }
         }
         let size = if dev.can_grow() {
@@ -517,7 +547,13 @@ impl Store {
             .map_err(|e| Error::io("write", path, e))?;
         let mut sb = Superblock {
             version: FORMAT_VERSION,
-            uuid: rand::random(),
+            uuid: {
+                // A version-4 UUID.
+                let mut u: [u8; 16] = rand::random();
+                u[6] = (u[6] & 0x0f) | 0x40;
+                u[8] = (u[8] & 0x3f) | 0x80;
+                u
+            },
             geo,
             max_size: if dev.can_grow() { opts.max_size } else { 0 },
             low_space_percent: opts.low_space_percent,
@@ -525,6 +561,7 @@ impl Store {
             epoch: rand::random::<u32>() as u64,
             journal_seq: 1,
             checkpoint: None,
+            store_len: size,
         };
         // Both copies, so a stale copy of an older store can never win.
         for _ in 0..2 {
@@ -576,12 +613,20 @@ impl Store {
         let nslots = geo.slots_for_len(usable).min(u32::MAX as u64 - 1);
 
         // 1. The checkpoint.
+        if len < sb.store_len {
+            return Err(Error::corrupt(
+                &path,
+                format!("store is truncated: {len} bytes, it had {}", sb.store_len),
+            ));
+        }
+        let mut events = Vec::new();
         let (mut st, ckpt_slots) = match sb.checkpoint {
             None => (State::new(geo, nslots), Vec::new()),
             Some(ck) => {
                 let (stream, slots) = read_checkpoint(&*dev, &path, geo, nslots, ck, sb.epoch)?;
-                let mut st = State::deserialize(geo, nslots, &stream)
+                let (mut st, evs) = State::deserialize(geo, nslots, &stream)
                     .map_err(|e| Error::corrupt(&path, format!("checkpoint: {e}")))?;
+                events = evs;
                 for &s in &slots {
                     if !st.alloc.claim(s) {
                         return Err(Error::corrupt(
@@ -660,22 +705,18 @@ impl Store {
             events: Mutex::new(Vec::new()),
             low_space_raised: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            epoch_fresh: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
         });
+        inner.events.lock().extend(events);
         if !opts.read_only && !opts.ephemeral {
             let mut st = inner.state.write();
             if replayed > 0 {
                 // Fold the replayed records into a checkpoint: a new epoch, an empty journal.
                 inner.checkpoint_locked(&mut st)?;
-            } else {
-                // A new epoch, so no record a crashed writer left behind can ever validate.
-                let mut sb = inner.sb.lock().clone();
-                sb.epoch += 1;
-                sb.journal_seq = last_seq + 1;
-                inner.write_superblock(&mut sb)?;
-                inner.journal.lock().reset(sb.epoch);
-                *inner.sb.lock() = sb;
             }
+            // Otherwise the new epoch starts with the first record (`log`).
         }
         if !opts.read_only && !opts.ephemeral {
             spawn_flusher(&inner);
@@ -724,6 +765,9 @@ impl Store {
                 d.sync().map_err(|e| Error::io("sync", &o.path, e))?;
             }
         }
+        if !self.inner.dirty.load(Ordering::Acquire) {
+            return Ok(()); // nothing changed: leave the store byte for byte as it was
+        }
         self.inner.checkpoint_locked(&mut st)
     }
 
@@ -735,6 +779,8 @@ impl Store {
 
     /// Make every record appended so far durable.
     pub fn sync(&self) -> Result<()> {
+        // A poisoned store must say so even when nothing is pending.
+        self.inner.check_poison()?;
         let seq = self.inner.appended_seq();
         self.inner.wait_durable(seq)
     }
@@ -904,9 +950,7 @@ impl Store {
             if st.snap_by_tag(origin, &tag).is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {}@{tag}", o.id)));
             }
-            o.dev
-                .as_ref()
-                .map_err(|e| Error::Busy(format!("origin {}: {e}", o.id)))?;
+            o.dev.as_ref().map_err(|e| Error::Busy(e.clone()))?;
             let gen = match parent {
                 None => o.gen + 1,
                 Some(p) => {

@@ -282,6 +282,7 @@ impl Volume {
     }
 
     pub fn flush(&self) -> Result<()> {
+        self.inner.check_poison()?;
         match &self.kind {
             Kind::Origin { dev, .. } => {
                 if self.inner.ephemeral {

@@ -1,0 +1,105 @@
+//! `mvsnap format`: make a file or a block device an empty COW store.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use mvsnap_engine::{FormatOptions, OpenOptions, Store};
+
+use super::Global;
+use crate::output::human_size;
+use crate::size::parse_size;
+
+const EXAMPLES: &str = "\
+Examples:
+  mvsnap format store.img --size 10G
+  mvsnap format store.img --size 1G --max-size 50G --chunk-size 128K
+  mvsnap format /dev/sdc --force
+  MVSNAP_STORE=store.img mvsnap format --size 4G
+
+A file is created, or grown to --size. A block device keeps its own size.
+An existing mvsnap store is only overwritten with --force.";
+
+/// Format a COW store (an image file or a block device).
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct FormatArgs {
+    /// The store to format [default: --store or MVSNAP_STORE].
+    #[arg(value_name = "STORE")]
+    path: Option<PathBuf>,
+
+    /// Size of a file-backed store (ignored for a block device) [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    size: Option<u64>,
+
+    /// A file-backed store grows on demand up to this size (default: it never grows).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_size: Option<u64>,
+
+    /// Chunk size: a power of two from 4K to 1M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
+    chunk_size: u64,
+
+    /// Overwrite an existing mvsnap store.
+    #[arg(long)]
+    force: bool,
+
+    /// Raise a low-space event when free space falls under this percentage.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    low_space_percent: u8,
+}
+
+impl FormatArgs {
+    pub fn run(self, global: &Global) -> Result<()> {
+        let path = match (&self.path, &global.store) {
+            (Some(p), _) | (None, Some(p)) => p.clone(),
+            (None, None) => bail!("no store given: mvsnap format STORE"),
+        };
+        let cs = self.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
+            bail!(
+                "invalid chunk size {cs} bytes: it must be a power of two from 4K to 1M \
+                 (4096..1048576)"
+            );
+        }
+        let defaults = FormatOptions::default();
+        let size = self.size.unwrap_or(defaults.size);
+        let max_size = self.max_size.unwrap_or(0);
+        if max_size != 0 && max_size < size {
+            bail!(
+                "--max-size {} is smaller than --size {}",
+                human_size(max_size),
+                human_size(size)
+            );
+        }
+        let opts = FormatOptions {
+            size,
+            max_size,
+            chunk_size: cs as u32,
+            force: self.force,
+            low_space_percent: self.low_space_percent,
+        };
+        Store::format(&path, &opts)?;
+
+        // Read back what was made: the size of a block device is its own.
+        let store = Store::open(
+            &path,
+            &OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        let info = store.info();
+        store.close()?;
+        println!(
+            "formatted {}: store size {}, data area {}, chunk size {}, uuid {}",
+            path.display(),
+            super::info::store_size(&info),
+            human_size(info.data_bytes),
+            human_size(u64::from(info.chunk_size)),
+            info.uuid
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,56 @@
+//! One file per command. Each turns its parsed arguments into engine calls and prints the result.
+
+pub mod cat;
+pub mod check;
+pub mod format;
+pub mod info;
+pub mod origin;
+pub mod serve;
+pub mod snapshot;
+pub mod write;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use mvsnap_daemon::Session;
+
+/// Reads and writes go through the engine in pieces of this size.
+pub const PIECE: usize = 1 << 20;
+
+/// Options shared by every command.
+pub struct Global {
+    pub store: Option<PathBuf>,
+    pub ephemeral: bool,
+}
+
+impl Global {
+    /// The store path; `main` has already refused a command that needs one and has none.
+    pub fn store_path(&self) -> Result<&Path> {
+        self.store.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("no store given: pass --store STORE or set MVSNAP_STORE")
+        })
+    }
+
+    /// The store for changes: its daemon if one serves it, else the store itself (recovery
+    /// first, and an exclusive lock).
+    pub fn open(&self) -> Result<Session> {
+        self.open_with(false)
+    }
+
+    /// The store to look at: its daemon, else the store opened read-only (nothing written).
+    pub fn open_read_only(&self) -> Result<Session> {
+        self.open_with(true)
+    }
+
+    fn open_with(&self, read_only: bool) -> Result<Session> {
+        let path = self.store_path()?;
+        tracing::debug!(path = %path.display(), read_only, ephemeral = self.ephemeral, "opening store");
+        Session::open(path, !read_only, self.ephemeral)
+    }
+}
+
+/// Print a value as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

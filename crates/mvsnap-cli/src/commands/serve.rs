@@ -1,0 +1,83 @@
+//! `mvsnap serve`: run the daemon that serves every volume of the store over NBD.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::Global;
+
+pub const EXAMPLES: &str = "\
+Examples:
+  mvsnap --store store.img serve                       # NBD on a Unix socket named after the store
+  mvsnap --store store.img serve --nbd-socket /run/disk.sock --detach
+  mvsnap --store store.img serve --listen 10809         # also TCP on 127.0.0.1:10809
+  qemu-io -f raw 'nbd+unix:///disk@monday?socket=/run/disk.sock' -c 'read -v 0 512'
+  nbdinfo --list 'nbd+unix://?socket=/run/disk.sock'
+
+Exports: ORIGIN (read-write) and ORIGIN@TAG for each snapshot (read-only unless writable).
+While it runs, the other commands (snapshot create/delete/list, info, cat, write, check) talk
+to it through its control socket. It prints one line when ready:
+  ready nbd=unix:PATH control=PATH [tcp=ADDR]
+SIGTERM or SIGINT: stop accepting, finish in-flight requests, checkpoint, exit 0.";
+
+/// Serve the origin and every snapshot over NBD, and take commands on a control socket.
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct ServeArgs {
+    /// The NBD Unix socket (mode 0600) [default: in the runtime directory, named after the store].
+    #[arg(long, value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+
+    /// Also serve NBD over TCP: PORT (on 127.0.0.1) or ADDR:PORT.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    listen: Option<String>,
+
+    /// Start in the background; return once it serves (the readiness line is printed).
+    #[arg(long)]
+    detach: bool,
+}
+
+impl ServeArgs {
+    pub fn run(self, global: &Global) -> Result<()> {
+        let store = global.store_path()?.to_path_buf();
+        if self.detach {
+            return detach();
+        }
+        mvsnap_daemon::serve(mvsnap_daemon::ServeOptions {
+            store,
+            nbd_socket: self.nbd_socket,
+            listen: self.listen,
+            ephemeral: global.ephemeral,
+        })
+    }
+}
+
+/// Run ourselves again without --detach in a new process group, wait for its readiness line.
+fn detach() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the mvsnap binary")?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
+    let mut child = Command::new(exe)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("starting the daemon")?;
+    let out = child.stdout.take().context("daemon stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    if line.starts_with("ready ") {
+        print!("{line}");
+        println!("pid {}", child.id());
+        return Ok(());
+    }
+    let status = child.wait()?;
+    bail!("the daemon did not start ({status}); see its error above")
+}

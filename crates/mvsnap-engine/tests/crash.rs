@@ -1,0 +1,805 @@
+//! Crash recovery on the power-loss simulator (`mvsnap_engine::crashsim`).
+//!
+//! Random workloads (origin writes, snapshots of the origin and of snapshots, writable snapshot
+//! writes, deletes, flushes, checkpoints) run on simulated disks. At a random point the whole
+//! machine crashes (store and origins at the same instant): either between two engine calls or
+//! in the middle of one (the power goes off after N device operations, so every later write
+//! fails and changes nothing). Unsynced writes are dropped, kept or torn at 512-byte sectors.
+//! Some recoveries crash again after a few device operations. After recovery:
+//! (a) every snapshot whose creation returned reads exactly its content at creation (read-only)
+//!     and exists; one whose creation was cut off is all-or-nothing over its set and, if there,
+//!     correct; a deleted one (the call returned) is gone;
+//! (b) `check` is clean;
+//! (c) each origin byte holds its value at the last returned flush or a value written since;
+//! (d) the same for writable snapshots, from their creation or last returned flush.
+//! Each case runs several crash/recover rounds on the recovered store.
+//!
+//! `MVSNAP_CRASH_SEED=N` runs one case of every test with that seed (for a failure's replay);
+//! `MVSNAP_CRASH_CASES=N` runs N cases per test instead of the default (for long soaks).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mvsnap_engine::crashsim::{CrashPolicy, SimMachine};
+use mvsnap_engine::{BlockDev, Error, OpenOptions, SnapshotState, Store};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use common::{first_diff, format_opts, pattern, read_all};
+
+const STORE_SIZE: u64 = 32 << 20;
+const MAX_SNAPS: usize = 8;
+
+/// A volume whose recent writes may or may not survive a crash.
+#[derive(Clone)]
+struct Track {
+    /// Content at the last returned flush (or creation).
+    flushed: Vec<u8>,
+    /// Content as the engine reads it now.
+    cur: Vec<u8>,
+    /// Writes since `flushed` (including ones whose call failed: they may have happened).
+    since: Vec<(u64, Vec<u8>)>,
+}
+
+impl Track {
+    fn new(content: Vec<u8>) -> Track {
+        Track {
+            flushed: content.clone(),
+            cur: content,
+            since: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, off: u64, data: &[u8], completed: bool) {
+        if completed {
+            self.cur[off as usize..off as usize + data.len()].copy_from_slice(data);
+        }
+        self.since.push((off, data.to_vec()));
+    }
+
+    fn flushed(&mut self) {
+        self.flushed = self.cur.clone();
+        self.since.clear();
+    }
+
+    /// Every byte is its flushed value or one some write since then put there.
+    fn explain(&self, got: &[u8]) -> Result<(), String> {
+        if got.len() != self.flushed.len() {
+            return Err(format!("length {} != {}", got.len(), self.flushed.len()));
+        }
+        for (i, &b) in got.iter().enumerate() {
+            if b == self.flushed[i] {
+                continue;
+            }
+            let ok = self.since.iter().any(|(off, d)| {
+                let off = *off as usize;
+                i >= off && i < off + d.len() && d[i - off] == b
+            });
+            if !ok {
+                return Err(format!(
+                    "byte {i} (block {}) is {b:#04x}: neither its flushed value {:#04x} nor \
+                     any of the {} writes since the last flush",
+                    i / 4096,
+                    self.flushed[i],
+                    self.since.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Life {
+    Live,
+    /// The create call did not return: it may or may not exist after a crash.
+    MaybeCreated,
+    /// The delete call did not return.
+    MaybeDeleted,
+}
+
+struct SnapM {
+    origin: usize,
+    writable: bool,
+    /// Exact content at creation.
+    created: Arc<Vec<u8>>,
+    /// Writable snapshots: what writes did since.
+    track: Option<Track>,
+    life: Life,
+    /// Snapshots created by one call share a set number: all or none survive.
+    set: u64,
+}
+
+impl SnapM {
+    fn content(&self) -> &[u8] {
+        match &self.track {
+            Some(t) => &t.cur,
+            None => &self.created,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Crash between two engine calls.
+    Between,
+    /// Power off after a random number of device operations: inside a call, usually.
+    Inside,
+}
+
+struct Case {
+    seed: u64,
+    rng: StdRng,
+    _dir: tempfile::TempDir,
+    m: SimMachine,
+    s: Option<Store>,
+    chunk: u64,
+    origins: Vec<Track>,
+    snaps: BTreeMap<String, SnapM>,
+    next_tag: u64,
+    next_set: u64,
+    log: Vec<String>,
+}
+
+fn oname(i: usize) -> String {
+    format!("o{i}")
+}
+
+impl Case {
+    fn new(seed: u64) -> Case {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = [4096u32, 16384, 65536][rng.random_range(0..3)];
+        let norigins = if rng.random_bool(0.3) { 2 } else { 1 };
+        let sizes = [256u64 << 10, 512 << 10, (640 << 10) + 4096, 1 << 20];
+        let contents: Vec<Vec<u8>> = (0..norigins)
+            .map(|i| {
+                pattern(
+                    seed * 7 + i,
+                    sizes[rng.random_range(0..sizes.len())] as usize,
+                )
+            })
+            .collect();
+        let names: Vec<String> = (0..norigins as usize).map(oname).collect();
+        let origins: Vec<(&str, Vec<u8>)> = names
+            .iter()
+            .zip(&contents)
+            .map(|(n, c)| (n.as_str(), c.clone()))
+            .collect();
+        let (m, s) = common::sim_setup(dir.path(), &format_opts(STORE_SIZE, chunk), &origins);
+        Case {
+            seed,
+            rng,
+            _dir: dir,
+            m,
+            s: Some(s),
+            chunk: chunk as u64,
+            origins: contents.into_iter().map(Track::new).collect(),
+            snaps: BTreeMap::new(),
+            next_tag: 1,
+            next_set: 1,
+            log: vec![format!("chunk {chunk}, {norigins} origins")],
+        }
+    }
+
+    #[track_caller]
+    fn fail(&self, msg: String) -> ! {
+        let start = self.log.len().saturating_sub(60);
+        panic!(
+            "seed {}: {msg}\n--- last steps ---\n{}",
+            self.seed,
+            self.log[start..].join("\n")
+        );
+    }
+
+    fn store(&self) -> &Store {
+        self.s.as_ref().unwrap()
+    }
+
+    /// An (offset, length) in a volume of `size` bytes: unaligned, blocks, or across chunks.
+    fn range(&mut self, size: u64) -> (u64, usize) {
+        let chunk = self.chunk;
+        let (len, align) = match self.rng.random_range(0..4) {
+            0 => (self.rng.random_range(1..=600), 1),
+            1 => (self.rng.random_range(1..=8) * 4096, 4096),
+            2 => (self.rng.random_range(1..=3 * chunk + 5000), 1),
+            _ => (self.rng.random_range(1..=3) * chunk, chunk),
+        };
+        let len = len.min(size);
+        let off = self.rng.random_range(0..=size - len) / align * align;
+        (off, len as usize)
+    }
+
+    fn live_snaps(&self) -> Vec<String> {
+        self.snaps.keys().cloned().collect()
+    }
+
+    /// One random engine call. Ok(false) when it failed because the power is off.
+    fn step(&mut self) -> bool {
+        let wsnaps: Vec<String> = self
+            .snaps
+            .iter()
+            .filter(|(_, s)| s.writable)
+            .map(|(n, _)| n.clone())
+            .collect();
+        // Draw until the kind of call is possible now.
+        let kind = loop {
+            let k = self.rng.random_range(0..100);
+            let ok = match k {
+                43..=57 => self.snaps.len() < MAX_SNAPS,
+                58..=84 => !wsnaps.is_empty(),
+                85..=91 => !self.snaps.is_empty(),
+                _ => true,
+            };
+            if ok {
+                break k;
+            }
+        };
+        let r: Result<(), Error> = match kind {
+            0..=34 => {
+                let o = self.rng.random_range(0..self.origins.len());
+                let (off, len) = self.range(self.origins[o].cur.len() as u64);
+                let data = pattern(self.rng.random(), len);
+                let fua = self.rng.random_bool(0.1);
+                self.log
+                    .push(format!("write {} {off}+{len} fua {fua}", oname(o)));
+                let r = self
+                    .store()
+                    .volume(&oname(o))
+                    .and_then(|v| v.write_at(off, &data, fua));
+                self.origins[o].write(off, &data, r.is_ok());
+                if r.is_ok() && fua {
+                    self.origins[o].flushed();
+                }
+                r
+            }
+            35..=42 => {
+                let o = self.rng.random_range(0..self.origins.len());
+                self.log.push(format!("flush {}", oname(o)));
+                let r = self.store().volume(&oname(o)).and_then(|v| v.flush());
+                if r.is_ok() {
+                    self.origins[o].flushed();
+                }
+                r
+            }
+            43..=57 => self.create(),
+            58..=77 => {
+                let name = wsnaps[self.rng.random_range(0..wsnaps.len())].clone();
+                let size = self.snaps[&name].content().len() as u64;
+                let (off, len) = self.range(size);
+                let data = pattern(self.rng.random(), len);
+                let fua = self.rng.random_bool(0.1);
+                self.log.push(format!("write {name} {off}+{len} fua {fua}"));
+                let r = self
+                    .store()
+                    .volume(&name)
+                    .and_then(|v| v.write_at(off, &data, fua));
+                let t = self.snaps.get_mut(&name).unwrap().track.as_mut().unwrap();
+                t.write(off, &data, r.is_ok());
+                if r.is_ok() && fua {
+                    t.flushed();
+                }
+                r
+            }
+            78..=84 => {
+                let name = wsnaps[self.rng.random_range(0..wsnaps.len())].clone();
+                self.log.push(format!("flush {name}"));
+                let r = self.store().volume(&name).and_then(|v| v.flush());
+                if r.is_ok() {
+                    let t = self.snaps.get_mut(&name).unwrap().track.as_mut().unwrap();
+                    t.flushed();
+                }
+                r
+            }
+            85..=91 => {
+                let names = self.live_snaps();
+                let name = names[self.rng.random_range(0..names.len())].clone();
+                self.log.push(format!("delete {name}"));
+                let r = self.store().delete_snapshot(&name);
+                if r.is_ok() {
+                    self.snaps.remove(&name);
+                } else {
+                    self.snaps.get_mut(&name).unwrap().life = Life::MaybeDeleted;
+                }
+                r
+            }
+            92..=94 => {
+                self.log.push("checkpoint".into());
+                self.store().checkpoint()
+            }
+            95..=97 => {
+                self.log.push("sync".into());
+                self.store().sync()
+            }
+            _ => {
+                self.log.push("reclaim".into());
+                self.store().reclaim()
+            }
+        };
+        match r {
+            Ok(()) => true,
+            Err(e) if self.m.is_off() => {
+                self.log
+                    .push(format!("  -> cut off by the power loss: {e}"));
+                false
+            }
+            Err(e) => self.fail(format!("unexpected error with power on: {e}")),
+        }
+    }
+
+    fn create(&mut self) -> Result<(), Error> {
+        // Sources: the origin or any snapshot; sometimes a set over both origins.
+        let mut srcs: Vec<(String, usize)> = Vec::new();
+        let pick = |c: &mut Case, o: usize| -> String {
+            let mut cands = vec![oname(o)];
+            cands.extend(
+                c.snaps
+                    .iter()
+                    .filter(|(_, s)| s.origin == o)
+                    .map(|(n, _)| n.clone()),
+            );
+            cands[c.rng.random_range(0..cands.len())].clone()
+        };
+        if self.origins.len() == 2 && self.rng.random_bool(0.25) {
+            for o in 0..2 {
+                let n = pick(self, o);
+                srcs.push((n, o));
+            }
+        } else {
+            let o = self.rng.random_range(0..self.origins.len());
+            let n = pick(self, o);
+            srcs.push((n, o));
+        }
+        let writable = self.rng.random_bool(0.4);
+        let tag = format!("t{}", self.next_tag);
+        self.next_tag += 1;
+        let set = self.next_set;
+        self.next_set += 1;
+        let names: Vec<&str> = srcs.iter().map(|(n, _)| n.as_str()).collect();
+        self.log
+            .push(format!("create {names:?} tag {tag} writable {writable}"));
+        let r = self
+            .store()
+            .create_snapshot(&names, Some(&tag), "", writable)
+            .map(|_| ());
+        for (src, o) in &srcs {
+            let content = if src.contains('@') {
+                self.snaps[src].content().to_vec()
+            } else {
+                self.origins[*o].cur.clone()
+            };
+            self.snaps.insert(
+                format!("{}@{tag}", oname(*o)),
+                SnapM {
+                    origin: *o,
+                    writable,
+                    track: writable.then(|| Track::new(content.clone())),
+                    created: Arc::new(content),
+                    life: if r.is_ok() {
+                        Life::Live
+                    } else {
+                        Life::MaybeCreated
+                    },
+                    set,
+                },
+            );
+        }
+        r
+    }
+
+    /// Run a workload, crash, recover (perhaps crashing during recovery too), verify.
+    fn round(&mut self, mode: Mode, recovery_crashes: u32) {
+        let ops = self.rng.random_range(1..40);
+        match mode {
+            Mode::Between => {
+                for _ in 0..ops {
+                    assert!(self.step());
+                }
+                self.log.push("--- crash between calls".into());
+            }
+            Mode::Inside => {
+                let n = self.rng.random_range(0..ops * 4);
+                self.m.power_off_after(n);
+                self.log
+                    .push(format!("--- power off after {n} more device ops"));
+                for _ in 0..ops {
+                    if !self.step() {
+                        break;
+                    }
+                }
+            }
+        }
+        let policy = CrashPolicy::random(&mut self.rng);
+        self.log.push(format!("--- crash: {policy:?}"));
+        self.s = None;
+        let mut m = self.m.crash_all_with(&mut self.rng, policy);
+        for _ in 0..recovery_crashes {
+            let n = self.rng.random_range(0..10);
+            m.power_off_after(n);
+            let r = m.open_store(&OpenOptions::default());
+            let policy = CrashPolicy::random(&mut self.rng);
+            self.log.push(format!(
+                "--- recovery cut after {n} device ops ({}), crash: {policy:?}",
+                match &r {
+                    Ok(_) => "it completed".to_string(),
+                    Err(e) => format!("{e}"),
+                }
+            ));
+            drop(r);
+            m = m.crash_all_with(&mut self.rng, policy);
+        }
+        self.m = m;
+        let s = match self.m.open_store(&OpenOptions::default()) {
+            Ok(s) => s,
+            Err(e) => self.fail(format!("recovery failed: {e}")),
+        };
+        self.s = Some(s);
+        self.verify();
+    }
+
+    /// Check (a)-(d) after a recovery, then take what survived as the new baseline.
+    fn verify(&mut self) {
+        let s = self.store().clone();
+        let r = s.check();
+        if !r.is_clean() {
+            self.fail(format!("check after recovery: {:#?}", r.errors));
+        }
+        let listed: BTreeMap<String, _> = s
+            .snapshots()
+            .into_iter()
+            .map(|i| (i.name.clone(), i))
+            .collect();
+        for (name, info) in &listed {
+            let Some(sm) = self.snaps.get(name) else {
+                self.fail(format!(
+                    "{name} exists after recovery but was never created, or its delete returned"
+                ));
+            };
+            if info.state != SnapshotState::Valid {
+                self.fail(format!("{name} is {:?}: {:?}", info.state, info.reason));
+            }
+            if info.writable != sm.writable {
+                self.fail(format!("{name}: writable flag changed"));
+            }
+        }
+        // A set whose creation was cut off is all-or-nothing.
+        let mut sets: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+        for (name, sm) in &self.snaps {
+            if sm.life == Life::MaybeCreated {
+                let e = sets.entry(sm.set).or_default();
+                e.0 += 1;
+                if listed.contains_key(name) {
+                    e.1 += 1;
+                }
+            }
+            if sm.life == Life::Live && !listed.contains_key(name) {
+                self.fail(format!("{name}: its creation returned, but it is gone"));
+            }
+        }
+        for (set, (n, there)) in sets {
+            if there != 0 && there != n {
+                let members: Vec<&String> = self
+                    .snaps
+                    .iter()
+                    .filter(|(_, s)| s.set == set)
+                    .map(|(n, _)| n)
+                    .collect();
+                self.fail(format!(
+                    "snapshot set {members:?}: {there} of {n} survived (not atomic)"
+                ));
+            }
+        }
+        // Contents.
+        let names: Vec<String> = self.snaps.keys().cloned().collect();
+        for name in names {
+            if !listed.contains_key(&name) {
+                self.snaps.remove(&name);
+                continue;
+            }
+            let got = match common::try_read_all(&s, &name) {
+                Ok(g) => g,
+                Err(e) => self.fail(format!("read {name} after recovery: {e}")),
+            };
+            let sm = &self.snaps[&name];
+            let verdict = match &sm.track {
+                None => first_diff(&got, &sm.created)
+                    .map(|d| format!("read-only snapshot changed: {d}")),
+                Some(t) => t.explain(&got).err(),
+            };
+            if let Some(v) = verdict {
+                self.fail(format!("{name} ({:?}) after recovery: {v}", sm.life));
+            }
+            let sm = self.snaps.get_mut(&name).unwrap();
+            sm.life = Life::Live;
+            if let Some(t) = &mut sm.track {
+                *t = Track::new(got);
+            }
+        }
+        for i in 0..self.origins.len() {
+            let got = read_all(&s, &oname(i));
+            if let Err(e) = self.origins[i].explain(&got) {
+                self.fail(format!("origin {} after recovery: {e}", oname(i)));
+            }
+            self.origins[i] = Track::new(got);
+        }
+        self.log.push("--- recovered and verified".into());
+    }
+}
+
+fn seeds(base: u64, n: u64) -> Vec<u64> {
+    match std::env::var("MVSNAP_CRASH_SEED") {
+        Ok(s) => vec![s.parse().expect("MVSNAP_CRASH_SEED is a number")],
+        Err(_) => {
+            let n = std::env::var("MVSNAP_CRASH_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(n);
+            (base..base + n).collect()
+        }
+    }
+}
+
+/// 120 cases x 3 rounds: crashes between engine calls.
+#[test]
+fn crash_between_calls() {
+    for seed in seeds(1_000, 120) {
+        let mut c = Case::new(seed);
+        for _ in 0..3 {
+            c.round(Mode::Between, 0);
+        }
+    }
+}
+
+/// 150 cases x 3 rounds: the power goes off in the middle of an engine call.
+#[test]
+fn crash_inside_calls() {
+    for seed in seeds(2_000, 150) {
+        let mut c = Case::new(seed);
+        for _ in 0..3 {
+            c.round(Mode::Inside, 0);
+        }
+    }
+}
+
+/// 80 cases x 2 rounds: crash inside a call, then crash again while recovering (1-2 times).
+#[test]
+fn crash_during_recovery() {
+    for seed in seeds(3_000, 80) {
+        let mut c = Case::new(seed);
+        for r in 0..2 {
+            let mode = if seed % 2 == 0 {
+                Mode::Inside
+            } else {
+                Mode::Between
+            };
+            c.round(mode, 1 + r);
+        }
+    }
+}
+
+/// Every possible power-loss point of one fixed workload, each with every crash policy shape.
+#[test]
+fn crash_at_every_device_op() {
+    // Count the device operations of the whole workload on an undisturbed run.
+    let run = |cut: Option<u64>, policy_seed: u64| {
+        let mut c = Case::new(77);
+        if let Some(n) = cut {
+            c.m.power_off_after(n);
+        }
+        let ops_before = c.m.ops();
+        for _ in 0..30 {
+            if !c.step() {
+                break;
+            }
+        }
+        let used = c.m.ops() - ops_before;
+        let mut prng = StdRng::seed_from_u64(policy_seed);
+        let policy = match policy_seed % 4 {
+            0 => CrashPolicy::DropAll,
+            1 => CrashPolicy::KeepAll,
+            2 => CrashPolicy::PrefixTornLast,
+            _ => CrashPolicy::Random {
+                drop: 0.5,
+                tear: 0.3,
+            },
+        };
+        c.log.push(format!("--- crash at {cut:?}: {policy:?}"));
+        c.s = None;
+        c.m = c.m.crash_all_with(&mut prng, policy);
+        c.s = Some(match c.m.open_store(&OpenOptions::default()) {
+            Ok(s) => s,
+            Err(e) => c.fail(format!("recovery failed: {e}")),
+        });
+        c.verify();
+        used
+    };
+    let total = run(None, 0);
+    assert!(total > 20, "the workload should do some I/O ({total} ops)");
+    for cut in 0..total {
+        for p in 0..4 {
+            run(Some(cut), cut * 4 + p);
+        }
+    }
+}
+
+// ---- Poisoning: after a failed sync or write nothing more is written. ----
+
+fn poison_setup() -> (tempfile::TempDir, SimMachine, Store, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(5, 1 << 20);
+    let (m, s) = common::sim_setup(
+        dir.path(),
+        &format_opts(16 << 20, 65536),
+        &[("o0", content.clone())],
+    );
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    (dir, m, s, content)
+}
+
+/// Everything that would write after the poisoning fails with Poisoned and writes nothing.
+fn assert_poisoned_and_inert(m: &SimMachine, s: &Store) {
+    let before: Vec<_> = m.disks().iter().map(|d| d.stats()).collect();
+    let images: Vec<_> = m.disks().iter().map(|d| d.volatile_image()).collect();
+    let o = s.volume("o0").unwrap();
+    let w = s.volume("o0@w").unwrap();
+    let is_poisoned = |what: &str, r: Result<(), Error>| match r {
+        Err(Error::Poisoned(msg)) => assert!(msg.contains("EIO"), "{what}: {msg}"),
+        other => panic!("{what} after poisoning: {other:?}, expected Poisoned"),
+    };
+    // Origin writes to a chunk the snapshots still need, and to one preserved already.
+    is_poisoned("origin write", o.write_at(3 << 16, &[9u8; 4096], false));
+    is_poisoned("origin write", o.write_at(0, &[9u8; 100], false));
+    is_poisoned("snapshot write", w.write_at(70000, &[8u8; 5000], false));
+    is_poisoned("snapshot flush", w.flush());
+    is_poisoned(
+        "create",
+        s.create_snapshot(&["o0"], Some("b"), "", false).map(|_| ()),
+    );
+    is_poisoned("delete", s.delete_snapshot("o0@a"));
+    is_poisoned("checkpoint", s.checkpoint());
+    let after: Vec<_> = m.disks().iter().map(|d| d.stats()).collect();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b.writes, a.writes, "a poisoned store wrote to a disk");
+        assert_eq!(
+            b.failed_writes, a.failed_writes,
+            "a poisoned store tried to write"
+        );
+    }
+    let images2: Vec<_> = m.disks().iter().map(|d| d.volatile_image()).collect();
+    assert!(images == images2, "a disk changed after the poisoning");
+    // Reads of what is there still work.
+    let mut buf = vec![0u8; 4096];
+    s.volume("o0@a").unwrap().read_at(0, &mut buf).unwrap();
+    // Close reports the poisoning.
+    assert!(matches!(s.clone().close(), Err(Error::Poisoned(_))));
+}
+
+/// Recovery after poisoning: what was acknowledged is there, the snapshot is intact.
+fn assert_recovers(m: &SimMachine, content: &[u8]) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let m2 = m.crash_all_with(&mut rng, CrashPolicy::DropAll);
+    let s = m2.open_store(&OpenOptions::default()).unwrap();
+    common::assert_clean(&s, "recovery after poisoning");
+    common::assert_image("o0@a after poisoning", &read_all(&s, "o0@a"), content);
+}
+
+#[test]
+fn failed_sync_poisons_the_store() {
+    let (_d, m, s, content) = poison_setup();
+    let o = s.volume("o0").unwrap();
+    // The first origin write to a chunk needs a preserve, whose group commit syncs: fail it.
+    m.store_disk().unwrap().fail_sync_after(1);
+    let origin_before = m
+        .disks()
+        .iter()
+        .find(|d| d.path().ends_with("o0"))
+        .unwrap()
+        .volatile_image();
+    match o.write_at(5000, &[7u8; 3000], false) {
+        Err(Error::Poisoned(msg)) => assert!(msg.contains("sync"), "{msg}"),
+        other => panic!("origin write with a failing sync: {other:?}"),
+    }
+    // Invariant 2: the origin was not written, since the preserve never became durable.
+    let origin_disk = m
+        .disks()
+        .into_iter()
+        .find(|d| d.path().ends_with("o0"))
+        .unwrap();
+    assert!(
+        origin_disk.volatile_image() == origin_before,
+        "the origin changed although its preserve's sync failed"
+    );
+    assert_eq!(origin_disk.stats().writes, 0);
+    assert_poisoned_and_inert(&m, &s);
+    assert_recovers(&m, &content);
+}
+
+#[test]
+fn failed_store_write_poisons_the_store() {
+    let (_d, m, s, content) = poison_setup();
+    let w = s.volume("o0@w").unwrap();
+    m.store_disk().unwrap().fail_write_after(1);
+    match w.write_at(12345, &[7u8; 3000], false) {
+        Err(Error::Poisoned(msg)) => assert!(msg.contains("write"), "{msg}"),
+        other => panic!("snapshot write with a failing store write: {other:?}"),
+    }
+    assert_poisoned_and_inert(&m, &s);
+    assert_recovers(&m, &content);
+}
+
+#[test]
+fn failed_checkpoint_sync_poisons_the_store() {
+    let (_d, m, s, content) = poison_setup();
+    s.volume("o0")
+        .unwrap()
+        .write_at(0, &[1u8; 200000], false)
+        .unwrap();
+    // A checkpoint writes its blocks, syncs, then the superblock: fail the first sync.
+    m.store_disk().unwrap().fail_sync_after(1);
+    assert!(matches!(s.checkpoint(), Err(Error::Poisoned(_))));
+    assert_poisoned_and_inert(&m, &s);
+    assert_recovers(&m, &content);
+}
+
+/// Minor: `Store::sync()` on a poisoned store returns Ok when no record was appended since the
+/// failure, although nothing can be made durable any more (DESIGN: "it stops writing and says
+/// so"). Volume::flush reports Poisoned correctly; Store::sync should too.
+#[test]
+fn poisoned_store_sync_reports_the_poisoning() {
+    let (_d, m, s, _) = poison_setup();
+    m.store_disk().unwrap().fail_write_after(1);
+    let w = s.volume("o0@w").unwrap();
+    assert!(matches!(
+        w.write_at(0, &[7u8; 4096], false),
+        Err(Error::Poisoned(_))
+    ));
+    match s.sync() {
+        Err(Error::Poisoned(_)) => {}
+        other => panic!("Store::sync() on a poisoned store: {other:?}, expected Poisoned"),
+    }
+}
+
+/// Found by `crash_during_recovery` (seed 4630 with MVSNAP_CRASH_CASES=4000).
+///
+/// Replay frees at once (no quarantine) a slot that an earlier record of the last, unsettled
+/// journal group points at and a later record of that group replaces. Recovery's checkpoint may
+/// then be written into that slot. If recovery crashes after the checkpoint's sync but before
+/// the superblock points at it, the next recovery replays the same journal, finds that record's
+/// data "torn" (the checkpoint overwrote it), stops replay there, and silently loses every later
+/// record of the group, although they were durable: here a snapshot whose creation returned.
+#[test]
+#[ignore = "engine bug: a crash during recovery's checkpoint loses durable records (snapshot gone)"]
+fn crash_during_recovery_checkpoint_keeps_durable_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, s) = common::sim_setup(
+        dir.path(),
+        &format_opts(16 << 20, 65536),
+        &[("o0", pattern(1, 1 << 20))],
+    );
+    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    let w = s.volume("o0@w").unwrap();
+    // Two writes to one chunk in one group: the second moves the chunk to a new slot, since the
+    // first slot's record is not settled yet. Replay frees the first slot.
+    w.write_at(4 << 16, &[1u8; 4096], false).unwrap();
+    w.write_at(4 << 16, &[2u8; 4096], false).unwrap();
+    let w_content = read_all(&s, "o0@w");
+    s.create_snapshot(&["o0@w"], Some("t"), "", false).unwrap(); // returned: durable
+    drop((w, s));
+    let mut rng = StdRng::seed_from_u64(1);
+    let m2 = m.crash_all_with(&mut rng, CrashPolicy::DropAll);
+    // Recovery writes its checkpoint block and syncs; the power goes before the superblock.
+    m2.power_off_after(2);
+    assert!(m2.open_store(&OpenOptions::default()).is_err());
+    let m3 = m2.crash_all_with(&mut rng, CrashPolicy::DropAll);
+    let s = m3.open_store(&OpenOptions::default()).unwrap();
+    let names = s.volume_names();
+    assert!(
+        names.contains(&"o0@t".to_string()),
+        "snapshot o0@t (its creation returned) is gone after a crash during recovery: {names:?}"
+    );
+    common::assert_image("o0@t", &read_all(&s, "o0@t"), &w_content);
+    common::assert_image("o0@w", &read_all(&s, "o0@w"), &w_content);
+}
