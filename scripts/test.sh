@@ -40,5 +40,18 @@ MVSNAP_REQUIRE_TOOLS=1 cargo test --workspace --release
 step "CLI black-box tests (scripts/cli-test.sh)"
 MVSNAP_BIN="$PWD/target/release/mvsnap" bash scripts/cli-test.sh
 
+step "bounded fuzz run of the NBD option/request parser (fuzz/)"
+# The same harness also runs in `cargo test` (crates/mvsnap-nbd/tests/fuzz_conn.rs); this is the
+# coverage-guided run. cargo-fuzz comes from crates.io; nightly if the machine has it.
+FUZZ_SECONDS="${MVSNAP_FUZZ_SECONDS:-60}"
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install --locked cargo-fuzz
+fi
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    (cd fuzz && cargo +nightly fuzz run nbd_proto -- -max_total_time="$FUZZ_SECONDS")
+else
+    (cd fuzz && cargo fuzz run --sanitizer=none nbd_proto -- -max_total_time="$FUZZ_SECONDS")
+fi
+
 echo
-echo "=== test.sh: all steps passed (fmt, clippy, build, cargo test, cli-test) ==="
+echo "=== test.sh: all steps passed (fmt, clippy, build, cargo test, cli-test, fuzz) ==="
