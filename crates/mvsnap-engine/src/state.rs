@@ -236,7 +236,9 @@ impl State {
                 }
                 let o = self.origins.get_mut(origin).unwrap();
                 o.pindex.add(*chunk, *lo, *hi, *slot, *bits);
-                self.unsettled_slots.insert(*slot, seq);
+                if live {
+                    self.unsettled_slots.insert(*slot, seq);
+                }
             }
             Record::MapWrite {
                 snap,
@@ -265,7 +267,9 @@ impl State {
                         self.alloc.decref(p.slot, settle);
                     }
                 }
-                self.unsettled_slots.insert(*slot, seq);
+                if live {
+                    self.unsettled_slots.insert(*slot, seq);
+                }
             }
             Record::Invalidate { ids, reason } => {
                 for id in ids {

@@ -276,8 +276,9 @@ impl Inner {
         if let Ok(last) = result {
             cs.durable_seq = last;
             self.settled_seq.store(last, Ordering::Release);
-            st.unsettled_slots.clear();
-            st.inflight_preserves.clear();
+            // Fresh tables: `clear` would keep the capacity of a big replay or burst.
+            st.unsettled_slots = Default::default();
+            st.inflight_preserves = Default::default();
         }
         self.commit_cv.notify_all();
         result.map(|_| ())

@@ -17,10 +17,25 @@ pub struct PEntry {
     pub bits: u64,
 }
 
+/// Flat (24 bytes): nesting a `PEntry` would pad it to 32.
 #[derive(Debug, Clone, Copy)]
 struct LeafEntry {
+    bits: u64,
+    lo: u32,
+    hi: u32,
+    slot: u32,
     chunk_low: u8,
-    e: PEntry,
+}
+
+impl LeafEntry {
+    fn e(&self) -> PEntry {
+        PEntry {
+            lo: self.lo,
+            hi: self.hi,
+            slot: self.slot,
+            bits: self.bits,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -108,7 +123,7 @@ impl PreserveIndex {
             }
             None => (None, 0..0),
         };
-        range.map(move |i| leaf.unwrap().entries[i].e)
+        range.map(move |i| leaf.unwrap().entries[i].e())
     }
 
     /// The slot holding `block` of `chunk` for generation `gen`, if it was preserved.
@@ -146,18 +161,21 @@ impl PreserveIndex {
         let span = Self::span(leaf, low);
         for i in span.clone() {
             let le = &mut leaf.entries[i];
-            if le.e.lo == lo && le.e.hi == hi {
-                debug_assert_eq!(le.e.slot, slot);
-                le.e.bits |= bits;
+            if le.lo == lo && le.hi == hi {
+                debug_assert_eq!(le.slot, slot);
+                le.bits |= bits;
                 return;
             }
         }
-        let pos = span.start + leaf.entries[span].partition_point(|x| x.e.hi <= hi);
+        let pos = span.start + leaf.entries[span].partition_point(|x| x.hi <= hi);
         leaf.entries.insert(
             pos,
             LeafEntry {
+                bits,
+                lo,
+                hi,
+                slot,
                 chunk_low: low as u8,
-                e: PEntry { lo, hi, slot, bits },
             },
         );
         self.count += 1;
@@ -174,10 +192,10 @@ impl PreserveIndex {
             let before = leaf.entries.len();
             leaf.entries.retain(|le| {
                 let chunk = ((li as u64) << LEAF_BITS) | le.chunk_low as u64;
-                if keep(chunk, &le.e) {
+                if keep(chunk, &le.e()) {
                     true
                 } else {
-                    on_free(chunk, le.e.slot);
+                    on_free(chunk, le.slot);
                     false
                 }
             });
@@ -189,7 +207,7 @@ impl PreserveIndex {
         for (li, leaf) in self.leaves.iter().enumerate() {
             let Some(leaf) = leaf else { continue };
             for le in &leaf.entries {
-                f(((li as u64) << LEAF_BITS) | le.chunk_low as u64, &le.e);
+                f(((li as u64) << LEAF_BITS) | le.chunk_low as u64, &le.e());
             }
         }
     }
@@ -212,6 +230,11 @@ impl PreserveIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaf_entry_is_compact() {
+        assert_eq!(std::mem::size_of::<LeafEntry>(), 24);
+    }
 
     #[test]
     fn lookup_by_generation_and_block() {
