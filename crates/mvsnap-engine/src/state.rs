@@ -212,7 +212,7 @@ impl State {
                 if was_valid {
                     self.unlive(origin, gen);
                 }
-                self.release_map(map, settle);
+                self.release_map(map, seq, live, settle);
                 self.drop_hidden(*id);
             }
             Record::Preserve {
@@ -264,7 +264,7 @@ impl State {
                 );
                 if let Some(p) = prev {
                     if p.slot != *slot {
-                        self.alloc.decref(p.slot, settle);
+                        self.drop_ref(p.slot, seq, live, settle);
                     }
                 }
                 if live {
@@ -285,7 +285,7 @@ impl State {
                     let (origin, gen) = (s.origin, s.gen);
                     let map = std::mem::replace(&mut s.map, VolumeMap::new(0));
                     self.unlive(origin, gen);
-                    self.release_map(map, settle);
+                    self.release_map(map, seq, live, settle);
                 }
             }
             Record::Reclaim { origin } => {
@@ -307,6 +307,16 @@ impl State {
         Ok(())
     }
 
+    /// Drop one reference to `slot`. A slot still referenced elsewhere may now look exclusive to
+    /// its other owner; until this record settles, a crash could bring our reference back, so
+    /// the slot counts as unsettled and is not overwritten in place.
+    fn drop_ref(&mut self, slot: u32, seq: u64, live: bool, settle: Option<u64>) {
+        if live && self.alloc.refcount(slot) > 1 {
+            self.unsettled_slots.insert(slot, seq);
+        }
+        self.alloc.decref(slot, settle);
+    }
+
     fn unlive(&mut self, origin: u32, gen: u32) {
         if let Some(o) = self.origins.get_mut(&origin) {
             if let Some(n) = o.live_gens.get_mut(&gen) {
@@ -318,9 +328,12 @@ impl State {
         }
     }
 
-    fn release_map(&mut self, map: VolumeMap, settle: Option<u64>) {
-        let alloc = &mut self.alloc;
-        map.release(&mut |slot| alloc.decref(slot, settle));
+    fn release_map(&mut self, map: VolumeMap, seq: u64, live: bool, settle: Option<u64>) {
+        let mut released = Vec::new();
+        map.release(&mut |slot| released.push(slot));
+        for slot in released {
+            self.drop_ref(slot, seq, live, settle);
+        }
     }
 
     /// Forget hidden snapshots without children, walking up their ancestry.

@@ -652,9 +652,16 @@ impl Store {
         let ngroups = groups.len();
         let mut replayed = 0u64;
         let mut last_seq = sb.journal_seq - 1;
+        let mut group_ends: Vec<u64> = Vec::new();
         'replay: for (gi, g) in groups.into_iter().enumerate() {
             // Only the last group may be one whose sync never completed: verify its data.
             let verify = gi + 1 == ngroups;
+            // As live: when a record of this group was appended, groups up to two back were
+            // settled and their frees reusable.
+            if gi >= 2 {
+                st.alloc.settle(group_ends[gi - 2]);
+            }
+            group_ends.push(g.records.last().map(|r| r.0).unwrap_or(0));
             for (seq, rec) in g.records {
                 if verify && !data_intact(&*dev, geo, &rec)? {
                     tracing::info!(
@@ -663,7 +670,9 @@ impl Store {
                     );
                     break 'replay;
                 }
-                st.apply(&rec, seq, false, false)
+                // Frees stay quarantined: the recovery checkpoint must not overwrite data that a
+                // second recovery (after a crash during this one) would verify again.
+                st.apply(&rec, seq, false, true)
                     .map_err(|e| Error::corrupt(&path, format!("journal record {seq}: {e}")))?;
                 replayed += 1;
                 last_seq = seq;

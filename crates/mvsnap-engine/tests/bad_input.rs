@@ -87,7 +87,11 @@ struct Fixture {
 fn fixture(chunk: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let v0 = pattern(1, 1 << 20);
-    let (store, origins) = real_setup(dir.path(), 16 << 20, chunk, &[("o0", v0.clone())]);
+    let (store, origins) = real_setup(
+        dir.path(),
+        &format_opts(16 << 20, chunk),
+        &[("o0", v0.clone())],
+    );
     let s = open(&store).unwrap();
     s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
     let o = s.volume("o0").unwrap();
@@ -231,7 +235,11 @@ fn journal_group_starts(p: &Path) -> Vec<u64> {
 fn unclean_fixture() -> (tempfile::TempDir, PathBuf, Vec<u8>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let v0 = pattern(4, 1 << 20);
-    let (store, _) = real_setup(dir.path(), 16 << 20, 65536, &[("o0", v0.clone())]);
+    let (store, _) = real_setup(
+        dir.path(),
+        &format_opts(16 << 20, 65536),
+        &[("o0", v0.clone())],
+    );
     let s = open(&store).unwrap();
     s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
     let o = s.volume("o0").unwrap();
@@ -456,8 +464,7 @@ fn duplicate_names_and_bad_names() {
     let dir = tempfile::tempdir().unwrap();
     let (store, origins) = real_setup(
         dir.path(),
-        16 << 20,
-        65536,
+        &format_opts(16 << 20, 65536),
         &[("o0", pattern(1, 1 << 20)), ("o1", pattern(2, 512 << 10))],
     );
     let s = open(&store).unwrap();
@@ -534,8 +541,7 @@ fn out_of_range_and_read_only() {
     let size = (1u64 << 20) + 1000;
     let (store, origins) = real_setup(
         dir.path(),
-        16 << 20,
-        16384,
+        &format_opts(16 << 20, 16384),
         &[("o0", pattern(1, size as usize))],
     );
     let s = open(&store).unwrap();

@@ -86,12 +86,11 @@ pub fn format_opts(size: u64, chunk: u32) -> FormatOptions {
 /// A store and origins on real files in `dir`. Returns the store path and origin paths.
 pub fn real_setup(
     dir: &Path,
-    store_size: u64,
-    chunk: u32,
+    store_opts: &FormatOptions,
     origins: &[(&str, Vec<u8>)],
 ) -> (PathBuf, Vec<PathBuf>) {
     let store = dir.join("store");
-    Store::format(&store, &format_opts(store_size, chunk)).unwrap();
+    Store::format(&store, store_opts).unwrap();
     let mut paths = Vec::new();
     let s = Store::open(&store, &OpenOptions::default()).unwrap();
     for (id, content) in origins {
