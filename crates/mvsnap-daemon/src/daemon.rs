@@ -215,6 +215,19 @@ async fn control_conn(
                 nbd.disconnect(name).await;
             }
         }
+        if let Request::OriginRemove { id } = &req {
+            if nbd
+                .open_exports()
+                .iter()
+                .any(|e| e == id || e.starts_with(&format!("{id}@")))
+            {
+                let r = Reply::err(format!(
+                    "origin {id} is open by an NBD client; disconnect it first"
+                ));
+                send(&mut wr, &r, &[]).await?;
+                continue;
+            }
+        }
         if let Request::Shutdown = req {
             send(&mut wr, &Reply::ok(serde_json::Value::Null), &[]).await?;
             stop.notify_one();

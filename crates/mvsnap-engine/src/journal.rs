@@ -282,6 +282,15 @@ impl JournalWriter {
         seq
     }
 
+    /// Append an empty group (padding only): committing it settles the group before it.
+    pub fn append_empty_group(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let pad = vec![0u8; META_BLOCK as usize - HEADER];
+        encode_one(&mut self.pending, self.epoch, seq, KIND_PAD, &pad);
+        seq
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }

@@ -251,6 +251,11 @@ impl Inner {
             // Nothing pending: everything appended was already taken by a checkpoint.
             return Ok(Some(self.appended_seq()));
         };
+        if g.pos + g.bytes.len() as u64 > self.geo.journal_len {
+            // Never write past the journal into the data area.
+            let e = std::io::Error::other("journal region overflow");
+            return Err(self.poison("journal append", &e));
+        }
         self.store_write(&g.bytes, JOURNAL_OFFSET + g.pos)?;
         self.store_sync()?;
         Ok(Some(g.last_seq))
@@ -391,6 +396,20 @@ impl Inner {
         true
     }
 
+    /// Commit what is pending, then an empty group after it: everything appended so far is
+    /// settled and its quarantined slots can be reused. Needs no state lock.
+    fn force_settle(&self) -> Result<()> {
+        self.wait_durable(self.appended_seq())?;
+        let seq = {
+            let mut j = self.journal.lock();
+            if j.nearly_full(2 * META_BLOCK as usize) {
+                return Ok(()); // the next record checkpoints, which frees everything
+            }
+            j.append_empty_group()
+        };
+        self.wait_durable(seq)
+    }
+
     /// Slots kept back for the next checkpoint, so metadata can always be written.
     pub fn reserve_slots(&self, st: &State) -> u64 {
         if self.ephemeral {
@@ -403,6 +422,18 @@ impl Inner {
     /// Allocate a data slot, growing the store if it can; None when the store is full.
     pub fn alloc_data_slot(&self, st: &mut State) -> Option<u32> {
         st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
+        let reserve = self.reserve_slots(st);
+        let quarantined = st.alloc.quarantined() as u64;
+        if !self.ephemeral
+            && quarantined > 0
+            && (st.alloc.free() <= reserve || quarantined * 4 > st.alloc.free())
+        {
+            // Rewrites free slots faster than the background flusher settles them: settle now.
+            if let Err(e) = self.force_settle() {
+                tracing::warn!("could not settle freed slots: {e}");
+            }
+            st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
+        }
         loop {
             if st.alloc.free() > self.reserve_slots(st) {
                 let s = st.alloc.alloc();
@@ -661,7 +692,8 @@ impl Store {
             if gi >= 2 {
                 st.alloc.settle(group_ends[gi - 2]);
             }
-            group_ends.push(g.records.last().map(|r| r.0).unwrap_or(0));
+            let prev_end = group_ends.last().copied().unwrap_or(0);
+            group_ends.push(g.records.last().map(|r| r.0).unwrap_or(prev_end));
             for (seq, rec) in g.records {
                 if verify && !data_intact(&*dev, geo, &rec)? {
                     tracing::info!(

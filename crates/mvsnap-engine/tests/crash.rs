@@ -1,7 +1,8 @@
 //! Crash recovery on the power-loss simulator (`mvsnap_engine::crashsim`).
 //!
-//! Random workloads (origin writes, snapshots of the origin and of snapshots, writable snapshot
-//! writes, deletes, flushes, checkpoints) run on simulated disks. At a random point the whole
+//! Random workloads (origin writes, snapshots of the origin and of snapshots, sets over two
+//! origins, writable snapshot writes, bursts of small writes that fill the journal so it
+//! checkpoints itself, deletes, flushes, checkpoints, reclaims) run on simulated disks. At a random point the whole
 //! machine crashes (store and origins at the same instant): either between two engine calls or
 //! in the middle of one (the power goes off after N device operations, so every later write
 //! fails and changes nothing). Unsynced writes are dropped, kept or torn at 512-byte sectors.
@@ -12,7 +13,8 @@
 //! (b) `check` is clean;
 //! (c) each origin byte holds its value at the last returned flush or a value written since;
 //! (d) the same for writable snapshots, from their creation or last returned flush.
-//! Each case runs several crash/recover rounds on the recovered store.
+//! Each case runs several crash/recover rounds on the recovered store. A failure prints the
+//! seed, the last steps, and which write or volume the unexpected bytes came from.
 //!
 //! `MVSNAP_CRASH_SEED=N` runs one case of every test with that seed (for a failure's replay);
 //! `MVSNAP_CRASH_CASES=N` runs N cases per test instead of the default (for long soaks).

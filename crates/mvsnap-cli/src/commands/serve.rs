@@ -63,10 +63,18 @@ fn detach() -> Result<()> {
         .skip(1)
         .filter(|a| a != "--detach")
         .collect();
+    // The daemon's log goes to a file, so it holds none of the caller's descriptors open.
+    let dir = mvsnap_daemon::paths::runtime_dir();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("runtime directory {}", dir.display()))?;
+    let log_path = dir.join(format!("mvsnap-serve-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("log file {}", log_path.display()))?;
     let mut child = Command::new(exe)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(log)
         .process_group(0)
         .spawn()
         .context("starting the daemon")?;
@@ -76,8 +84,19 @@ fn detach() -> Result<()> {
     if line.starts_with("ready ") {
         print!("{line}");
         println!("pid {}", child.id());
+        println!("log {}", log_path.display());
         return Ok(());
     }
     let status = child.wait()?;
-    bail!("the daemon did not start ({status}); see its error above")
+    let err = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no message");
+    bail!(
+        "the daemon did not start ({status}): {}",
+        last.trim_start_matches("mvsnap: error: ")
+    )
 }
