@@ -213,7 +213,8 @@ fn sigkill_under_write_load_keeps_snapshots() {
         // fio's nbd engine does not notice its server is gone: kill it too.
         drop(job);
         assert!(
-            t0.elapsed() < Duration::from_secs(120),
+            // About 10 s on an idle 2-core machine; generous for a loaded one.
+            t0.elapsed() < Duration::from_secs(300),
             "the supervisor loop is too slow"
         );
     }
