@@ -2,11 +2,12 @@
 //!
 //! Random workloads (origin writes, snapshots of the origin and of snapshots, sets over two
 //! origins, writable snapshot writes, bursts of small writes that fill the journal so it
-//! checkpoints itself, deletes, flushes, checkpoints, reclaims) run on simulated disks. At a random point the whole
-//! machine crashes (store and origins at the same instant): either between two engine calls or
-//! in the middle of one (the power goes off after N device operations, so every later write
-//! fails and changes nothing). Unsynced writes are dropped, kept or torn at 512-byte sectors.
-//! Some recoveries crash again after a few device operations. After recovery:
+//! checkpoints itself, deletes, flushes, checkpoints, reclaims) run on simulated disks. At a
+//! random point the whole machine crashes (store and origins at the same instant): either
+//! between two engine calls or in the middle of one (the power goes off after N device
+//! operations, so every later write fails and changes nothing). Unsynced writes are dropped,
+//! kept or torn at 512-byte sectors. Some recoveries crash again after a few device operations.
+//! After recovery:
 //! (a) every snapshot whose creation returned reads exactly its content at creation (read-only)
 //!     and exists; one whose creation was cut off is all-or-nothing over its set and, if there,
 //!     correct; a deleted one (the call returned) is gone;

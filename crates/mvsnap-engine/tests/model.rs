@@ -4,15 +4,21 @@
 //! writable snapshots at any depth (random offsets and lengths, unaligned too, across chunks),
 //! snapshots of anything (read-only or writable, sometimes a set over two origins, sometimes
 //! with an automatic tag or a tag that a deleted snapshot used), deletes anywhere (children
-//! included), partial reads, flushes, checkpoints, and reopen of the store (a clean close, or a
-//! sync and drop so the next open replays the journal). After every step every live volume must
-//! read exactly what the model says, the snapshot list must match, and `check` must be clean.
+//! included), partial reads, zeroing, writes refused by read-only snapshots, bursts of hundreds
+//! of small writes (the 1 MiB journal fills and checkpoints itself), flushes, checkpoints, and
+//! reopen of the store (a clean close, or a sync and drop so the next open replays the
+//! journal). After every step every live volume must read exactly what the model says, the
+//! snapshot list (names, writable, parent, all valid) must match, and `check` must be clean.
 //!
 //! Volumes are small (256 KiB..1.5 MiB, some not a multiple of 4 KiB) and chunks are 4K/16K/64K,
 //! so chunks are shared and re-preserved a lot. Most cases run on the crash simulator's disks
-//! (memory, fast); a quarter on real files, so the file backend is exercised too.
+//! (memory, fast); a quarter on real files, so the file backend is exercised too; one in ten
+//! is an ephemeral session (its snapshots vanish at reopen). The store starts small and grows.
 //!
-//! `PROPTEST_CASES` overrides the case count (default 256).
+//! `concurrent_writers_and_snapshots` adds threads: writers, a snapshotter and a reader, against
+//! a looser model (each snapshot holds a prefix of every writer's writes, and never changes).
+//!
+//! `PROPTEST_CASES` overrides the case count (default 512; up to 48 steps each).
 //! Anything it ever finds becomes a named `regression_*` test at the end of this file.
 
 mod common;
@@ -679,7 +685,7 @@ fn config() -> Config {
     let cases = if std::env::var_os("PROPTEST_CASES").is_some() {
         Config::default().cases
     } else {
-        256
+        512
     };
     Config {
         cases,
@@ -694,7 +700,7 @@ prop_state_machine! {
     #![proptest_config(config())]
 
     #[test]
-    fn engine_matches_model(sequential 1..40 => EngineTest);
+    fn engine_matches_model(sequential 1..48 => EngineTest);
 }
 
 // ---- Named regressions: sequences the property test found (or that we want pinned). ----
