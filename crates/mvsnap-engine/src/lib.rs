@@ -11,6 +11,7 @@ mod check;
 mod codec;
 pub mod crashsim;
 pub mod error;
+mod expiring;
 pub mod format;
 pub mod index;
 pub mod journal;
@@ -19,6 +20,7 @@ mod store;
 mod sys;
 pub mod types;
 mod volume;
+mod writeback;
 
 pub use blockdev::{BlockDev, DeviceOpener, FileDev, FileOpener};
 pub use error::{Error, Result};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::alloc::Allocator;
 use crate::blockdev::BlockDev;
 use crate::codec::{Reader, Writer};
+use crate::expiring::ExpiringMap;
 use crate::format::Geometry;
 use crate::index::{MapEntry, PreserveIndex, VolumeMap};
 use crate::journal::Record;
@@ -62,9 +63,9 @@ pub struct State {
     pub ckpt_slots: Vec<u32>,
     /// Slots that records not yet settled point at, with the newest such record: their data
     /// must not change in place (recovery may verify it).
-    pub unsettled_slots: HashMap<u32, u64>,
+    pub unsettled_slots: ExpiringMap<u32>,
     /// Preserves whose record is not yet durable: an origin write to that chunk must wait.
-    pub inflight_preserves: HashMap<(u32, u64), u64>,
+    pub inflight_preserves: ExpiringMap<(u32, u64)>,
 }
 
 /// Why a record could not be applied: the journal or checkpoint contradicts the state.
@@ -80,8 +81,8 @@ impl State {
             next_snap_id: 1,
             alloc: Allocator::new(nslots),
             ckpt_slots: Vec::new(),
-            unsettled_slots: HashMap::new(),
-            inflight_preserves: HashMap::new(),
+            unsettled_slots: ExpiringMap::default(),
+            inflight_preserves: ExpiringMap::default(),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::format::{
 use crate::journal::{self, JournalWriter, NewSnap, Record};
 use crate::state::State;
 use crate::types::*;
+use crate::writeback::Writeback;
 
 const CK_MAGIC: u32 = 0x4b43_564d; // "MVCK"
 const CK_HEADER: usize = 32;
@@ -56,6 +57,8 @@ pub(crate) struct Inner {
     /// Commits records nobody waits for (unflushed writable-snapshot writes), so the window a
     /// crash can lose stays short and quarantined slots come back.
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Origin writes waiting for their copy-out to be durable (see `writeback`).
+    pub writeback: Arc<Writeback>,
 }
 
 /// How often the background flusher commits pending records.
@@ -206,6 +209,11 @@ impl Inner {
     /// Highest sequence number appended so far.
     pub fn appended_seq(&self) -> u64 {
         self.journal.lock().next_seq.saturating_sub(1)
+    }
+
+    /// Whether record `seq` is durable already (always, for an ephemeral store: nothing is).
+    pub fn is_durable(&self, seq: u64) -> bool {
+        self.ephemeral || self.commit.lock().durable_seq >= seq
     }
 
     /// Wait until record `seq` is durable, leading a group commit if nobody else is.
@@ -750,6 +758,7 @@ impl Store {
             epoch_fresh: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
+            writeback: Writeback::new(),
         });
         inner.events.lock().extend(events);
         if !opts.read_only && !opts.ephemeral {
@@ -762,6 +771,10 @@ impl Store {
         }
         if !opts.read_only && !opts.ephemeral {
             spawn_flusher(&inner);
+            if let Err(e) = inner.writeback.spawn_worker(Arc::downgrade(&inner)) {
+                // Queued writes are then issued by the next flush or full queue; slower only.
+                tracing::warn!("no write-behind worker: {e}");
+            }
         }
         tracing::debug!(replayed, "store opened");
         Ok(Store { inner })
@@ -793,6 +806,8 @@ impl Store {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.inner.writeback.drain(&self.inner);
+        self.inner.writeback.close();
         if let Some(h) = self.inner.flusher.lock().take() {
             h.thread().unpark();
             let _ = h.join();
@@ -819,8 +834,10 @@ impl Store {
         self.inner.checkpoint_locked(&mut st)
     }
 
-    /// Make every record appended so far durable.
+    /// Make every record appended so far durable, and issue every queued origin write (an
+    /// origin's `flush` then makes those durable too).
     pub fn sync(&self) -> Result<()> {
+        self.inner.writeback.drain(&self.inner);
         // A poisoned store must say so even when nothing is pending.
         self.inner.check_poison()?;
         let seq = self.inner.appended_seq();
@@ -889,6 +906,7 @@ impl Store {
     }
 
     pub fn remove_origin(&self, id: &str) -> Result<()> {
+        self.inner.writeback.drain(&self.inner);
         let mut st = self.inner.state.write();
         let o = st
             .origin_by_id(id)
@@ -958,6 +976,8 @@ impl Store {
             (targets, gates)
         };
         let _guards: Vec<_> = gates.iter().map(|(_, g)| g.write()).collect();
+        // Acknowledged writes still queued behind their copy-outs belong in the snapshot.
+        self.inner.writeback.drain(&self.inner);
         // In-flight origin writes have drained; make what they wrote durable before the
         // snapshot that shares it becomes durable (invariant 1 survives a crash).
         {

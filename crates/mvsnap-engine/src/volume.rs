@@ -12,6 +12,7 @@ use crate::journal::Record;
 use crate::state::{Origin, Snap, State};
 use crate::store::{resolve_name, Inner, Store};
 use crate::types::{EventKind, Extent, SnapshotState};
+use crate::writeback;
 
 #[derive(Clone)]
 enum Kind {
@@ -203,9 +204,15 @@ impl Volume {
             return Ok(());
         }
         match &self.kind {
-            Kind::Origin { dev, .. } => dev
-                .read_at(buf, offset)
-                .map_err(|e| Error::io("read", dev.path(), e)),
+            Kind::Origin { no, dev, .. } => {
+                // Taken before the device read: a queued write issued meanwhile is in one or
+                // the other.
+                let queued = self.inner.writeback.overlay(*no, offset, buf.len() as u64);
+                dev.read_at(buf, offset)
+                    .map_err(|e| Error::io("read", dev.path(), e))?;
+                writeback::lay_over(&queued, offset, buf);
+                Ok(())
+            }
             Kind::Snapshot { id, .. } => {
                 // Held across the I/O: a preserve cannot complete (and the origin write it
                 // guards cannot start) while a read that resolved to the origin is running.
@@ -282,6 +289,13 @@ impl Volume {
     }
 
     pub fn flush(&self) -> Result<()> {
+        if let Kind::Origin { no, dev, .. } = &self.kind {
+            // First: a write this flush should cover and that was lost says so precisely.
+            self.inner.writeback.drain(&self.inner);
+            if let Some(msg) = self.inner.writeback.take_error(*no) {
+                return Err(writeback::flush_error(dev.path(), msg));
+            }
+        }
         self.inner.check_poison()?;
         match &self.kind {
             Kind::Origin { dev, .. } => {
@@ -302,6 +316,10 @@ impl Volume {
     /// reported as zero holes, so clients copy sparsely.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
+        if self.is_origin() {
+            // The file's allocation must include what queued writes will put there.
+            self.inner.writeback.drain(&self.inner);
+        }
         let st = self.inner.state.read();
         let (origin_no, snap) = match &self.kind {
             Kind::Origin { no, .. } => (*no, None),
@@ -378,7 +396,7 @@ impl Volume {
             let slow = (first..=last).any(|c| needs_preserve(o, c));
             if !slow && !st.inflight_preserves.is_empty() {
                 for c in first..=last {
-                    if let Some(&s) = st.inflight_preserves.get(&(no, c)) {
+                    if let Some(s) = st.inflight_preserves.get(&(no, c)) {
                         wait_seq = wait_seq.max(s);
                     }
                 }
@@ -389,9 +407,14 @@ impl Volume {
             let mut st = self.inner.state.write();
             wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64)?;
         }
-        // Invariant 2: the old data and its mapping are durable before the origin changes.
-        if wait_seq > 0 {
-            self.inner.wait_durable(wait_seq)?;
+        // Invariant 2: the old data and its mapping are durable before the origin changes. A
+        // write that would wait for that is queued instead (answered now, issued after the
+        // commit); so is one that overlaps a queued write, to stay behind it.
+        let len = data.len() as u64;
+        let wb = &self.inner.writeback;
+        if (wait_seq > 0 && !self.inner.is_durable(wait_seq)) || wb.overlaps(no, offset, len) {
+            wb.push(no, dev, offset, data, wait_seq);
+            return if fua { self.flush() } else { Ok(()) };
         }
         dev.write_at(data, offset)
             .map_err(|e| Error::io("write", dev.path(), e))?;
@@ -418,11 +441,11 @@ impl Volume {
             .settled_seq
             .load(std::sync::atomic::Ordering::Acquire);
         let durable = self.inner.commit.lock().durable_seq;
-        st.inflight_preserves.retain(|_, s| *s > durable);
-        st.unsettled_slots.retain(|_, s| *s > settled);
+        st.inflight_preserves.expire(durable);
+        st.unsettled_slots.expire(settled);
         let end = offset + len;
         let mut wait_seq = 0;
-        let mut chunkbuf = vec![0u8; cs as usize];
+        let mut piece: Vec<u8> = Vec::new();
         for c in offset / cs..=(end - 1) / cs {
             let o = &st.origins[&no];
             let gen = o.gen;
@@ -451,18 +474,20 @@ impl Volume {
                             continue;
                         }
                     };
+                    // The CRC runs over the blocks in order, as `crc_of` would compute it.
+                    let mut crc = 0u32;
                     for (b0, n) in runs(bits) {
                         let (boff, blen) = (b0 as u64 * sub, n as u64 * sub);
-                        let piece = &mut chunkbuf[boff as usize..(boff + blen) as usize];
+                        piece.resize(blen as usize, 0);
                         let src = c * cs + boff;
                         let avail = osize.saturating_sub(src).min(blen) as usize;
                         piece[avail..].fill(0);
                         dev.read_at(&mut piece[..avail], src)
                             .map_err(|e| Error::io("read", dev.path(), e))?;
                         self.inner
-                            .store_write(piece, geo.slot_offset(slot) + boff)?;
+                            .store_write(&piece, geo.slot_offset(slot) + boff)?;
+                        crc = crc32c::crc32c_append(crc, &piece);
                     }
-                    let crc = crc_of(&chunkbuf, sub as usize, bits);
                     let seq = self.inner.log(
                         st,
                         Record::Preserve {
@@ -491,7 +516,7 @@ impl Volume {
                         .set_done_through(c, gen);
                 }
             }
-            if let Some(&s) = st.inflight_preserves.get(&(no, c)) {
+            if let Some(s) = st.inflight_preserves.get(&(no, c)) {
                 wait_seq = wait_seq.max(s);
             }
         }
@@ -542,7 +567,7 @@ impl Volume {
             .inner
             .settled_seq
             .load(std::sync::atomic::Ordering::Acquire);
-        st.unsettled_slots.retain(|_, s| *s > settled);
+        st.unsettled_slots.expire(settled);
         let end = offset + data.len() as u64;
         let mut chunkbuf = vec![0u8; cs as usize];
         let mut pos = offset;

@@ -67,6 +67,15 @@ impl Track {
         self.since.clear();
     }
 
+    /// A FUA write returned: its bytes are durable (earlier writes it covers wholly can no
+    /// longer show through; ones it covers in part still may, elsewhere).
+    fn flushed_range(&mut self, off: u64, data: &[u8]) {
+        let (lo, hi) = (off as usize, off as usize + data.len());
+        self.flushed[lo..hi].copy_from_slice(data);
+        self.since
+            .retain(|(o, d)| !(*o as usize >= lo && *o as usize + d.len() <= hi));
+    }
+
     /// Every byte is its flushed value or one some write since then put there.
     fn explain(&self, got: &[u8]) -> Result<(), (usize, String)> {
         if got.len() != self.flushed.len() {
@@ -195,7 +204,12 @@ impl Case {
 
     #[track_caller]
     fn fail(&self, msg: String) -> ! {
-        let start = self.log.len().saturating_sub(60);
+        let start = self.log.len().saturating_sub(
+            std::env::var("MVSNAP_CRASH_LOG")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60),
+        );
         panic!(
             "seed {}: {msg}\n--- last steps ---\n{}",
             self.seed,
@@ -294,7 +308,8 @@ impl Case {
                 self.history.push((oname(o), off, data.clone()));
                 self.origins[o].write(off, &data, r.is_ok());
                 if r.is_ok() && fua {
-                    self.origins[o].flushed();
+                    // FUA makes this write durable, not the origin's other queued writes.
+                    self.origins[o].flushed_range(off, &data);
                 }
                 r
             }
@@ -814,10 +829,25 @@ fn failed_sync_poisons_the_store() {
         .find(|d| d.path().ends_with("o0"))
         .unwrap()
         .volatile_image();
-    match o.write_at(5000, &[7u8; 3000], false) {
-        Err(Error::Poisoned(msg)) => assert!(msg.contains("sync"), "{msg}"),
-        other => panic!("origin write with a failing sync: {other:?}"),
+    // The write waits for its preserve's commit behind the client's back (write-behind):
+    // it is acknowledged, and the flush that should make it durable reports the failure.
+    o.write_at(5000, &[7u8; 3000], false)
+        .expect("a write without FUA is queued and acknowledged");
+    match o.flush() {
+        Err(Error::Io { op, source, .. }) => {
+            assert_eq!(op, "deferred write");
+            let msg = source.to_string();
+            assert!(msg.contains("sync") && msg.contains("poisoned"), "{msg}");
+        }
+        other => panic!("flush after a failing preserve sync: {other:?}"),
     }
+    // The lost write is not served either: the origin reads as it is.
+    let mut buf = vec![0u8; 3000];
+    o.read_at(5000, &mut buf).unwrap();
+    assert!(
+        buf[..] == content[5000..8000],
+        "a dropped write is still read back"
+    );
     // Invariant 2: the origin was not written, since the preserve never became durable.
     let origin_disk = m
         .disks()

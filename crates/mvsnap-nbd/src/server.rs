@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::handshake::{self, Outcome};
-use crate::transmission;
+use crate::transmission::{self, BlockingSocket};
 use crate::ExportRegistry;
 
 /// An NBD server over an [`ExportRegistry`]. Cheap to clone: clones share one server, so one
@@ -106,7 +106,9 @@ impl NbdServer {
                 r = listener.accept() => r,
             };
             match accepted {
-                Ok((stream, _addr)) => self.spawn_connection(stream, "unix".to_owned()),
+                Ok((stream, _addr)) => {
+                    self.spawn_connection(stream, Some(unix_to_blocking), "unix".to_owned())
+                }
                 Err(e) => accept_error(e).await?,
             }
         }
@@ -130,7 +132,7 @@ impl NbdServer {
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "TCP_NODELAY");
                     }
-                    self.spawn_connection(stream, addr.to_string());
+                    self.spawn_connection(stream, Some(tcp_to_blocking), addr.to_string());
                 }
                 Err(e) => accept_error(e).await?,
             }
@@ -145,10 +147,33 @@ impl NbdServer {
     /// an inherited socket serve it directly.
     pub async fn serve_stream<S>(&self, stream: S)
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let (reg, stop) = self.register();
-        run_connection(self.inner.clone(), stream, reg, stop, "stream".to_owned()).await;
+        run_connection(
+            self.inner.clone(),
+            stream,
+            None,
+            reg,
+            stop,
+            "stream".to_owned(),
+        )
+        .await;
+    }
+
+    /// Serve one accepted (or inherited) Unix socket to completion, as `serve_unix` serves
+    /// each connection: async handshake, then the threaded transmission phase.
+    pub async fn serve_unix_stream(&self, stream: tokio::net::UnixStream) {
+        let (reg, stop) = self.register();
+        run_connection(
+            self.inner.clone(),
+            stream,
+            Some(unix_to_blocking),
+            reg,
+            stop,
+            "unix".to_owned(),
+        )
+        .await;
     }
 
     /// Names of exports with at least one connection in the transmission phase, sorted.
@@ -230,14 +255,36 @@ impl NbdServer {
         (reg, StopSignal(stop_rx))
     }
 
-    fn spawn_connection<S>(&self, stream: S, peer: String)
+    fn spawn_connection<S>(&self, stream: S, to_blocking: Option<ToBlocking<S>>, peer: String)
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         // Registered before spawning so `shutdown` and `serve_*` can wait for it.
         let (reg, stop) = self.register();
-        tokio::spawn(run_connection(self.inner.clone(), stream, reg, stop, peer));
+        tokio::spawn(run_connection(
+            self.inner.clone(),
+            stream,
+            to_blocking,
+            reg,
+            stop,
+            peer,
+        ));
     }
+}
+
+/// Turns a connected socket into a blocking one for the threaded transmission phase.
+type ToBlocking<S> = fn(S) -> io::Result<BlockingSocket>;
+
+fn unix_to_blocking(s: tokio::net::UnixStream) -> io::Result<BlockingSocket> {
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(BlockingSocket::Unix(s))
+}
+
+fn tcp_to_blocking(s: tokio::net::TcpStream) -> io::Result<BlockingSocket> {
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(BlockingSocket::Tcp(s))
 }
 
 /// Transient accept errors (a client that reset early, fd exhaustion) must not stop the
@@ -276,11 +323,12 @@ fn log_end(peer: &str, export: Option<&str>, e: &io::Error) {
 async fn run_connection<S>(
     inner: Arc<Inner>,
     stream: S,
+    to_blocking: Option<ToBlocking<S>>,
     reg: Registration,
     mut stop: StopSignal,
     peer: String,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     debug!(peer, "connection opened");
     let (rd, wr) = tokio::io::split(stream);
@@ -318,7 +366,20 @@ async fn run_connection<S>(
             reg.set_export(&name);
             // The handshake flushes after every option, so nothing is left in the buffer.
             let wr = wr.into_inner();
-            match transmission::serve(rd, wr, session, stop).await {
+            let result = match to_blocking {
+                Some(convert) => {
+                    // What the handshake read past its end belongs to the first requests.
+                    let buffered = rd.buffer().to_vec();
+                    match convert(rd.into_inner().unsplit(wr)) {
+                        Ok(sock) => {
+                            transmission::serve_threaded(sock, buffered, session, stop).await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => transmission::serve(rd, wr, session, stop).await,
+            };
+            match result {
                 Ok(()) => info!(peer, export = %name, "connection closed"),
                 Err(e) => log_end(&peer, Some(&name), &e),
             }

@@ -1,6 +1,8 @@
 //! The transmission phase.
 //!
-//! One reader (the connection task) parses requests, checks them, and hands each to tokio's
+//! Real sockets are served by threads (`threaded`: nbdkit's model, the fast path). Any other
+//! byte stream (tests, fuzzing, an in-memory pipe) is served by the async path below:
+//! one reader (the connection task) parses requests, checks them, and hands each to tokio's
 //! blocking pool, where the export does the work and queues the reply. A writer task writes
 //! replies whole, one at a time, in the order they complete, so replies go out of order and a
 //! slow request does not hold up fast ones.
@@ -94,6 +96,18 @@ pub(crate) struct Limits {
     /// `base:allocation` was selected, so BLOCK_STATUS is allowed.
     pub block_status: bool,
     pub max_payload: u32,
+}
+
+impl Limits {
+    pub(crate) fn for_session(session: &Session) -> Limits {
+        Limits {
+            size: session.size,
+            read_only: session.read_only,
+            structured: session.structured,
+            block_status: session.base_allocation.is_some(),
+            max_payload: session.max_payload,
+        }
+    }
 }
 
 /// A checked request.
@@ -414,6 +428,25 @@ fn execute(session: &Session, handle: u64, cmd: Command, payload: Vec<u8>) -> Ou
     }
 }
 
+/// Log a refused request and build its error reply.
+fn rejection_reply(req: &Request, lim: &Limits, rej: Rejection) -> Outgoing {
+    if rej.errno == proto::ENOTSUP {
+        // An expected answer to FAST_ZERO, not a client error.
+        debug!(handle = req.handle, "{}", rej.message);
+    } else {
+        warn!(
+            command = req.command,
+            flags = req.flags,
+            offset = req.offset,
+            length = req.length,
+            errno = rej.errno,
+            "{}",
+            rej.message
+        );
+    }
+    error_reply(req.handle, lim.structured, rej.errno, rej.message)
+}
+
 /// What the reader got from the client.
 enum Next {
     /// A checked request for the export, with its payload (for WRITE).
@@ -485,23 +518,8 @@ async fn next_request<R: AsyncRead + Unpin>(
     }
     let cmd = match validate(&req, lim) {
         Ok(cmd) => cmd,
-        Err(rej) if rej.errno == proto::ENOTSUP => {
-            // An expected answer to FAST_ZERO, not a client error.
-            debug!(handle = req.handle, "{}", rej.message);
-            let out = error_reply(req.handle, lim.structured, rej.errno, rej.message);
-            return Ok(Next::Reply(out.holding(permits)));
-        }
         Err(rej) => {
-            warn!(
-                command = req.command,
-                flags = req.flags,
-                offset = req.offset,
-                length = req.length,
-                errno = rej.errno,
-                "{}",
-                rej.message
-            );
-            let out = error_reply(req.handle, lim.structured, rej.errno, rej.message);
+            let out = rejection_reply(&req, lim, rej);
             return Ok(Next::Reply(out.holding(permits)));
         }
     };
@@ -574,13 +592,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let lim = Limits {
-        size: session.size,
-        read_only: session.read_only,
-        structured: session.structured,
-        block_status: session.base_allocation.is_some(),
-        max_payload: session.max_payload,
-    };
+    let lim = Limits::for_session(&session);
     let session = Arc::new(session);
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let mut writer = tokio::spawn(write_replies(wr, rx));
@@ -663,6 +675,9 @@ where
     }
     result
 }
+
+mod threaded;
+pub(crate) use threaded::{serve as serve_threaded, BlockingSocket};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
-//! The fuzz harness as ordinary tests: whole server connections over an in-memory duplex
-//! stream, fed random bytes, random bytes after a valid handshake, and mutated valid
+//! The fuzz harness as ordinary tests: whole server connections, alternately over a Unix
+//! socket pair (the threaded transmission path) and an in-memory duplex stream (the async
+//! path), fed random bytes, random bytes after a valid handshake, and mutated valid
 //! sessions (thousands of cases per run). Any panic anywhere (including in spawned tasks), a
 //! hang, or — for unmutated sessions — a wrong or missing reply fails the test.
 //!
@@ -23,6 +24,11 @@ const SIZE: u64 = 1 << 20;
 const HALF: u64 = SIZE / 2;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// The client's end of either kind of connection.
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Duplex for T {}
 static HOOK: Once = Once::new();
 
 /// Count every panic, including those tokio catches in spawned tasks.
@@ -62,10 +68,19 @@ fn drive(input: &[u8]) -> Vec<u8> {
         .unwrap();
     let server = NbdServer::new(Arc::new(registry()));
     let input = input.to_vec();
+    // Alternate the two transmission paths: a real socket (threads) and a byte stream (async).
+    let threaded = RUNS.fetch_add(1, Ordering::Relaxed).is_multiple_of(2);
     let out = rt.block_on(async move {
-        let (client, server_side) = tokio::io::duplex(64 * 1024);
         let srv = server.clone();
-        let task = tokio::spawn(async move { srv.serve_stream(server_side).await });
+        let (client, task): (Box<dyn Duplex>, _) = if threaded {
+            let (client, server_side) = tokio::net::UnixStream::pair().unwrap();
+            let task = tokio::spawn(async move { srv.serve_unix_stream(server_side).await });
+            (Box::new(client), task)
+        } else {
+            let (client, server_side) = tokio::io::duplex(64 * 1024);
+            let task = tokio::spawn(async move { srv.serve_stream(server_side).await });
+            (Box::new(client), task)
+        };
         let (mut rd, mut wr) = tokio::io::split(client);
         let send = async move {
             let _ = wr.write_all(&input).await;
