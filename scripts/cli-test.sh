@@ -486,6 +486,19 @@ done
 STORE_TAIL_SUM=$BASE_TAIL_SUM
 expect_store_data_intact "all the bad input above"
 expect_ok "check after the bad input" ms check
+
+# A reader that goes away (`| head`) ends a command quietly with the status of SIGPIPE (141),
+# never a panic. The reader has exited before the command writes, so the pipe is closed.
+for cmd in check info "snapshot list" "origin list" "cat disk0"; do
+    # shellcheck disable=SC2086 # word splitting of $cmd is wanted
+    { sleep 0.3; ms $cmd 2>"$T/err"; echo $? >"$T/rc"; } | true
+    if [ "$(cat "$T/rc")" = 141 ] && [ ! -s "$T/err" ]; then
+        ok "$cmd with its reader gone: exit 141, nothing on stderr"
+    else
+        not_ok "$cmd with its reader gone: exit $(cat "$T/rc")"
+        diag "$T/err"
+    fi
+done
 for v in disk0:m-disk0 disk1:m-disk1 disk0@s1:m-s1 disk0@w1:m-w1 disk0@T:m-T0 disk1@T:m-T1; do
     expect_volume "${v%%:*}" "$T/${v#*:}"
 done

@@ -40,6 +40,11 @@ MVSNAP_REQUIRE_TOOLS=1 cargo test --workspace --release
 step "CLI black-box tests (scripts/cli-test.sh)"
 MVSNAP_BIN="$PWD/target/release/mvsnap" bash scripts/cli-test.sh
 
+step "NBD benchmark smoke run (bench/nbd.sh --quick)"
+# Keeps the benchmark runnable; its numbers are not asserted (speed is measured, not tested).
+bash bench/nbd.sh --quick >target/nbd-bench-quick.md
+grep -A 10 '^#### No snapshot' target/nbd-bench-quick.md
+
 step "bounded fuzz run of the NBD option/request parser (fuzz/)"
 # The same harness also runs in `cargo test` (crates/mvsnap-nbd/tests/fuzz_conn.rs); this is the
 # coverage-guided run. cargo-fuzz comes from crates.io; nightly if the machine has it.
@@ -54,4 +59,4 @@ else
 fi
 
 echo
-echo "=== test.sh: all steps passed (fmt, clippy, build, cargo test, cli-test, fuzz) ==="
+echo "=== test.sh: all steps passed (fmt, clippy, build, cargo test, cli-test, bench smoke, fuzz) ==="

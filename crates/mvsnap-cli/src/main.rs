@@ -136,7 +136,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if err.is::<commands::cat::StdoutClosed>() => {
+        Err(err) if err.is::<output::StdoutClosed>() => {
             // Like any Unix filter whose reader went away (`mvsnap cat ... | head`): quiet, and
             // the status a shell reports for SIGPIPE.
             ExitCode::from(141)

@@ -1,4 +1,55 @@
-//! Human-readable output: sizes, times and plain text tables.
+//! Human-readable output: sizes, times and plain text tables, and printing that survives a
+//! closed stdout.
+
+use std::io::Write;
+
+/// Stdout was closed by its reader (`mvsnap check | head`): `main` exits quietly.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// The error for a failed write to stdout: [`StdoutClosed`] when the reader went away.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// What `print!` does, with an error instead of a panic when stdout is gone.
+pub fn emit(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// `print!` for commands: returns early with [`StdoutClosed`] when the reader went away.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::emit(format_args!($($arg)*))?
+    };
+}
+
+/// `println!` for commands, like [`out!`].
+macro_rules! outln {
+    () => {
+        $crate::output::emit(format_args!("\n"))?
+    };
+    ($($arg:tt)*) => {
+        $crate::output::emit(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+pub(crate) use {out, outln};
 
 /// `65536` -> `64 KiB`, `1572864` -> `1.5 MiB`, `100` -> `100 B`.
 pub fn human_size(bytes: u64) -> String {

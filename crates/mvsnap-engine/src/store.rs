@@ -92,6 +92,21 @@ fn spawn_flusher(inner: &Arc<Inner>) {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) inner: Arc<Inner>,
+    pub(crate) handles: Arc<Handles>,
+}
+
+/// Shared by every `Store` and `Volume` handle. When the last one goes, the background threads
+/// are stopped and joined: they hold the store only weakly, but for moments at a time, and a
+/// store dropped without `close` must release its lock (and devices) when its handles go.
+/// Writes still queued then are lost, as in a crash: none was flushed.
+pub(crate) struct Handles {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        self.inner.stop_background();
+    }
 }
 
 pub(crate) fn now() -> u64 {
@@ -102,6 +117,16 @@ pub(crate) fn now() -> u64 {
 }
 
 impl Inner {
+    /// Stop and join the flusher and the write-behind threads (idempotent).
+    pub fn stop_background(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(h) = self.flusher.lock().take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        self.writeback.stop();
+    }
+
     pub fn check_poison(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Poisoned(self.poison_msg.lock().clone()));
@@ -209,6 +234,23 @@ impl Inner {
     /// Highest sequence number appended so far.
     pub fn appended_seq(&self) -> u64 {
         self.journal.lock().next_seq.saturating_sub(1)
+    }
+
+    /// The highest record known durable (everything, for an ephemeral store).
+    pub fn durable_seq(&self) -> u64 {
+        if self.ephemeral {
+            return u64::MAX;
+        }
+        self.commit.lock().durable_seq
+    }
+
+    /// Wait up to `timeout` for someone else's group commit to make `seq` durable.
+    pub fn wait_committed(&self, seq: u64, timeout: std::time::Duration) -> bool {
+        let mut cs = self.commit.lock();
+        if cs.durable_seq < seq {
+            self.commit_cv.wait_for(&mut cs, timeout);
+        }
+        cs.durable_seq >= seq
     }
 
     /// Whether record `seq` is durable already (always, for an ephemeral store: nothing is).
@@ -771,13 +813,16 @@ impl Store {
         }
         if !opts.read_only && !opts.ephemeral {
             spawn_flusher(&inner);
-            if let Err(e) = inner.writeback.spawn_worker(Arc::downgrade(&inner)) {
-                // Queued writes are then issued by the next flush or full queue; slower only.
-                tracing::warn!("no write-behind worker: {e}");
-            }
+            inner
+                .writeback
+                .spawn_workers(Arc::downgrade(&inner))
+                .map_err(|e| Error::io("start write-behind threads for", path, e))?;
         }
         tracing::debug!(replayed, "store opened");
-        Ok(Store { inner })
+        let handles = Arc::new(Handles {
+            inner: inner.clone(),
+        });
+        Ok(Store { inner, handles })
     }
 
     pub fn path(&self) -> &Path {
@@ -807,11 +852,7 @@ impl Store {
             return Ok(());
         }
         self.inner.writeback.drain(&self.inner);
-        self.inner.writeback.close();
-        if let Some(h) = self.inner.flusher.lock().take() {
-            h.thread().unpark();
-            let _ = h.join();
-        }
+        self.inner.stop_background();
         if self.inner.read_only || self.inner.ephemeral {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::Geometry;
 use crate::journal::Record;
 use crate::state::{Origin, Snap, State};
-use crate::store::{resolve_name, Inner, Store};
+use crate::store::{resolve_name, Handles, Inner, Store};
 use crate::types::{EventKind, Extent, SnapshotState};
 use crate::writeback;
 
@@ -31,6 +31,7 @@ enum Kind {
 #[derive(Clone)]
 pub struct Volume {
     inner: Arc<Inner>,
+    _handles: Arc<Handles>,
     name: String,
     size: u64,
     kind: Kind,
@@ -79,6 +80,7 @@ impl Store {
         };
         Ok(Volume {
             inner: self.inner.clone(),
+            _handles: self.handles.clone(),
             name: name.to_string(),
             size: o.size,
             kind,

@@ -26,6 +26,10 @@ use crate::store::Inner;
 const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Overlap is tracked per 4 KiB block, whatever the store's geometry.
 const TRACK_SHIFT: u32 = 12;
+/// Least time between two commits the committer starts.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(2);
+/// How long an idle background thread sleeps before it checks whether the store is gone.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
 
 pub(crate) struct Writeback {
     queue: Mutex<Queue>,
@@ -37,6 +41,7 @@ pub(crate) struct Writeback {
     apply: Mutex<()>,
     /// Entries queued: a lock-free "nothing queued" test for the hot paths.
     queued: AtomicUsize,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 struct Queue {
@@ -48,6 +53,10 @@ struct Queue {
     bytes: usize,
     /// The first failure per origin since its last flush, which reports it.
     errors: HashMap<u32, String>,
+    /// The highest record any queued write waits for (what the committer commits up to).
+    max_after: u64,
+    /// The committer waits for work: a push that needs a commit must wake it.
+    committer_idle: bool,
     closed: bool,
 }
 
@@ -83,42 +92,100 @@ impl Writeback {
                 blocks: HashMap::new(),
                 bytes: 0,
                 errors: HashMap::new(),
+                max_after: 0,
+                committer_idle: false,
                 closed: false,
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
             apply: Mutex::new(()),
             queued: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::new()),
         })
     }
 
-    /// The background worker. It holds the store weakly: a store dropped without `close`
-    /// loses its queued writes, as a crash would (none was flushed).
-    pub fn spawn_worker(self: &Arc<Self>, inner: Weak<Inner>) -> std::io::Result<()> {
+    /// The background threads, a pipeline: the committer commits the journal up to what the
+    /// queue waits for, while the issuer writes out the queued writes already covered by an
+    /// earlier commit. They hold the store weakly: a store dropped without `close` loses its
+    /// queued writes, as a crash would (none was flushed).
+    pub fn spawn_workers(self: &Arc<Self>, inner: Weak<Inner>) -> std::io::Result<()> {
+        let (wb, weak) = (self.clone(), inner.clone());
+        let issuer = std::thread::Builder::new()
+            .name("mvsnap-issue".into())
+            .spawn(move || wb.issuer(weak))?;
+        self.threads.lock().push(issuer);
         let wb = self.clone();
-        std::thread::Builder::new()
-            .name("mvsnap-writeback".into())
-            .spawn(move || loop {
-                {
-                    let mut q = wb.queue.lock();
-                    if q.closed {
-                        break;
-                    }
-                    if q.entries.is_empty() {
-                        wb.work.wait_for(&mut q, Duration::from_millis(200));
-                        continue;
-                    }
-                }
-                let Some(inner) = inner.upgrade() else { break };
-                wb.apply_through(&inner, u64::MAX);
-            })
-            .map(|_| ())
+        let committer = std::thread::Builder::new()
+            .name("mvsnap-commit".into())
+            .spawn(move || wb.committer(inner))?;
+        self.threads.lock().push(committer);
+        Ok(())
     }
 
-    /// Stop the worker (after a final `drain`).
-    pub fn close(&self) {
+    fn issuer(&self, inner: Weak<Inner>) {
+        loop {
+            {
+                let mut q = self.queue.lock();
+                if q.closed {
+                    return;
+                }
+                if q.entries.is_empty() {
+                    self.work.wait_for(&mut q, IDLE_WAIT);
+                    continue;
+                }
+            }
+            let Some(inner) = inner.upgrade() else { return };
+            if let Some(seq) = self.issue_ready(&inner, u64::MAX) {
+                // The committer is on it (or anyone else's commit will do).
+                inner.wait_committed(seq, Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn committer(&self, inner: Weak<Inner>) {
+        let mut last_commit = std::time::Instant::now();
+        loop {
+            let need = {
+                let Some(inner) = inner.upgrade() else { return };
+                let mut q = self.queue.lock();
+                if q.closed {
+                    return;
+                }
+                // Nobody waits for these commits (FLUSH leads its own), so they are spaced out:
+                // fewer, larger groups cost less CPU per write than back-to-back syncs.
+                let since = last_commit.elapsed();
+                if since < COMMIT_INTERVAL && q.bytes < MAX_QUEUED_BYTES / 2 {
+                    drop(inner);
+                    self.work.wait_for(&mut q, COMMIT_INTERVAL - since);
+                    continue;
+                }
+                // A poisoned store commits nothing more; the issuer drops what waits for it.
+                if q.max_after <= inner.durable_seq() || inner.check_poison().is_err() {
+                    q.committer_idle = true;
+                    drop(inner);
+                    self.work.wait_for(&mut q, IDLE_WAIT);
+                    continue;
+                }
+                q.max_after
+            };
+            let Some(inner) = inner.upgrade() else { return };
+            last_commit = std::time::Instant::now();
+            if let Err(e) = inner.wait_durable(need) {
+                tracing::error!("write-behind commit failed: {e}");
+            }
+        }
+    }
+
+    /// Stop the threads and wait for them (after a final `drain`, for a clean close).
+    pub fn stop(&self) {
         self.queue.lock().closed = true;
         self.work.notify_all();
+        for h in self.threads.lock().drain(..) {
+            // A thread of ours that drops the last handle would join itself: leave it be.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -155,11 +222,13 @@ impl Writeback {
             *q.blocks.entry((origin, b)).or_insert(0) += 1;
         }
         q.bytes += data.len();
+        q.max_after = q.max_after.max(after_seq);
         let was_empty = q.entries.is_empty();
         q.entries.push_back(entry);
         self.queued.store(q.entries.len(), Ordering::Release);
-        if was_empty {
-            self.work.notify_one();
+        if was_empty || (after_seq > 0 && q.committer_idle) {
+            q.committer_idle = false;
+            self.work.notify_all();
         }
     }
 
@@ -190,7 +259,11 @@ impl Writeback {
             return;
         }
         let target = self.queue.lock().tail();
-        self.apply_through(inner, target);
+        while let Some(seq) = self.issue_ready(inner, target) {
+            // Lead or join the commit the head waits for. A failure poisons the store, and
+            // the next round drops what can no longer be issued.
+            let _ = inner.wait_durable(seq);
+        }
     }
 
     /// The error a deferred write of this origin met since its last flush, if any (reported
@@ -199,38 +272,47 @@ impl Writeback {
         self.queue.lock().errors.remove(&origin)
     }
 
-    /// Issue queued writes, in order, until every entry with an id below `target` is done.
-    fn apply_through(&self, inner: &Inner, target: u64) {
+    /// Issue, in queue order, the queued writes with ids below `target` whose records are
+    /// durable. Returns the record the first one left waits for, or None once all are done.
+    /// On a poisoned store, writes whose records never became durable are dropped instead
+    /// (the origin's next flush reports it).
+    fn issue_ready(&self, inner: &Inner, target: u64) -> Option<u64> {
         let _order = self.apply.lock();
         loop {
-            let batch: Vec<Arc<Deferred>> = {
+            let durable = inner.durable_seq();
+            let poisoned = inner.check_poison().err().map(|e| e.to_string());
+            let (batch, blocked) = {
                 let q = self.queue.lock();
-                if q.head >= target || q.entries.is_empty() {
-                    return;
-                }
-                let n = (target - q.head).min(q.entries.len() as u64) as usize;
-                q.entries.iter().take(n).cloned().collect()
+                let limit = target.saturating_sub(q.head).min(q.entries.len() as u64) as usize;
+                let batch: Vec<Arc<Deferred>> = q
+                    .entries
+                    .iter()
+                    .take(limit)
+                    .take_while(|e| e.after_seq <= durable || poisoned.is_some())
+                    .cloned()
+                    .collect();
+                let blocked = (batch.len() < limit).then(|| q.entries[batch.len()].after_seq);
+                (batch, blocked)
             };
-            let need = batch.iter().map(|e| e.after_seq).max().unwrap_or(0);
-            // Invariant 2: nothing below is issued before the records it depends on are durable.
-            let durable = if need > 0 {
-                inner.wait_durable(need).map_err(|e| e.to_string())
-            } else {
-                Ok(())
-            };
+            if batch.is_empty() {
+                return blocked;
+            }
             let mut failed: Vec<(u32, String)> = Vec::new();
             for e in &batch {
-                let r = match &durable {
-                    Ok(()) => e.dev.write_at(&e.data, e.offset).map_err(|err| {
+                // Invariant 2: only a write whose copy-out is durable reaches the origin.
+                let r = if e.after_seq <= durable {
+                    e.dev.write_at(&e.data, e.offset).map_err(|err| {
                         format!(
                             "write {} at offset {}: {err}",
                             e.dev.path().display(),
                             e.offset
                         )
-                    }),
-                    Err(msg) => Err(format!(
-                        "a write acknowledged before the last flush was dropped: {msg}"
-                    )),
+                    })
+                } else {
+                    Err(format!(
+                        "a write acknowledged since the last flush was dropped: {}",
+                        poisoned.as_deref().unwrap_or("store poisoned")
+                    ))
                 };
                 if let Err(msg) = r {
                     tracing::error!(origin = e.origin, "deferred origin write failed: {msg}");

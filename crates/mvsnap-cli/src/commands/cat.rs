@@ -6,19 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{Global, PIECE};
+use crate::output::stdout_error;
 use crate::size::parse_size;
-
-/// Stdout was closed by its reader (`mvsnap cat ... | head`): `main` exits quietly.
-#[derive(Debug)]
-pub struct StdoutClosed;
-
-impl std::fmt::Display for StdoutClosed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stdout was closed")
-    }
-}
-
-impl std::error::Error for StdoutClosed {}
 
 /// Stream a volume (an origin or a snapshot), or a range of it, to stdout.
 #[derive(Debug, Args)]
@@ -72,10 +61,7 @@ impl CatArgs {
                 write_out(&mut out, &data)?;
                 pos += n as u64;
             }
-            match out.flush() {
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(StdoutClosed.into()),
-                r => r.context("writing to stdout")?,
-            }
+            out.flush().map_err(stdout_error)?;
         }
         store.close()?;
         Ok(())
@@ -85,7 +71,6 @@ impl CatArgs {
 fn write_out(out: &mut impl Write, data: &[u8]) -> Result<()> {
     match out.write_all(data) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
-        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+        Err(e) => Err(stdout_error(e)),
     }
 }

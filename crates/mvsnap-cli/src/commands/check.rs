@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{print_json, Global};
+use crate::output::outln;
 
 /// Check the store's invariants (fsck); exit status 1 on any error.
 ///
@@ -32,27 +33,29 @@ impl CheckArgs {
         if self.json {
             print_json(&report)?;
         } else {
-            println!("check of {path}");
-            println!(
+            outln!("check of {path}");
+            outln!(
                 "  slots:     {} total, {} used, {} free",
-                report.slots_total, report.slots_used, report.slots_free
+                report.slots_total,
+                report.slots_used,
+                report.slots_free
             );
-            println!("  mappings:  {}", report.mappings);
-            println!("  snapshots: {}", report.snapshots);
+            outln!("  mappings:  {}", report.mappings);
+            outln!("  snapshots: {}", report.snapshots);
             for w in &report.warnings {
-                println!("  warning: {w}");
+                outln!("  warning: {w}");
             }
             for e in &report.errors {
-                println!("  ERROR: {e}");
+                outln!("  ERROR: {e}");
             }
             if report.is_clean() {
-                println!(
+                outln!(
                     "clean: no errors, {} warning{}",
                     report.warnings.len(),
                     plural(report.warnings.len())
                 );
             } else {
-                println!(
+                outln!(
                     "NOT CLEAN: {} error{}",
                     report.errors.len(),
                     plural(report.errors.len())

@@ -8,6 +8,7 @@ use mvsnap_engine::{FormatOptions, OpenOptions, Store};
 
 use super::Global;
 use crate::output::human_size;
+use crate::output::outln;
 use crate::size::parse_size;
 
 const EXAMPLES: &str = "\
@@ -92,7 +93,7 @@ impl FormatArgs {
         )?;
         let info = store.info();
         store.close()?;
-        println!(
+        outln!(
             "formatted {}: store size {}, data area {}, chunk size {}, uuid {}",
             path.display(),
             super::info::store_size(&info),

@@ -8,6 +8,7 @@ use mvsnap_engine::StoreInfo;
 use super::snapshot::state_name;
 use super::{print_json, Global};
 use crate::output::{human_size, utc_time, Table};
+use crate::output::{out, outln};
 
 /// Show the store: geometry, space used and free, events, per-snapshot space.
 ///
@@ -84,9 +85,9 @@ impl InfoArgs {
             "low space".into(),
             if info.low_space { "YES" } else { "no" }.into(),
         ]);
-        print!("{}", t.render(""));
+        out!("{}", t.render(""));
 
-        println!("\norigins ({})", info.origins.len());
+        outln!("\norigins ({})", info.origins.len());
         if !info.origins.is_empty() {
             let mut t = Table::new(&["ID", "SIZE", "SNAPSHOTS", "PATH"]);
             for o in &info.origins {
@@ -97,10 +98,10 @@ impl InfoArgs {
                     o.path.clone(),
                 ]);
             }
-            print!("{}", t.render("  "));
+            out!("{}", t.render("  "));
         }
 
-        println!("\nsnapshots ({})", info.snapshots.len());
+        outln!("\nsnapshots ({})", info.snapshots.len());
         if !info.snapshots.is_empty() {
             let mut t = Table::new(&["NAME", "STATE", "EXCLUSIVE", "SHARED", "REASON"]);
             for s in &info.snapshots {
@@ -112,10 +113,10 @@ impl InfoArgs {
                     s.reason.clone().unwrap_or_default(),
                 ]);
             }
-            print!("{}", t.render("  "));
+            out!("{}", t.render("  "));
         }
 
-        println!("\nevents ({})", info.events.len());
+        outln!("\nevents ({})", info.events.len());
         if !info.events.is_empty() {
             let mut t = Table::new(&["TIME (UTC)", "KIND", "MESSAGE"]);
             for e in &info.events {
@@ -125,7 +126,7 @@ impl InfoArgs {
                     .to_string();
                 t.row(vec![utc_time(e.time), kind, e.message.replace('\n', " ")]);
             }
-            print!("{}", t.render("  "));
+            out!("{}", t.render("  "));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod write;
 
 use std::path::{Path, PathBuf};
 
+use crate::output::outln;
 use anyhow::Result;
 use mvsnap_daemon::Session;
 
@@ -51,6 +52,6 @@ impl Global {
 
 /// Print a value as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::{print_json, Global};
 use crate::output::{human_size, Table};
+use crate::output::{out, outln};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -54,7 +55,7 @@ impl AddArgs {
         let mut store = global.open()?;
         let origin = store.add_origin(&self.path, self.id.as_deref())?;
         store.close()?;
-        println!("{}", origin.id);
+        outln!("{}", origin.id);
         Ok(())
     }
 }
@@ -107,7 +108,7 @@ impl ListArgs {
                 o.path.clone(),
             ]);
         }
-        print!("{}", table.render(""));
+        out!("{}", table.render(""));
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::Global;
+use crate::output::{out, outln};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -82,9 +83,9 @@ fn detach() -> Result<()> {
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
     if line.starts_with("ready ") {
-        print!("{line}");
-        println!("pid {}", child.id());
-        println!("log {}", log_path.display());
+        out!("{line}");
+        outln!("pid {}", child.id());
+        outln!("log {}", log_path.display());
         return Ok(());
     }
     let status = child.wait()?;

@@ -6,6 +6,7 @@ use mvsnap_engine::{SnapshotInfo, SnapshotState};
 
 use super::{print_json, Global};
 use crate::output::{human_size, utc_time, Table};
+use crate::output::{out, outln};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -75,7 +76,7 @@ impl CreateArgs {
             }
         }
         for tag in tags {
-            println!("{tag}");
+            outln!("{tag}");
         }
         Ok(())
     }
@@ -138,7 +139,7 @@ impl ListArgs {
         if self.json {
             return print_json(&snapshots);
         }
-        print!("{}", table(&snapshots).render(""));
+        out!("{}", table(&snapshots).render(""));
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{Global, PIECE};
+use crate::output::outln;
 use crate::size::parse_size;
 
 /// Write stdin into an origin or a writable snapshot, through the engine.
@@ -82,9 +83,10 @@ impl WriteArgs {
         };
         store.close()?;
         tracing::info!(bytes = total, volume = %self.name, offset = self.offset, "written");
-        println!(
+        outln!(
             "wrote {total} bytes to {} at offset {}",
-            self.name, self.offset
+            self.name,
+            self.offset
         );
         Ok(())
     }
