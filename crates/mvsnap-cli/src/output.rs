@@ -69,32 +69,7 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
-pub fn utc_time(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
+pub use mvsnap_daemon::display::utc_time;
 
 /// A table printed with columns padded to their widest cell; the last column is not padded.
 pub struct Table {
@@ -150,13 +125,6 @@ mod tests {
         assert_eq!(human_size(65536), "64 KiB");
         assert_eq!(human_size(3 << 19), "1.5 MiB");
         assert_eq!(human_size(10 << 30), "10 GiB");
-    }
-
-    #[test]
-    fn times() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(utc_time(1_700_000_000), "2023-11-14 22:13:20");
     }
 
     #[test]

@@ -24,7 +24,11 @@ impl ExportRegistry for EngineRegistry {
             })
             .collect();
         for s in self.store.snapshots() {
-            let mut d = format!("snapshot of {} taken {}", s.parent, s.created);
+            let mut d = format!(
+                "snapshot of {} taken {} UTC",
+                s.parent,
+                crate::display::utc_time(s.created)
+            );
             if !s.memo.is_empty() {
                 d.push_str(": ");
                 d.push_str(&s.memo);

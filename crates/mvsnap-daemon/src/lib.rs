@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod daemon;
+pub mod display;
 pub mod exports;
 pub mod paths;
 mod session;

@@ -317,7 +317,7 @@ pub(crate) async fn serve(
     for i in 0..WORKERS {
         let s = shared.clone();
         match std::thread::Builder::new()
-            .name(format!("nbd-{name}-{i}"))
+            .name(format!("nbd-worker-{i}"))
             .spawn(move || s.worker())
         {
             Ok(h) => workers.push(h),
@@ -330,7 +330,7 @@ pub(crate) async fn serve(
         }
     }
     std::thread::Builder::new()
-        .name(format!("nbd-{name}-join"))
+        .name("nbd-join".into())
         .spawn(move || {
             for w in workers {
                 let _ = w.join();
