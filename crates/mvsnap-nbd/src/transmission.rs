@@ -43,13 +43,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The transmission flags for an export: every flag tells the truth about what we do.
 pub(crate) fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
-    let mut f = proto::FLAG_HAS_FLAGS
-        | proto::FLAG_SEND_FLUSH
-        | proto::FLAG_SEND_FUA
-        | proto::FLAG_SEND_CACHE;
+    let mut f = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH | proto::FLAG_SEND_CACHE;
     if export.read_only() {
+        // No FUA either: it is about writes (a client that sends it anyway is not refused).
         f |= proto::FLAG_READ_ONLY;
     } else {
+        f |= proto::FLAG_SEND_FUA;
         // FAST_ZERO is understood but always answered with ENOTSUP (allowed by the spec):
         // the Export trait cannot promise that zeroing is faster than writing.
         f |= proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES | proto::FLAG_SEND_FAST_ZERO;

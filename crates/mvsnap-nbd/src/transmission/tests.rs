@@ -246,7 +246,11 @@ fn flags_tell_the_truth() {
     let f = transmission_flags(&ro, false);
     assert_ne!(f & FLAG_READ_ONLY, 0);
     assert_eq!(
-        f & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO | FLAG_SEND_DF),
+        f & (FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_SEND_FAST_ZERO
+            | FLAG_SEND_DF
+            | FLAG_SEND_FUA),
         0
     );
 }
