@@ -253,11 +253,6 @@ impl Inner {
         cs.durable_seq >= seq
     }
 
-    /// Whether record `seq` is durable already (always, for an ephemeral store: nothing is).
-    pub fn is_durable(&self, seq: u64) -> bool {
-        self.ephemeral || self.commit.lock().durable_seq >= seq
-    }
-
     /// Wait until record `seq` is durable, leading a group commit if nobody else is.
     pub fn wait_durable(&self, seq: u64) -> Result<()> {
         if self.ephemeral {

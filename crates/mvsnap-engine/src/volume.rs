@@ -291,22 +291,21 @@ impl Volume {
     }
 
     pub fn flush(&self) -> Result<()> {
-        if let Kind::Origin { no, dev, .. } = &self.kind {
-            // First: a write this flush should cover and that was lost says so precisely.
-            self.inner.writeback.drain(&self.inner);
-            if let Some(msg) = self.inner.writeback.take_error(*no) {
-                return Err(writeback::flush_error(dev.path(), msg));
-            }
-        }
-        self.inner.check_poison()?;
         match &self.kind {
-            Kind::Origin { dev, .. } => {
+            Kind::Origin { no, dev, .. } => {
+                self.inner.writeback.drain(&self.inner);
+                // First: a write this flush should cover and that was lost says so precisely.
+                if let Some(msg) = self.inner.writeback.take_error(*no) {
+                    return Err(writeback::flush_error(dev.path(), msg));
+                }
+                self.inner.check_poison()?;
                 if self.inner.ephemeral {
                     return Ok(());
                 }
                 dev.sync().map_err(|e| Error::io("sync", dev.path(), e))
             }
             Kind::Snapshot { .. } => {
+                self.inner.check_poison()?;
                 let seq = self.inner.appended_seq();
                 self.inner.wait_durable(seq)?;
                 self.inner.store_sync()
@@ -414,7 +413,7 @@ impl Volume {
         // commit); so is one that overlaps a queued write, to stay behind it.
         let len = data.len() as u64;
         let wb = &self.inner.writeback;
-        if (wait_seq > 0 && !self.inner.is_durable(wait_seq)) || wb.overlaps(no, offset, len) {
+        if wait_seq > self.inner.durable_seq() || wb.overlaps(no, offset, len) {
             wb.push(no, dev, offset, data, wait_seq);
             return if fua { self.flush() } else { Ok(()) };
         }

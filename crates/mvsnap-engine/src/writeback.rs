@@ -180,11 +180,9 @@ impl Writeback {
     pub fn stop(&self) {
         self.queue.lock().closed = true;
         self.work.notify_all();
+        // Called by handle owners only: the threads hold no handle, so none joins itself.
         for h in self.threads.lock().drain(..) {
-            // A thread of ours that drops the last handle would join itself: leave it be.
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+            let _ = h.join();
         }
     }
 

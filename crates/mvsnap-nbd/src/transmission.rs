@@ -427,6 +427,19 @@ fn execute(session: &Session, handle: u64, cmd: Command, payload: Vec<u8>) -> Ou
     }
 }
 
+/// CACHE is only a hint, and zero-length operations have nothing to do: both are answered
+/// without touching the export.
+fn nothing_to_do(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Cache
+            | Command::Read { length: 0, .. }
+            | Command::Write { length: 0, .. }
+            | Command::Trim { length: 0, .. }
+            | Command::WriteZeroes { length: 0, .. }
+    )
+}
+
 /// Log a refused request and build its error reply.
 fn rejection_reply(req: &Request, lim: &Limits, rej: Rejection) -> Outgoing {
     if rej.errno == proto::ENOTSUP {
@@ -522,20 +535,9 @@ async fn next_request<R: AsyncRead + Unpin>(
             return Ok(Next::Reply(out.holding(permits)));
         }
     };
-    let zero_length = matches!(
-        cmd,
-        Command::Read { length: 0, .. }
-            | Command::Write { length: 0, .. }
-            | Command::Trim { length: 0, .. }
-            | Command::WriteZeroes { length: 0, .. }
-    );
     match cmd {
         Command::Disc => Ok(Next::Disconnect),
-        // CACHE is only a hint; zero-length operations have nothing to do.
-        Command::Cache => Ok(Next::Reply(
-            ok_reply(req.handle, lim.structured).holding(permits),
-        )),
-        _ if zero_length => Ok(Next::Reply(
+        _ if nothing_to_do(&cmd) => Ok(Next::Reply(
             ok_reply(req.handle, lim.structured).holding(permits),
         )),
         _ => {

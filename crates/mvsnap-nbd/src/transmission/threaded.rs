@@ -19,7 +19,8 @@ use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, warn};
 
 use super::DRAIN_TIMEOUT;
-use super::{error_reply, execute, ok_reply, rejection_reply, validate, Command, Limits, Outgoing};
+use super::{error_reply, execute, nothing_to_do, ok_reply, rejection_reply, validate};
+use super::{Command, Limits, Outgoing};
 use super::{MAX_INFLIGHT_BYTES, MAX_INFLIGHT_REQUESTS};
 use crate::handshake::Session;
 use crate::proto;
@@ -186,14 +187,7 @@ impl Shared {
         };
         match cmd {
             Command::Disc => Ok(Next::Disconnect),
-            // CACHE is only a hint; zero-length operations have nothing to do.
-            Command::Cache
-            | Command::Read { length: 0, .. }
-            | Command::Write { length: 0, .. }
-            | Command::Trim { length: 0, .. }
-            | Command::WriteZeroes { length: 0, .. } => {
-                Ok(Next::Reply(ok_reply(req.handle, lim.structured)))
-            }
+            _ if nothing_to_do(&cmd) => Ok(Next::Reply(ok_reply(req.handle, lim.structured))),
             _ => {
                 if let Command::Read { length, .. } = cmd {
                     grant = Some(self.budget.take(length as usize));
