@@ -34,6 +34,12 @@ pub trait BlockDev: Send + Sync {
             zero: false,
         }])
     }
+    /// Forget cached pages so later reads come from the device (after a failed fsync the page
+    /// cache may hold data the device never got). The default, for devices without a cache of
+    /// their own, does nothing.
+    fn drop_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Where this device lives, for error messages.
     fn path(&self) -> &Path;
 }

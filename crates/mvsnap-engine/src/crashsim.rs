@@ -8,10 +8,26 @@
 //!
 //! A [`SimMachine`] owns every disk of one simulated host (the COW store and the origins), so a
 //! crash hits them all at the same instant ([`SimMachine::crash_all`]). Its [`SimOpener`] hands
-//! the engine those disks by path. Faults: the N-th write or sync of one disk can fail with EIO
-//! (poisoning tests), and the whole machine can lose power after N more device operations
+//! the engine those disks by path. Faults: the N-th write or sync of one disk (or every write from
+//! the N-th on) can fail with an errno of the test's choice, a disk can have a space limit (a full
+//! host file system under a sparse file: writes that need new pages fail with ENOSPC), and the
+//! whole machine can lose power after N more device operations
 //! ([`SimMachine::power_off_after`]), which lets a test crash in the middle of any engine call,
 //! recovery included: from then on every write, sync and grow fails and changes nothing.
+//!
+//! What the model keeps from real systems, and what it leaves out:
+//! - A failed sync behaves as on Linux: the writes it covered are dropped from the dirty set. They
+//!   stay visible to reads (the page cache keeps them, marked clean) but never become durable, not
+//!   even after a later successful sync; [`SimDisk::drop_cache`] makes reads see the device again.
+//!   A reopen on the same [`SimMachine`] without a crash is a restart in the same boot: it reads
+//!   the page cache.
+//! - A size change (a `grow`, or a write past the end) is an operation of its own: a crash can
+//!   lose it while keeping later writes, and the image is then cut back to the size that
+//!   survived, as a file system that persists data and the inode size in either order can do.
+//! - A punched hole ([`BlockDev::discard`]) frees whole pages and zeroes partial ones; like a
+//!   write, it is lost in a crash unless synced.
+//! - Not modelled: reordering across a completed sync (a sync is a barrier), bit rot, misdirected
+//!   writes, a grow (fallocate) failing for lack of space.
 //!
 //! ```no_run
 //! # use mvsnap_engine::crashsim::SimMachine;
@@ -119,12 +135,28 @@ fn power_error(what: &str, path: &Path) -> io::Error {
     ))
 }
 
-fn eio(what: &str, path: &Path) -> io::Error {
-    let kind = io::Error::from_raw_os_error(libc::EIO).kind();
-    io::Error::new(
-        kind,
-        format!("simulated EIO: {what} of {} failed", path.display()),
-    )
+/// An injected failure carrying a real errno, so `raw_os_error()` sees it as the kernel's would.
+fn injected(errno: i32, what: &str, path: &Path) -> io::Error {
+    let os = io::Error::from_raw_os_error(errno);
+    tracing::debug!("simulated {what} failure of {}: {os}", path.display());
+    os
+}
+
+/// A planned failure of one kind of operation.
+#[derive(Debug, Clone, Copy)]
+struct Fault {
+    /// The operation with this number (1-based, over the disk's life) fails...
+    at: u64,
+    /// ...and with `sticky`, every later one too.
+    sticky: bool,
+    errno: i32,
+}
+
+impl Fault {
+    fn hits(f: Option<Fault>, n: u64) -> Option<i32> {
+        let f = f?;
+        (n == f.at || (f.sticky && n > f.at)).then_some(f.errno)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -133,8 +165,13 @@ enum Pending {
         off: u64,
         data: Vec<u8>,
     },
-    /// The file grew to this length (fallocate).
+    /// The file grew to this length (fallocate, or a write past the end).
     Grow(u64),
+    /// A hole punched: whole pages freed, partial ones zeroed.
+    Punch {
+        off: u64,
+        len: u64,
+    },
 }
 
 /// Page of a simulated image; absent pages read as zeros.
@@ -146,6 +183,8 @@ const PAGE: usize = 4096;
 struct Image {
     len: u64,
     pages: Vec<Option<Arc<[u8; PAGE]>>>,
+    /// Pages present (allocated), for space limits.
+    allocated: u64,
 }
 
 impl Image {
@@ -157,9 +196,55 @@ impl Image {
                 let mut page = [0u8; PAGE];
                 page[..p.len()].copy_from_slice(p);
                 img.pages[i] = Some(Arc::new(page));
+                img.allocated += 1;
             }
         }
         img
+    }
+
+    /// Cut to `len` bytes (a size change lost in a crash).
+    fn truncate(&mut self, len: u64) {
+        if len >= self.len {
+            return;
+        }
+        let keep = len.div_ceil(PAGE as u64) as usize;
+        self.allocated -= self.pages[keep..].iter().filter(|p| p.is_some()).count() as u64;
+        self.pages.truncate(keep);
+        let tail = (len % PAGE as u64) as usize;
+        if tail != 0 {
+            if let Some(p) = self.pages[keep - 1].as_mut() {
+                Arc::make_mut(p)[tail..].fill(0);
+            }
+        }
+        self.len = len;
+    }
+
+    /// Pages a write of `[off, off+len)` would have to allocate.
+    fn missing_pages(&self, off: u64, len: u64) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        let (first, last) = (off / PAGE as u64, (off + len - 1) / PAGE as u64);
+        (first..=last)
+            .filter(|&i| !matches!(self.pages.get(i as usize), Some(Some(_))))
+            .count() as u64
+    }
+
+    fn punch(&mut self, off: u64, len: u64) {
+        let end = off.saturating_add(len).min(self.len);
+        let mut pos = off;
+        while pos < end {
+            let (pi, po) = ((pos / PAGE as u64) as usize, (pos % PAGE as u64) as usize);
+            let n = (PAGE - po).min((end - pos) as usize);
+            if n == PAGE {
+                if self.pages[pi].take().is_some() {
+                    self.allocated -= 1;
+                }
+            } else if let Some(p) = self.pages[pi].as_mut() {
+                Arc::make_mut(p)[po..po + n].fill(0);
+            }
+            pos += n as u64;
+        }
     }
 
     /// Grow (never shrink) to `len` bytes; new bytes read as zeros.
@@ -190,6 +275,9 @@ impl Image {
         while done < data.len() {
             let (pi, po) = ((off / PAGE as u64) as usize, (off % PAGE as u64) as usize);
             let n = (PAGE - po).min(data.len() - done);
+            if self.pages[pi].is_none() {
+                self.allocated += 1;
+            }
             let page = self.pages[pi].get_or_insert_with(|| Arc::new([0u8; PAGE]));
             Arc::make_mut(page)[po..po + n].copy_from_slice(&data[done..done + n]);
             done += n;
@@ -209,6 +297,7 @@ impl Image {
 fn apply(img: &mut Image, op: &Pending, keep_sector: &mut dyn FnMut(u64) -> bool) {
     match op {
         Pending::Grow(len) => img.resize(*len),
+        Pending::Punch { off, len } => img.punch(*off, *len),
         Pending::Write { off, data } => {
             let end = off + data.len() as u64;
             let mut pos = *off;
@@ -237,11 +326,14 @@ struct DiskState {
     pending: Vec<Pending>,
     writes: u64,
     syncs: u64,
-    /// Fail the write whose count (1-based, over the disk's life) is this.
-    fail_write_at: Option<u64>,
-    fail_sync_at: Option<u64>,
+    write_fault: Option<Fault>,
+    sync_fault: Option<Fault>,
     failed_writes: u64,
     failed_syncs: u64,
+    /// Bytes of pages the host can allocate for this disk in all (None: unlimited).
+    space_limit: Option<u64>,
+    /// Writes whose sync failed: visible, never durable (Linux drops their dirty state).
+    lost_writes: u64,
 }
 
 /// Counters of one disk, for tests that check what was (not) written.
@@ -255,6 +347,8 @@ pub struct DiskStats {
     pub failed_syncs: u64,
     /// Operations not yet made durable by a sync.
     pub pending: usize,
+    /// Operations a failed sync dropped: they will never be durable.
+    pub lost: u64,
 }
 
 /// An in-memory device with a volatile and a durable image; see the module documentation.
@@ -278,10 +372,12 @@ impl SimDisk {
                 pending: Vec::new(),
                 writes: 0,
                 syncs: 0,
-                fail_write_at: None,
-                fail_sync_at: None,
+                write_fault: None,
+                sync_fault: None,
                 failed_writes: 0,
                 failed_syncs: 0,
+                space_limit: None,
+                lost_writes: 0,
             }),
         }
     }
@@ -298,14 +394,79 @@ impl SimDisk {
 
     /// Make the `n`-th write from now (1: the next one) fail with EIO. It changes nothing.
     pub fn fail_write_after(&self, n: u64) {
-        let mut st = self.st.lock();
-        st.fail_write_at = Some(st.writes + st.failed_writes + n.max(1));
+        self.fail_write_after_with(n, libc::EIO);
     }
 
-    /// Make the `n`-th sync from now (1: the next one) fail with EIO. Its writes stay unsynced.
-    pub fn fail_sync_after(&self, n: u64) {
+    /// Make the `n`-th write from now (1: the next one) fail with `errno`. It changes nothing.
+    pub fn fail_write_after_with(&self, n: u64, errno: i32) {
         let mut st = self.st.lock();
-        st.fail_sync_at = Some(st.syncs + st.failed_syncs + n.max(1));
+        let at = st.writes + st.failed_writes + n.max(1);
+        st.write_fault = Some(Fault {
+            at,
+            sticky: false,
+            errno,
+        });
+    }
+
+    /// Make the `n`-th write from now and every later one fail with `errno`, until
+    /// [`SimDisk::clear_faults`].
+    pub fn fail_writes_from(&self, n: u64, errno: i32) {
+        let mut st = self.st.lock();
+        let at = st.writes + st.failed_writes + n.max(1);
+        st.write_fault = Some(Fault {
+            at,
+            sticky: true,
+            errno,
+        });
+    }
+
+    /// Make the `n`-th sync from now (1: the next one) fail with EIO (see `fail_sync_after_with`).
+    pub fn fail_sync_after(&self, n: u64) {
+        self.fail_sync_after_with(n, libc::EIO);
+    }
+
+    /// Make the `n`-th sync from now (1: the next one) fail with `errno`. As on Linux, the writes
+    /// it covered lose their dirty state: still visible, never durable.
+    pub fn fail_sync_after_with(&self, n: u64, errno: i32) {
+        let mut st = self.st.lock();
+        let at = st.syncs + st.failed_syncs + n.max(1);
+        st.sync_fault = Some(Fault {
+            at,
+            sticky: false,
+            errno,
+        });
+    }
+
+    /// Forget every planned write and sync failure.
+    pub fn clear_faults(&self) {
+        let mut st = self.st.lock();
+        st.write_fault = None;
+        st.sync_fault = None;
+    }
+
+    /// Let the host allocate at most `bytes` of pages for this disk (None: no limit): a write
+    /// that needs more fails with ENOSPC and changes nothing, as on a full file system under a
+    /// sparse file, or on btrfs/ZFS where an overwrite needs new space.
+    pub fn set_space_limit(&self, bytes: Option<u64>) {
+        self.st.lock().space_limit = bytes;
+    }
+
+    /// Bytes of pages allocated now (what `du` would say of a sparse file).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.st.lock().volatile.allocated * PAGE as u64
+    }
+
+    /// Drop the page cache: reads see the device again (the durable image plus the writes still
+    /// dirty), so data that only a failed sync's clean-marked pages held is gone.
+    pub fn drop_cache(&self) {
+        let mut guard = self.st.lock();
+        let st = &mut *guard;
+        let mut img = st.durable.clone();
+        for op in &st.pending {
+            apply(&mut img, op, &mut |_| true);
+        }
+        img.resize(st.volatile.len);
+        st.volatile = img;
     }
 
     pub fn stats(&self) -> DiskStats {
@@ -316,6 +477,7 @@ impl SimDisk {
             failed_writes: st.failed_writes,
             failed_syncs: st.failed_syncs,
             pending: st.pending.len(),
+            lost: st.lost_writes,
         }
     }
 
@@ -356,6 +518,8 @@ impl SimDisk {
             CrashPolicy::PrefixTornLast if n > 0 => rng.random_range(0..=n),
             _ => n,
         };
+        // The size that survives: the durable one, raised by each size change kept.
+        let mut len = st.durable.len;
         for (i, op) in st.pending.iter().enumerate() {
             // None: drop; Some(false): keep whole; Some(true): tear.
             let fate = match policy {
@@ -379,8 +543,20 @@ impl SimDisk {
                 }
             };
             let Some(torn) = fate else { continue };
+            match op {
+                Pending::Grow(l) => len = len.max(*l),
+                // A hole is punched whole or not at all.
+                Pending::Punch { .. } => {
+                    apply(&mut img, op, &mut |_| true);
+                    continue;
+                }
+                Pending::Write { .. } => {}
+            }
             apply(&mut img, op, &mut |_| !torn || rng.random_bool(0.5));
         }
+        // Writes past a lost size change are gone with it.
+        img.truncate(len);
+        img.resize(len);
         img
     }
 }
@@ -414,11 +590,23 @@ impl BlockDev for SimDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut st = self.st.lock();
         self.power.tick("write", &self.path)?;
-        if st.fail_write_at == Some(st.writes + st.failed_writes + 1) {
+        if let Some(errno) = Fault::hits(st.write_fault, st.writes + st.failed_writes + 1) {
             st.failed_writes += 1;
-            return Err(eio("write", &self.path));
+            return Err(injected(errno, "write", &self.path));
         }
-        // A regular file grows on a write past its end; so does the image.
+        if let Some(limit) = st.space_limit {
+            let need = st.volatile.missing_pages(offset, buf.len() as u64);
+            if need > 0 && (st.volatile.allocated + need) * PAGE as u64 > limit {
+                st.failed_writes += 1;
+                return Err(injected(libc::ENOSPC, "write", &self.path));
+            }
+        }
+        // A regular file grows on a write past its end; so does the image. The size change is
+        // an operation of its own: a crash can lose it and keep the data.
+        let end = offset + buf.len() as u64;
+        if end > st.volatile.len {
+            st.pending.push(Pending::Grow(end));
+        }
         st.volatile.write(offset, buf);
         st.pending.push(Pending::Write {
             off: offset,
@@ -431,18 +619,22 @@ impl BlockDev for SimDisk {
     fn sync(&self) -> io::Result<()> {
         let mut st = self.st.lock();
         self.power.tick("sync", &self.path)?;
-        if st.fail_sync_at == Some(st.syncs + st.failed_syncs + 1) {
-            // Like Linux after a failed fsync, the error is reported once and the dirty data
-            // may be gone; nothing becomes durable here.
+        if let Some(errno) = Fault::hits(st.sync_fault, st.syncs + st.failed_syncs + 1) {
+            // Like Linux after a failed fsync: the error is reported once and the dirty state of
+            // what it covered is gone. Reads still see it (clean pages); the device never will.
             st.failed_syncs += 1;
-            return Err(eio("sync", &self.path));
+            let lost = std::mem::take(&mut st.pending);
+            st.lost_writes += lost.len() as u64;
+            return Err(injected(errno, "sync", &self.path));
         }
         // Replay the pending operations onto the durable image: O(bytes written), not O(disk).
         let pending = std::mem::take(&mut st.pending);
         for op in &pending {
             apply(&mut st.durable, op, &mut |_| true);
         }
-        debug_assert_eq!(st.durable.len, st.volatile.len);
+        // (After a failed sync the durable image may be shorter than what reads see.)
+        let len = st.volatile.len;
+        st.durable.resize(len);
         st.syncs += 1;
         Ok(())
     }
@@ -469,11 +661,41 @@ impl BlockDev for SimDisk {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         // A punched hole reads as zeros; like a write, it is lost if not synced.
-        let cur = self.len()?;
-        let end = (offset.saturating_add(len)).min(cur);
+        let mut st = self.st.lock();
+        self.power.tick("punch", &self.path)?;
+        let end = offset.saturating_add(len).min(st.volatile.len);
         if end > offset {
-            self.write_at(&vec![0u8; (end - offset) as usize], offset)?;
+            let op = Pending::Punch {
+                off: offset,
+                len: end - offset,
+            };
+            apply(&mut st.volatile, &op, &mut |_| true);
+            st.pending.push(op);
         }
+        Ok(())
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
+        // Page granularity, like SEEK_DATA/SEEK_HOLE on a 4 KiB-block file system.
+        let st = self.st.lock();
+        let end = offset.saturating_add(len).min(st.volatile.len);
+        let mut out: Vec<crate::types::Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let pi = (pos / PAGE as u64) as usize;
+            let n = (((pi as u64) + 1) * PAGE as u64).min(end) - pos;
+            let zero = st.volatile.pages[pi].is_none();
+            match out.last_mut() {
+                Some(l) if l.zero == zero => l.length += n,
+                _ => out.push(crate::types::Extent { length: n, zero }),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    fn drop_cache(&self) -> io::Result<()> {
+        SimDisk::drop_cache(self);
         Ok(())
     }
 
@@ -740,9 +962,15 @@ mod tests {
         assert!(a.write_at(&[1], 1).is_err());
         a.write_at(&[1], 2).unwrap();
         a.fail_sync_after(1);
-        assert!(a.sync().is_err());
-        assert_eq!(a.stats().pending, 2);
+        let e = a.sync().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        // Linux semantics: the failed sync's writes are no longer dirty, never durable...
+        assert_eq!(a.stats().pending, 0);
+        assert_eq!(a.stats().lost, 2);
         a.sync().unwrap();
+        // ...but the page cache still shows them.
+        assert_eq!(&a.volatile_image()[..3], &[1, 0, 1]);
+        assert_eq!(&a.durable_image()[..3], &[0, 0, 0]);
         m.power_off_after(1);
         b.write_at(&[9], 0).unwrap();
         assert!(a.write_at(&[9], 0).is_err());
@@ -753,7 +981,103 @@ mod tests {
         let b2 = m2.disk(Path::new("/sim/y")).unwrap();
         assert_eq!(b2.volatile_image()[0], 9);
         let a2 = m2.disk(Path::new("/sim/x")).unwrap();
-        assert_eq!(&a2.volatile_image()[..3], &[1, 0, 1]);
+        assert_eq!(&a2.volatile_image()[..3], &[0, 0, 0]);
         a2.write_at(&[5], 0).unwrap();
+    }
+
+    #[test]
+    fn errno_faults_sticky_and_cleared() {
+        let d = SimDisk::new("/sim/e", vec![0u8; 4096], false);
+        d.fail_write_after_with(1, libc::ENOSPC);
+        assert_eq!(
+            d.write_at(&[1], 0).unwrap_err().raw_os_error(),
+            Some(libc::ENOSPC)
+        );
+        d.write_at(&[1], 0).unwrap();
+        d.fail_writes_from(2, libc::EIO);
+        d.write_at(&[2], 1).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                d.write_at(&[3], 2).unwrap_err().raw_os_error(),
+                Some(libc::EIO)
+            );
+        }
+        d.clear_faults();
+        d.write_at(&[4], 3).unwrap();
+        assert_eq!(&d.volatile_image()[..4], &[1, 2, 0, 4]);
+        d.fail_sync_after_with(1, libc::ENOSPC);
+        assert_eq!(d.sync().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+    }
+
+    #[test]
+    fn space_limit_fails_writes_needing_new_pages() {
+        let d = SimDisk::new("/sim/s", vec![0u8; 8 * 4096], false);
+        d.set_space_limit(Some(2 * 4096));
+        d.write_at(&[1u8; 4096], 0).unwrap();
+        d.write_at(&[2u8; 10], 4096).unwrap();
+        // A third page does not fit; rewriting allocated pages does.
+        let e = d.write_at(&[3u8; 4096], 2 * 4096).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert!(d.volatile_image()[2 * 4096..3 * 4096]
+            .iter()
+            .all(|&b| b == 0));
+        d.write_at(&[4u8; 8192], 0).unwrap();
+        assert_eq!(d.allocated_bytes(), 8192);
+        // Punching frees pages, which makes room again.
+        d.discard(0, 4096).unwrap();
+        assert_eq!(d.allocated_bytes(), 4096);
+        d.write_at(&[5u8; 4096], 3 * 4096).unwrap();
+        d.set_space_limit(None);
+        d.write_at(&[6u8; 4096 * 4], 4 * 4096).unwrap();
+        let ext = d.allocation(0, 8 * 4096).unwrap();
+        let zero: Vec<bool> = ext.iter().map(|e| e.zero).collect();
+        assert_eq!(zero, vec![true, false, true, false]);
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 8 * 4096);
+    }
+
+    #[test]
+    fn drop_cache_forgets_what_a_failed_sync_lost() {
+        let d = SimDisk::new("/sim/c", vec![0u8; 4096], false);
+        d.write_at(&[1u8; 512], 0).unwrap();
+        d.sync().unwrap();
+        d.write_at(&[2u8; 512], 0).unwrap();
+        d.fail_sync_after(1);
+        assert!(d.sync().is_err());
+        d.write_at(&[3u8; 512], 512).unwrap();
+        assert_eq!(d.volatile_image()[0], 2);
+        d.drop_cache();
+        // The lost write is gone; the still-dirty one stays visible.
+        assert_eq!(d.volatile_image()[0], 1);
+        assert_eq!(d.volatile_image()[512], 3);
+    }
+
+    #[test]
+    fn a_lost_size_change_cuts_the_writes_past_it() {
+        let d = SimDisk::new("/sim/g", vec![7u8; 4096], true);
+        d.grow(3 * 4096).unwrap();
+        d.write_at(&[8u8; 4096], 4096).unwrap();
+        d.write_at(&[9u8; 100], 3 * 4096).unwrap(); // past the end: a size change too
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (mut cut, mut kept) = (false, false);
+        for _ in 0..300 {
+            let img = d
+                .crash(
+                    &mut rng,
+                    CrashPolicy::Random {
+                        drop: 0.5,
+                        tear: 0.0,
+                    },
+                )
+                .volatile_image();
+            assert!(img[..4096].iter().all(|&b| b == 7));
+            assert!([4096, 3 * 4096, 3 * 4096 + 100].contains(&img.len()));
+            cut |= img.len() == 4096;
+            kept |= img.len() == 3 * 4096 + 100 && img[3 * 4096] == 9;
+        }
+        assert!(cut && kept);
+        // A synced size change stays.
+        d.sync().unwrap();
+        let img = d.crash(&mut rng, CrashPolicy::DropAll).volatile_image();
+        assert_eq!(img.len(), 3 * 4096 + 100);
     }
 }

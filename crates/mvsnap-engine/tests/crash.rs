@@ -777,7 +777,7 @@ fn assert_poisoned_and_inert(m: &SimMachine, s: &Store) {
     let o = s.volume("o0").unwrap();
     let w = s.volume("o0@w").unwrap();
     let is_poisoned = |what: &str, r: Result<(), Error>| match r {
-        Err(Error::Poisoned(msg)) => assert!(msg.contains("EIO"), "{what}: {msg}"),
+        Err(Error::Poisoned(msg)) => assert!(msg.contains("os error 5"), "{what}: {msg}"),
         other => panic!("{what} after poisoning: {other:?}, expected Poisoned"),
     };
     // Origin writes to a chunk the snapshots still need, and to one preserved already.
