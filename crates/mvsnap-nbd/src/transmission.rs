@@ -40,6 +40,9 @@ const MAX_DESCRIPTORS: usize = 64 * 1024;
 /// requests may take to drain before the connection is dropped anyway (a client that stops
 /// reading must not hold up shutdown forever).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// When the server stops a connection on the async path, how long it keeps reading what the
+/// client had already sent (to answer it ESHUTDOWN) before it stops reading.
+const DRAIN_READ_WINDOW: Duration = Duration::from_millis(500);
 
 /// The transmission flags for an export: every flag tells the truth about what we do.
 pub(crate) fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
@@ -156,7 +159,9 @@ fn reject(errno: u32, message: &'static str) -> Rejection {
 /// Check a request against the session. Pure, so it is unit-tested and fuzzed directly.
 ///
 /// Errors follow the spec and design invariant 6: unknown command or flag → EINVAL; write,
-/// trim or write-zeroes on a read-only export → EPERM; any range past the end → EINVAL;
+/// trim or write-zeroes on a read-only export → EPERM; a WRITE or WRITE_ZEROES reaching past the
+/// end → ENOSPC (the spec's SHOULD, as nbdkit does: a client may retry smaller), any other range
+/// past the end → EINVAL;
 /// READ/WRITE longer than the maximum block size → EINVAL; BLOCK_STATUS without a selected
 /// context → EINVAL; FAST_ZERO → ENOTSUP (fails fast, touches nothing).
 pub(crate) fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejection> {
@@ -187,6 +192,9 @@ pub(crate) fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejection
     }
     match offset.checked_add(u64::from(length)) {
         Some(end) if end <= lim.size => {}
+        _ if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) => {
+            return Err(reject(ENOSPC, "write extends beyond the end of the export"));
+        }
         _ => {
             return Err(reject(
                 EINVAL,
@@ -599,20 +607,43 @@ where
     let mut writer = tokio::spawn(write_replies(wr, rx));
     let requests = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
     let bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES));
-    let mut stopped = false;
+    // Set when the server stops the connection: from then on requests are read only until
+    // the deadline, and answered ESHUTDOWN instead of run; a request half read when the stop
+    // came is read whole first, so none that the client sent in time goes unanswered.
+    let mut stopped_until: Option<tokio::time::Instant> = None;
     let mut result = Ok(());
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.stopped() => {
-                stopped = true;
-                break;
-            }
-            // The writer failed (client gone or not reading): nothing more can be answered.
-            _ = tx.closed() => break,
-            next = next_request(&mut rd, &lim, &requests, &bytes) => next,
+        let read = next_request(&mut rd, &lim, &requests, &bytes);
+        tokio::pin!(read);
+        let next = match stopped_until {
+            None => tokio::select! {
+                biased;
+                _ = stop.stopped() => {
+                    let until = tokio::time::Instant::now() + DRAIN_READ_WINDOW;
+                    stopped_until = Some(until);
+                    match tokio::time::timeout_at(until, &mut read).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    }
+                }
+                // The writer failed (client gone or not reading): nothing more can be answered.
+                _ = tx.closed() => break,
+                next = &mut read => next,
+            },
+            Some(until) => match tokio::time::timeout_at(until, &mut read).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
         };
         match next {
+            Ok(Next::Run { handle, .. }) if stopped_until.is_some() => {
+                let _ = tx.send(error_reply(
+                    handle,
+                    session.structured,
+                    proto::ESHUTDOWN,
+                    "server is shutting down",
+                ));
+            }
             Ok(Next::Run {
                 handle,
                 cmd,
@@ -657,7 +688,7 @@ where
     }
     // The writer ends once every in-flight request has sent its reply (each holds a sender).
     drop(tx);
-    let written = if stopped {
+    let written = if stopped_until.is_some() {
         match tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await {
             Ok(r) => r,
             Err(_) => {

@@ -278,7 +278,7 @@ impl Session {
                     0
                 }
             }
-            Op::Write { off, len, .. } | Op::Trim { off, len } => {
+            Op::Trim { off, len } => {
                 if ro {
                     EPERM
                 } else if !in_range(off, len) {
@@ -287,11 +287,21 @@ impl Session {
                     0
                 }
             }
+            // Writes past the end: ENOSPC, the spec's SHOULD.
+            Op::Write { off, len, .. } => {
+                if ro {
+                    EPERM
+                } else if !in_range(off, len) {
+                    ENOSPC
+                } else {
+                    0
+                }
+            }
             Op::Zero { off, len, flags } => {
                 if ro {
                     EPERM
                 } else if !in_range(off, len) {
-                    EINVAL
+                    ENOSPC
                 } else if flags == CMD_FLAG_FAST_ZERO {
                     ENOTSUP
                 } else {

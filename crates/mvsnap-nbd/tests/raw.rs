@@ -255,6 +255,36 @@ fn simple_reply_path() {
     assert!(e.flush_count() >= 2, "FLUSH and FUA reach the export");
 }
 
+/// Issue 7 item 13: a write reaching past the end gets ENOSPC (the spec's SHOULD, nbdkit's
+/// answer), so a client knows the device is full rather than that it sent garbage; nothing of
+/// it is written, and a read past the end stays EINVAL.
+#[test]
+fn write_past_the_end_gets_enospc() {
+    let t = server();
+    let e = t.export("disk");
+    let mut c = t.connect();
+    c.handshake("disk", false, false);
+    let before = sha256(&e.contents());
+    c.write_req(1, 4 * MIB - 4096, &[0x5a; 8192]);
+    assert_eq!(c.simple(), (1, ENOSPC));
+    c.request(CMD_WRITE_ZEROES, 0, 2, 4 * MIB - 512, 1024);
+    assert_eq!(c.simple(), (2, ENOSPC));
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 3, 4 * MIB, 1);
+    assert_eq!(c.simple(), (3, ENOSPC));
+    c.request(CMD_TRIM, 0, 4, 4 * MIB - 512, 1024);
+    assert_eq!(c.simple(), (4, EINVAL));
+    c.request(CMD_READ, 0, 5, 4 * MIB, 1);
+    assert_eq!(c.simple(), (5, EINVAL));
+    // The connection goes on: a write that fits works.
+    c.write_req(6, 4 * MIB - 4096, &[0x5a; 4096]);
+    assert_eq!(c.simple(), (6, 0));
+    c.disconnect();
+    let mut want = vec![0u8; 4 * MIB as usize];
+    assert_eq!(before, sha256(&want), "the export started zeroed");
+    want[4 * MIB as usize - 4096..].fill(0x5a);
+    assert_eq!(sha256(&e.contents()), sha256(&want));
+}
+
 #[test]
 fn structured_reply_path() {
     let t = server();
@@ -453,17 +483,18 @@ fn past_the_end_gets_einval() {
     let end = 4 * MIB;
     let mut c = t.connect();
     c.handshake("disk", true, true);
-    let cases: &[(u16, u64, u32)] = &[
-        (CMD_READ, end, 1),
-        (CMD_READ, end - 1, 2),
-        (CMD_READ, u64::MAX, 1),
-        (CMD_TRIM, end - 4096, 8192),
-        (CMD_WRITE_ZEROES, end, 4096),
-        (CMD_BLOCK_STATUS, end, 1),
-        (CMD_BLOCK_STATUS, 0, u32::MAX),
-        (CMD_CACHE, u64::MAX - 10, 100),
+    // Writes past the end get ENOSPC (write_past_the_end_gets_enospc), the rest EINVAL.
+    let cases: &[(u16, u64, u32, u32)] = &[
+        (CMD_READ, end, 1, EINVAL),
+        (CMD_READ, end - 1, 2, EINVAL),
+        (CMD_READ, u64::MAX, 1, EINVAL),
+        (CMD_TRIM, end - 4096, 8192, EINVAL),
+        (CMD_WRITE_ZEROES, end, 4096, ENOSPC),
+        (CMD_BLOCK_STATUS, end, 1, EINVAL),
+        (CMD_BLOCK_STATUS, 0, u32::MAX, EINVAL),
+        (CMD_CACHE, u64::MAX - 10, 100, EINVAL),
     ];
-    for (i, &(cmd, off, len)) in cases.iter().enumerate() {
+    for (i, &(cmd, off, len, want)) in cases.iter().enumerate() {
         c.request(cmd, 0, i as u64, off, len);
         let ch = c.chunk();
         assert_eq!(
@@ -473,13 +504,13 @@ fn past_the_end_gets_einval() {
         );
         assert_eq!(
             decode_error_payload(&ch.payload).unwrap().0,
-            EINVAL,
+            want,
             "case {i}"
         );
     }
     c.write_req(100, end - 2, &[9, 9, 9, 9]);
     let ch = c.chunk();
-    assert_eq!(decode_error_payload(&ch.payload).unwrap().0, EINVAL);
+    assert_eq!(decode_error_payload(&ch.payload).unwrap().0, ENOSPC);
     c.write_req(101, end - 4, &[9, 9, 9, 9]);
     assert_eq!(c.chunk().reply_type, REPLY_TYPE_NONE);
     c.disconnect();
@@ -791,8 +822,17 @@ impl ExportRegistry for GateRegistry {
     }
 }
 
-#[test]
-fn disconnect_and_shutdown_finish_in_flight_requests() {
+/// A server on a Unix socket whose "gate" export holds reads until released.
+struct GateServer {
+    dir: tempfile::TempDir,
+    sock: std::path::PathBuf,
+    gate: Arc<GateExport>,
+    rt: tokio::runtime::Runtime,
+    server: NbdServer,
+    listener: tokio::net::UnixListener,
+}
+
+fn gate_server() -> GateServer {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s");
@@ -812,6 +852,26 @@ fn disconnect_and_shutdown_finish_in_flight_requests() {
         let _g = rt.enter();
         bind_unix(&sock).unwrap()
     };
+    GateServer {
+        dir,
+        sock,
+        gate,
+        rt,
+        server,
+        listener,
+    }
+}
+
+#[test]
+fn disconnect_and_shutdown_finish_in_flight_requests() {
+    let GateServer {
+        dir: _dir,
+        sock,
+        gate,
+        rt,
+        server,
+        listener,
+    } = gate_server();
     // The socket is private to its owner.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -904,4 +964,75 @@ fn bind_unix_replaces_stale_sockets_only() {
     assert_eq!(std::fs::read(&f).unwrap(), b"x");
     let _ = MemRegistry::new();
     let _ = proto::MAX_PAYLOAD;
+}
+
+/// Issue 7 item 13: requests the client sent before a shutdown are answered, never dropped in
+/// silence: the ones running complete (with their data), the ones not started get ESHUTDOWN
+/// and change nothing.
+#[test]
+fn shutdown_answers_queued_requests_with_eshutdown() {
+    let GateServer {
+        dir: _dir,
+        sock,
+        gate,
+        rt,
+        server,
+        listener,
+    } = gate_server();
+    let s = server.clone();
+    let serve = rt.spawn(async move { s.serve_unix(listener).await });
+    let mut c = RawClient::connect(&sock);
+    c.handshake("gate", false, false);
+
+    // Enough reads to hold every connection thread inside the export, then writes queued
+    // behind them that no thread has read yet.
+    const READS: u64 = 40;
+    const WRITES: u64 = 40;
+    for h in 0..READS {
+        c.request(CMD_READ, 0, h, 0, 9);
+    }
+    while gate.entered.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in 0..WRITES {
+        c.write_req(1000 + h, 4096 * (h + 1), &[0xab; 4096]);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let s = server.clone();
+    let shut = rt.spawn(async move { s.shutdown().await });
+    std::thread::sleep(Duration::from_millis(200));
+    gate.open.store(true, Ordering::SeqCst);
+
+    let mut answered = std::collections::BTreeMap::new();
+    for _ in 0..READS + WRITES {
+        let (handle, err) = c.simple();
+        if handle < READS && err == 0 {
+            assert_eq!(c.recv(9), b"in flight", "read {handle}");
+        }
+        assert!(
+            err == 0 || err == ESHUTDOWN,
+            "handle {handle}: errno {err}, want 0 or ESHUTDOWN"
+        );
+        assert!(
+            answered.insert(handle, err).is_none(),
+            "handle {handle} twice"
+        );
+    }
+    assert!(c.is_closed(), "closed once every request is answered");
+    rt.block_on(shut).unwrap();
+    rt.block_on(serve).unwrap().unwrap();
+
+    let shut_down = answered.values().filter(|&&e| e == ESHUTDOWN).count();
+    assert!(
+        shut_down > 0,
+        "the queued requests were not run after shutdown"
+    );
+    assert_eq!(answered[&0], 0, "a read running at shutdown completes");
+    // A write answered ESHUTDOWN changed nothing; one answered 0 is there.
+    let mut buf = [0u8; 4096];
+    for h in 0..WRITES {
+        gate.inner.read(4096 * (h + 1), &mut buf).unwrap();
+        let want = if answered[&(1000 + h)] == 0 { 0xab } else { 0 };
+        assert!(buf.iter().all(|&b| b == want), "write {h}");
+    }
 }

@@ -91,10 +91,16 @@ fn invalid_requests() {
     );
     // Past the end, and offset+length overflowing u64.
     assert_eq!(errno(validate(&req(CMD_READ, 0, 1 << 20, 1), &l)), EINVAL);
+    // Writes past the end get ENOSPC (the spec's SHOULD), every other command EINVAL.
     assert_eq!(
         errno(validate(&req(CMD_WRITE, 0, (1 << 20) - 10, 11), &l)),
-        EINVAL
+        ENOSPC
     );
+    assert_eq!(
+        errno(validate(&req(CMD_WRITE_ZEROES, 0, 1 << 20, 1), &l)),
+        ENOSPC
+    );
+    assert_eq!(errno(validate(&req(CMD_WRITE, 0, u64::MAX, 2), &l)), ENOSPC);
     assert_eq!(errno(validate(&req(CMD_TRIM, 0, u64::MAX, 2), &l)), EINVAL);
     assert_eq!(
         errno(validate(&req(CMD_BLOCK_STATUS, 0, 1 << 20, 1), &l)),

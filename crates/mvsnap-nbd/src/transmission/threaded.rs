@@ -122,6 +122,9 @@ struct Shared {
     socket: BlockingSocket,
     /// Set once the connection is ending: no worker reads another request.
     ending: AtomicBool,
+    /// Set when the server stops the connection: requests still arriving (already in our
+    /// buffer or the socket's) are read to the end and answered ESHUTDOWN, never dropped.
+    draining: AtomicBool,
     budget: Budget,
     /// The first protocol error; the connection's result.
     error: Mutex<Option<io::Error>>,
@@ -147,6 +150,15 @@ impl Shared {
     /// Stop reading requests: wakes the worker blocked reading (it sees end of stream).
     fn end(&self) {
         if !self.ending.swap(true, Ordering::AcqRel) {
+            self.socket.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// The server stops the connection: no new request runs, the ones read from now on get
+    /// ESHUTDOWN. Shutting the reading half wakes the worker blocked reading; what the client
+    /// had already sent is still read, then end of stream.
+    fn stop(&self) {
+        if !self.draining.swap(true, Ordering::AcqRel) {
             self.socket.shutdown(Shutdown::Read);
         }
     }
@@ -227,6 +239,15 @@ impl Shared {
                 self.next_request(&mut *rd)
             };
             match next {
+                Ok(Next::Run { handle, .. }) if self.draining.load(Ordering::Acquire) => {
+                    let s = &self.session;
+                    self.send(&error_reply(
+                        handle,
+                        s.structured,
+                        proto::ESHUTDOWN,
+                        "server is shutting down",
+                    ));
+                }
                 Ok(Next::Run {
                     handle,
                     cmd,
@@ -248,7 +269,9 @@ impl Shared {
                     return;
                 }
                 Ok(Next::Eof) => {
-                    if !self.ending.load(Ordering::Acquire) {
+                    if !self.ending.load(Ordering::Acquire)
+                        && !self.draining.load(Ordering::Acquire)
+                    {
                         debug!(export = %self.session.name, "client hung up");
                     }
                     self.end();
@@ -300,6 +323,7 @@ pub(crate) async fn serve(
         writer: Mutex::new(socket.try_clone()?),
         socket,
         ending: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
         budget: Budget {
             left: Mutex::new(MAX_INFLIGHT_BYTES),
             freed: Condvar::new(),
@@ -334,7 +358,7 @@ pub(crate) async fn serve(
     tokio::select! {
         _ = &mut done => {}
         _ = stop.stopped() => {
-            shared.end();
+            shared.stop();
             if tokio::time::timeout(DRAIN_TIMEOUT, &mut done).await.is_err() {
                 warn!(export = %name, "replies did not drain in time; dropping connection");
                 shared.socket.shutdown(Shutdown::Both);
