@@ -222,3 +222,120 @@ fn round_trip() {
     assert_eq!(json.as_array().unwrap().len(), 0);
     mvsnap(&["--store", st, "check"]).ok();
 }
+
+/// Issue 7 item 7: `format` of a file that holds data (not a store) is refused without
+/// `--force`, names what it found, and leaves the file byte for byte as it was.
+#[test]
+fn format_refuses_a_file_with_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.img");
+    let data = pattern(8 << 20, 3);
+    std::fs::write(&precious, &data).unwrap();
+    mvsnap(&["format", s(&precious)]).one_line_error("holds data");
+    mvsnap(&["format", s(&precious), "--size", "16M"]).one_line_error("--force");
+    assert!(
+        std::fs::read(&precious).unwrap() == data,
+        "the file changed"
+    );
+
+    // A filesystem signature alone (the rest zeros) is data too.
+    let fs = dir.path().join("ext4.img");
+    let mut image = vec![0u8; 8 << 20];
+    image[1080..1082].copy_from_slice(&[0x53, 0xef]);
+    std::fs::write(&fs, &image).unwrap();
+    mvsnap(&["format", s(&fs)]).one_line_error("ext2/3/4");
+    assert!(
+        std::fs::read(&fs).unwrap() == image,
+        "the filesystem changed"
+    );
+
+    // An all-zero file is fine; with --force so is the data.
+    let zeros = dir.path().join("zeros.img");
+    std::fs::write(&zeros, vec![0u8; 8 << 20]).unwrap();
+    mvsnap(&["format", s(&zeros)]).ok();
+    mvsnap(&["format", s(&precious), "--force"]).ok();
+    mvsnap(&["--store", s(&precious), "check"]).ok();
+}
+
+/// Issue 7 item 7: `format` never shrinks a file (`--size 16M` cut a 64 MiB file), keeps an
+/// existing file's size without `--size`, and grows it to a bigger `--size` (`1G` on an 8 MiB
+/// file was ignored).
+#[test]
+fn format_never_shrinks_and_grows_to_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    mvsnap(&["format", s(&big), "--size", "16M"]).one_line_error("never shrinks");
+    assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20);
+    mvsnap(&["format", s(&big), "--size", "16M", "--force"]).one_line_error("never shrinks");
+    assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20);
+    mvsnap(&["format", s(&big)]).ok();
+    assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20, "kept");
+
+    let small = dir.path().join("small.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    mvsnap(&["format", s(&small), "--size", "1G"]).ok();
+    assert_eq!(std::fs::metadata(&small).unwrap().len(), 1 << 30, "grown");
+    let info = mvsnap(&["--store", s(&small), "info"]).ok().stdout_str();
+    assert!(info.contains("1.0 GiB") || info.contains("1 GiB"), "{info}");
+}
+
+/// Issue 7 item 11: a `write` whose range reaches past the end writes nothing, whether stdin
+/// is a file (its length is known) or a pipe (spooled first).
+#[test]
+fn write_past_the_end_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.img");
+    let disk = dir.path().join("disk.img");
+    let st = s(&store);
+    let v1 = pattern(4 << 20, 5);
+    std::fs::write(&disk, &v1).unwrap();
+    mvsnap(&["format", st, "--size", "32M"]).ok();
+    mvsnap(&["--store", st, "origin", "add", s(&disk)]).ok();
+    mvsnap(&[
+        "--store", st, "snapshot", "create", "disk.img", "--tag", "a",
+    ])
+    .ok();
+
+    // 2 MiB at 3 MiB of a 4 MiB origin, through a pipe.
+    let patch = pattern(2 << 20, 9);
+    mvsnap_stdin(
+        &["--store", st, "write", "disk.img", "--offset", "3M"],
+        &patch,
+    )
+    .one_line_error("nothing was written");
+    // The same from a regular file.
+    let file = dir.path().join("patch.bin");
+    std::fs::write(&file, &patch).unwrap();
+    let run = Run::from(
+        Command::new(env!("CARGO_BIN_EXE_mvsnap"))
+            .args(["--store", st, "write", "disk.img", "--offset", "3M"])
+            .env_remove("MVSNAP_STORE")
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap(),
+    );
+    run.one_line_error("nothing was written");
+    assert!(std::fs::read(&disk).unwrap() == v1, "the origin changed");
+    let cat = mvsnap(&["--store", st, "cat", "disk.img"]).ok().stdout;
+    assert!(cat == v1, "the origin reads other bytes");
+    mvsnap(&["--store", st, "check"]).ok();
+
+    // Exactly up to the end works, from a pipe.
+    mvsnap_stdin(
+        &["--store", st, "write", "disk.img", "--offset", "3M"],
+        &patch[..1 << 20],
+    )
+    .ok();
+    let mut v2 = v1.clone();
+    v2[3 << 20..].copy_from_slice(&patch[..1 << 20]);
+    assert!(std::fs::read(&disk).unwrap() == v2);
+    let snap = mvsnap(&["--store", st, "cat", "disk.img@a"]).ok().stdout;
+    assert!(snap == v1, "the snapshot changed");
+}

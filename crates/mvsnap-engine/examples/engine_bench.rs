@@ -530,7 +530,7 @@ impl Run {
         Store::format(
             &st1,
             &FormatOptions {
-                size: cfg.store1_size(),
+                size: Some(cfg.store1_size()),
                 chunk_size: CHUNK as u32,
                 ..Default::default()
             },
@@ -916,7 +916,7 @@ impl Run {
             Store::format(
                 &path,
                 &FormatOptions {
-                    size: self.cfg.store1_size(),
+                    size: Some(self.cfg.store1_size()),
                     chunk_size: CHUNK as u32,
                     force: true,
                     ..Default::default()
@@ -1217,7 +1217,7 @@ fn child_build(args: &[String]) -> R<()> {
     Store::format(
         &store,
         &FormatOptions {
-            size: size + 256 * MIB,
+            size: Some(size + 256 * MIB),
             chunk_size: BLOCK as u32,
             ..Default::default()
         },

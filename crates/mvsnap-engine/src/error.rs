@@ -35,6 +35,19 @@ pub enum Error {
         "{path} already holds an mvsnap store (or a damaged one); use --force to overwrite it"
     )]
     StoreExists { path: PathBuf },
+    #[error(
+        "{path} holds data ({what}); formatting would destroy it: use --force to overwrite it"
+    )]
+    HoldsData { path: PathBuf, what: String },
+    #[error(
+        "{path} is {current} bytes: formatting never shrinks it (asked for {asked} bytes); \
+         give a --size of at least {current} or none"
+    )]
+    WouldShrink {
+        path: PathBuf,
+        current: u64,
+        asked: u64,
+    },
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]

@@ -574,10 +574,13 @@ impl Store {
     /// Create a new, empty store on a file (created or resized) or a block device.
     pub fn format(path: &Path, opts: &FormatOptions) -> Result<()> {
         Geometry::new(opts.chunk_size, 0).map_err(Error::InvalidArgument)?;
-        if opts.max_size != 0 && opts.max_size < opts.size {
+        if let Some(size) = opts
+            .size
+            .filter(|&s| opts.max_size != 0 && opts.max_size < s)
+        {
             return Err(Error::InvalidArgument(format!(
-                "--max-size {} is smaller than --size {}",
-                opts.max_size, opts.size
+                "--max-size {} is smaller than --size {size}",
+                opts.max_size
             )));
         }
         let exists = path.exists();
@@ -593,19 +596,31 @@ impl Store {
                 Err(Error::NotAStore { .. }) => {}
                 _ => return Err(Error::StoreExists { path: path.into() }),
             }
+            if let Some(what) =
+                crate::signature::find_data(&dev).map_err(|e| Error::io("read", path, e))?
+            {
+                return Err(Error::HoldsData {
+                    path: path.into(),
+                    what,
+                });
+            }
         }
         let size = if dev.can_grow() {
+            // A file keeps its size unless a bigger one is asked for: formatting never shrinks,
+            // whatever the file held (the user may have meant another file).
             let cur = dev.len().map_err(|e| Error::io("stat", path, e))?;
-            let want = if cur > 0 && exists && opts.size == FormatOptions::default().size {
-                cur
-            } else {
-                opts.size
+            let want = match opts.size {
+                None if cur > 0 => cur,
+                None => FormatOptions::DEFAULT_SIZE,
+                Some(asked) if asked < cur => {
+                    return Err(Error::WouldShrink {
+                        path: path.into(),
+                        current: cur,
+                        asked,
+                    })
+                }
+                Some(asked) => asked,
             };
-            if cur > want {
-                dev.file()
-                    .set_len(want)
-                    .map_err(|e| Error::io("truncate", path, e))?;
-            }
             dev.grow(want).map_err(|e| Error::io("allocate", path, e))?;
             want
         } else {

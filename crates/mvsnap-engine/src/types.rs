@@ -5,22 +5,29 @@ use serde::{Deserialize, Serialize};
 /// Options for [`crate::Store::format`].
 #[derive(Debug, Clone)]
 pub struct FormatOptions {
-    /// Initial size of a file-backed store; ignored for block devices (their size is used).
-    pub size: u64,
+    /// Size of a file-backed store: a new file is made this big, an existing smaller one grows
+    /// to it, a bigger one is refused (never shrunk). `None`: an existing file keeps its size,
+    /// a new one gets [`FormatOptions::DEFAULT_SIZE`]. Ignored for block devices.
+    pub size: Option<u64>,
     /// A file-backed store grows on demand up to this size (0: never grows past `size`).
     pub max_size: u64,
     /// Chunk size, a power of two from 4 KiB to 1 MiB.
     pub chunk_size: u32,
-    /// Overwrite an existing mvsnap store.
+    /// Overwrite an existing mvsnap store, or a file or device that holds data.
     pub force: bool,
     /// Free-space fraction (percent) under which a low-space event is raised.
     pub low_space_percent: u8,
 }
 
+impl FormatOptions {
+    /// The size of a new file-backed store when none is given.
+    pub const DEFAULT_SIZE: u64 = 1 << 30;
+}
+
 impl Default for FormatOptions {
     fn default() -> Self {
         FormatOptions {
-            size: 1 << 30,
+            size: None,
             max_size: 0,
             chunk_size: 64 * 1024,
             force: false,

@@ -432,7 +432,7 @@ fn invalid_format_options() {
     for opts in [
         format_opts(16 << 20, 3000),
         FormatOptions {
-            size: 32 << 20,
+            size: Some(32 << 20),
             max_size: 16 << 20,
             ..Default::default()
         },
@@ -777,7 +777,7 @@ fn file_store_grows_up_to_max_size() {
     Store::format(
         &store,
         &FormatOptions {
-            size,
+            size: Some(size),
             max_size: 256 << 20,
             chunk_size: chunk,
             ..Default::default()

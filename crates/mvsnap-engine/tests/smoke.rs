@@ -17,7 +17,7 @@ fn setup(dir: &Path, origin_size: u64, chunk: u32) -> (std::path::PathBuf, std::
     Store::format(
         &store,
         &FormatOptions {
-            size: 64 << 20,
+            size: Some(64 << 20),
             chunk_size: chunk,
             ..Default::default()
         },

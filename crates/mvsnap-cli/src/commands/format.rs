@@ -18,8 +18,10 @@ Examples:
   mvsnap format /dev/sdc --force
   MVSNAP_STORE=store.img mvsnap format --size 4G
 
-A file is created, or grown to --size. A block device keeps its own size.
-An existing mvsnap store is only overwritten with --force.";
+A new file is created with --size (default 1G); an existing file keeps its size or grows to
+--size, and is never shrunk. A block device keeps its own size. A file or device that holds
+data (a filesystem or partition signature, or anything non-zero in its first MiB) or an
+existing mvsnap store is only overwritten with --force.";
 
 /// Format a COW store (an image file or a block device).
 #[derive(Debug, Args)]
@@ -29,7 +31,8 @@ pub struct FormatArgs {
     #[arg(value_name = "STORE")]
     path: Option<PathBuf>,
 
-    /// Size of a file-backed store (ignored for a block device) [default: 1G].
+    /// Size of a file-backed store: a new file's size, or grow an existing one to it; never
+    /// shrinks (ignored for a block device) [default: a new file 1G, an existing one its size].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     size: Option<u64>,
 
@@ -41,7 +44,7 @@ pub struct FormatArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
     chunk_size: u64,
 
-    /// Overwrite an existing mvsnap store.
+    /// Overwrite an existing mvsnap store or a file or device that holds data.
     #[arg(long)]
     force: bool,
 
@@ -64,10 +67,8 @@ impl FormatArgs {
                  (4096..1048576)"
             );
         }
-        let defaults = FormatOptions::default();
-        let size = self.size.unwrap_or(defaults.size);
         let max_size = self.max_size.unwrap_or(0);
-        if max_size != 0 && max_size < size {
+        if let Some(size) = self.size.filter(|&s| max_size != 0 && max_size < s) {
             bail!(
                 "--max-size {} is smaller than --size {}",
                 human_size(max_size),
@@ -75,7 +76,7 @@ impl FormatArgs {
             );
         }
         let opts = FormatOptions {
-            size,
+            size: self.size,
             max_size,
             chunk_size: cs as u32,
             force: self.force,

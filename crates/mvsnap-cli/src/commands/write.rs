@@ -50,21 +50,29 @@ impl WriteArgs {
                     self.name
                 );
             }
-            // When stdin is a regular file its length is known: refuse before writing anything.
-            if let Some(len) = stdin_file_len() {
-                if len > size - self.offset {
-                    bail!(
-                        "offset {} + length {len} (stdin) is beyond the end of {} ({size} bytes)",
-                        self.offset,
-                        self.name
-                    );
-                }
-            }
-            let mut stdin = io::stdin().lock();
+            // The whole range is checked before anything is written: a write refused halfway
+            // would leave the volume half old, half new. A regular file's length is known; a
+            // pipe is spooled to an unnamed temporary file first.
+            let room = size - self.offset;
+            let mut input: Box<dyn Read> = match stdin_file_len() {
+                Some(len) if len > room => bail!(
+                    "offset {} + length {len} (stdin) is beyond the end of {} ({size} bytes); \
+                     nothing was written",
+                    self.offset,
+                    self.name
+                ),
+                Some(_) => Box::new(io::stdin().lock()),
+                None => Box::new(spool(io::stdin().lock(), room).with_context(|| {
+                    format!(
+                        "stdin does not fit at offset {} of {} ({size} bytes)",
+                        self.offset, self.name
+                    )
+                })?),
+            };
             let mut buf = vec![0u8; PIECE];
             let mut pos = self.offset;
             loop {
-                let n = read_full(&mut stdin, &mut buf).context("reading stdin")?;
+                let n = read_full(&mut input, &mut buf).context("reading stdin")?;
                 if n == 0 {
                     break;
                 }
@@ -104,6 +112,20 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// Copy a stream into an unnamed temporary file (in $TMPDIR) and rewind it, refusing one longer
+/// than `room` bytes.
+fn spool(mut stream: impl Read, room: u64) -> Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = tempfile::tempfile().context("creating a temporary file to hold stdin")?;
+    let n = io::copy(&mut (&mut stream).take(room.saturating_add(1)), &mut file)
+        .context("reading stdin into a temporary file")?;
+    if n > room {
+        bail!("it holds more than the {room} bytes there is room for; nothing was written");
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file)
 }
 
 /// The number of bytes left in stdin if it is a regular file.

@@ -77,7 +77,7 @@ pub fn assert_clean(s: &Store, when: &str) {
 
 pub fn format_opts(size: u64, chunk: u32) -> FormatOptions {
     FormatOptions {
-        size,
+        size: Some(size),
         chunk_size: chunk,
         ..Default::default()
     }
