@@ -120,6 +120,10 @@ impl BlockDev for FileDev {
         crate::sys::punch_hole(&self.file, offset, len)
     }
 
+    fn drop_cache(&self) -> io::Result<()> {
+        crate::sys::drop_page_cache(&self.file)
+    }
+
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
         if self.is_block {
             return Ok(vec![crate::types::Extent {

@@ -1,6 +1,7 @@
 //! The store: opening with recovery, group commit, checkpoints, and the administrative
 //! operations (origins, snapshots). Volume I/O lives in `volume.rs`.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,6 +60,10 @@ pub(crate) struct Inner {
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Origin writes waiting for their copy-out to be durable (see `writeback`).
     pub writeback: Arc<Writeback>,
+    /// Per origin, the first write-back or sync failure. Sticky until the store is reopened:
+    /// after a failed fsync Linux drops the dirty pages, so a later sync that succeeds proves
+    /// nothing about the data that was lost.
+    origin_errors: Mutex<HashMap<u32, String>>,
 }
 
 /// How often the background flusher commits pending records.
@@ -142,6 +147,32 @@ impl Inner {
         *self.poison_msg.lock() = msg.clone();
         self.poisoned.store(true, Ordering::Release);
         Error::Poisoned(msg)
+    }
+
+    /// Make an origin's acknowledged writes durable, or say they were lost: a failure (of a
+    /// queued write or of the sync) is remembered and every later call fails too.
+    pub fn sync_origin(&self, no: u32, dev: &dyn BlockDev) -> Result<()> {
+        if let Some(msg) = self.writeback.take_error(no) {
+            self.remember_origin_error(no, &msg);
+        }
+        if let Some(msg) = self.origin_errors.lock().get(&no) {
+            return Err(crate::writeback::flush_error(dev.path(), msg.clone()));
+        }
+        dev.sync().map_err(|e| {
+            self.remember_origin_error(no, &format!("sync failed: {e}"));
+            Error::io("sync", dev.path(), e)
+        })
+    }
+
+    fn remember_origin_error(&self, no: u32, msg: &str) {
+        tracing::error!(
+            origin = no,
+            "origin write lost, flushes fail until reopened: {msg}"
+        );
+        self.origin_errors
+            .lock()
+            .entry(no)
+            .or_insert_with(|| format!("{msg} (earlier; every flush fails until reopened)"));
     }
 
     pub fn store_write(&self, buf: &[u8], off: u64) -> Result<()> {
@@ -686,6 +717,11 @@ impl Store {
         opts: &OpenOptions,
     ) -> Result<Store> {
         let path = dev.path().to_path_buf();
+        // Recovery must judge what is on the device, not what the page cache still shows: after
+        // a failed sync (a poisoned store, then a restart in the same boot) the cache holds
+        // writes the device never got, and replay would vouch for them.
+        dev.drop_cache()
+            .map_err(|e| Error::io("drop the cache of", &path, e))?;
         let sb = read_superblocks(&*dev, &path)?;
         let geo = sb.geo;
         let len = dev.len().map_err(|e| Error::io("stat", &path, e))?;
@@ -808,6 +844,7 @@ impl Store {
             low_space_raised: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             epoch_fresh: AtomicBool::new(false),
+            origin_errors: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
             writeback: Writeback::new(),
@@ -868,13 +905,15 @@ impl Store {
         }
         self.inner.check_poison()?;
         let mut st = self.inner.state.write();
-        for o in st.origins.values() {
+        for (&no, o) in st.origins.iter() {
             if let Ok(d) = &o.dev {
-                d.sync().map_err(|e| Error::io("sync", &o.path, e))?;
+                self.inner.sync_origin(no, &**d)?;
             }
         }
         if !self.inner.dirty.load(Ordering::Acquire) {
-            return Ok(()); // nothing changed: leave the store byte for byte as it was
+            // No metadata changed, so the store's bytes stay as they were; but writes into
+            // blocks a writable snapshot already owned may still be in the page cache.
+            return self.inner.store_sync();
         }
         self.inner.checkpoint_locked(&mut st)
     }
@@ -1296,6 +1335,9 @@ fn open_origin(
     let dev = opener
         .open(Path::new(path), writable)
         .map_err(|e| format!("origin {id}: cannot open {path}: {e}"))?;
+    // As for the store: reads (recovery's checks, copy-outs) must see the device.
+    dev.drop_cache()
+        .map_err(|e| format!("origin {id}: {path}: dropping its cache: {e}"))?;
     let found = dev.len().map_err(|e| format!("origin {id}: {path}: {e}"))?;
     if found != size {
         return Err(Error::OriginSizeChanged {

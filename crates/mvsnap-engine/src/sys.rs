@@ -40,6 +40,21 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Drop a file's clean cached pages, so later reads come from the device. After a failed
+/// writeback Linux marks the lost pages clean: they still read as the new data until dropped.
+pub fn drop_page_cache(file: &File) -> io::Result<()> {
+    // Dirty pages are not dropped by DONTNEED: write them first.
+    file.sync_data()?;
+    // SAFETY: plain syscall on a valid open fd; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    match rc {
+        0 => Ok(()),
+        // Not every file supports advice (pipes, some FUSE files): nothing cached to drop.
+        libc::ESPIPE | libc::EINVAL => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// flock(LOCK_EX|LOCK_NB) or LOCK_SH; Ok(false) when someone else holds it.
 pub fn flock(fd: RawFd, exclusive: bool) -> io::Result<bool> {
     let op = if exclusive {

@@ -294,15 +294,16 @@ impl Volume {
         match &self.kind {
             Kind::Origin { no, dev, .. } => {
                 self.inner.writeback.drain(&self.inner);
-                // First: a write this flush should cover and that was lost says so precisely.
-                if let Some(msg) = self.inner.writeback.take_error(*no) {
-                    return Err(writeback::flush_error(dev.path(), msg));
-                }
-                self.inner.check_poison()?;
                 if self.inner.ephemeral {
-                    return Ok(());
+                    // Nothing is synced, but a lost write still fails the flush.
+                    if let Some(msg) = self.inner.writeback.take_error(*no) {
+                        return Err(writeback::flush_error(dev.path(), msg));
+                    }
+                    return self.inner.check_poison();
                 }
-                dev.sync().map_err(|e| Error::io("sync", dev.path(), e))
+                // First: a write this flush should cover and that was lost says so precisely.
+                self.inner.sync_origin(*no, &**dev)?;
+                self.inner.check_poison()
             }
             Kind::Snapshot { .. } => {
                 self.inner.check_poison()?;
