@@ -5,7 +5,7 @@
 mod common;
 
 use mvsnap_engine::crashsim::{CrashPolicy, SimMachine};
-use mvsnap_engine::{Error, OpenOptions, Store};
+use mvsnap_engine::{OpenOptions, Store};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
