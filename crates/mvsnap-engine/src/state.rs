@@ -66,6 +66,11 @@ pub struct State {
     pub unsettled_slots: ExpiringMap<u32>,
     /// Preserves whose record is not yet durable: an origin write to that chunk must wait.
     pub inflight_preserves: ExpiringMap<(u32, u64)>,
+    /// Per origin, the journal sequence of its latest `Invalidate` (a full store). Until it is
+    /// durable no write of that origin may reach the disk: the write that needed the copy and
+    /// every later one that skips a copy-out because the snapshot is invalid now (a crash would
+    /// bring the snapshot back valid over new data).
+    pub invalidation_seq: BTreeMap<u32, u64>,
 }
 
 /// Why a record could not be applied: the journal or checkpoint contradicts the state.
@@ -83,6 +88,7 @@ impl State {
             ckpt_slots: Vec::new(),
             unsettled_slots: ExpiringMap::default(),
             inflight_preserves: ExpiringMap::default(),
+            invalidation_seq: BTreeMap::new(),
         }
     }
 

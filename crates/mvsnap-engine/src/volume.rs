@@ -388,7 +388,7 @@ impl Volume {
         self.inner.check_poison()?;
         let cs = self.inner.geo.chunk_size as u64;
         let (first, last) = (offset / cs, (offset + data.len() as u64 - 1) / cs);
-        let mut wait_seq = 0;
+        let mut wait_seq;
         let slow = {
             let st = self.inner.state.read();
             let o = st
@@ -396,6 +396,7 @@ impl Volume {
                 .get(&no)
                 .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
             let slow = (first..=last).any(|c| needs_preserve(o, c));
+            wait_seq = st.invalidation_seq.get(&no).copied().unwrap_or(0);
             if !slow && !st.inflight_preserves.is_empty() {
                 for c in first..=last {
                     if let Some(s) = st.inflight_preserves.get(&(no, c)) {
@@ -408,6 +409,7 @@ impl Volume {
         if slow {
             let mut st = self.inner.state.write();
             wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64)?;
+            wait_seq = wait_seq.max(st.invalidation_seq.get(&no).copied().unwrap_or(0));
         }
         // Invariant 2: the old data and its mapping are durable before the origin changes. A
         // write that would wait for that is queued instead (answered now, issued after the
@@ -472,7 +474,7 @@ impl Volume {
                     let slot = match existing.or_else(|| self.inner.alloc_data_slot(st)) {
                         Some(s) => s,
                         None => {
-                            self.store_full(st, no, c, lo, gen)?;
+                            wait_seq = wait_seq.max(self.store_full(st, no, c, lo, gen)?);
                             continue;
                         }
                     };
@@ -526,8 +528,9 @@ impl Volume {
     }
 
     /// The store is full: the origin write must go on, so the snapshots that needed this
-    /// copy lose it. They are marked invalid and their space is reclaimed.
-    fn store_full(&self, st: &mut State, no: u32, chunk: u64, lo: u32, hi: u32) -> Result<()> {
+    /// copy lose it. They are marked invalid and their space is reclaimed. Returns the journal
+    /// sequence that must be durable before any write of this origin reaches the disk.
+    fn store_full(&self, st: &mut State, no: u32, chunk: u64, lo: u32, hi: u32) -> Result<u64> {
         let o = &st.origins[&no];
         let ids: Vec<u64> = st
             .snaps
@@ -552,12 +555,13 @@ impl Volume {
                 reason: reason.clone(),
             },
         )?;
-        self.inner.log(st, Record::Reclaim { origin: no })?;
+        let seq = self.inner.log(st, Record::Reclaim { origin: no })?;
+        st.invalidation_seq.insert(no, seq);
         self.inner.event(
             EventKind::SnapshotInvalidated,
             format!("{reason}; invalidated {}", names.join(", ")),
         );
-        Ok(())
+        Ok(seq)
     }
 
     fn write_snapshot(&self, id: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {

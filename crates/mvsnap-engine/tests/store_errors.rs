@@ -5,7 +5,7 @@
 mod common;
 
 use mvsnap_engine::crashsim::{CrashPolicy, SimMachine};
-use mvsnap_engine::{OpenOptions, Store};
+use mvsnap_engine::{Error, OpenOptions, Store};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -129,5 +129,53 @@ fn restart_after_poison_does_not_vouch_for_page_cache_data() {
     // Then a power cut: the snapshot must still read its content.
     let s = power_cut(&m);
     common::assert_image("o0@a after the power cut", &read_all(&s, "o0@a"), &content);
+    common::assert_clean(&s, "after the power cut");
+}
+
+/// 2: a full store appended the `Invalidate` of the snapshots that needed a copy, but the
+/// origin write was issued at once and an origin FLUSH synced only the origin. A power cut then
+/// brought the snapshot back valid, reading the new data. The invalidation must be durable
+/// before any write of that origin reaches the disk.
+#[test]
+fn full_store_invalidation_is_durable_before_the_origin_write() {
+    let content = pattern(6, 8 * MIB);
+    let (_dir, m, s) = setup(3 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    let new = pattern(7, 8 * MIB);
+    // Chunk by chunk, each flushed, until the store is full and the snapshot is invalidated:
+    // then nothing else is pending that would commit the invalidation by chance.
+    let state = |s: &Store| {
+        s.snapshots()
+            .into_iter()
+            .find(|i| i.tag == "a")
+            .unwrap()
+            .state
+    };
+    let mut written = content.clone();
+    for c in 0..128 {
+        let r = c * 65536..(c + 1) * 65536;
+        o.write_at(r.start as u64, &new[r.clone()], false).unwrap();
+        o.flush().unwrap();
+        written[r.clone()].copy_from_slice(&new[r]);
+        if state(&s) == mvsnap_engine::SnapshotState::Invalid {
+            break;
+        }
+    }
+    assert_eq!(
+        state(&s),
+        mvsnap_engine::SnapshotState::Invalid,
+        "the store filled"
+    );
+    drop(o);
+
+    // Everything the flush vouched for is on disk, and nothing else.
+    let s = power_cut(&m);
+    common::assert_image("o0 after the power cut", &read_all(&s, "o0"), &written);
+    match common::try_read_all(&s, "o0@a") {
+        Err(Error::SnapshotInvalid { .. }) => {}
+        Ok(got) => common::assert_image("o0@a (valid after the power cut)", &got, &content),
+        Err(e) => panic!("reading o0@a after the power cut: {e}"),
+    }
     common::assert_clean(&s, "after the power cut");
 }
