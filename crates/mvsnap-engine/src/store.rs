@@ -21,6 +21,9 @@ use crate::state::State;
 use crate::types::*;
 use crate::writeback::Writeback;
 
+/// The most data slots a store can have: slot numbers are u32 and the top values are reserved.
+pub(crate) const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
+
 const CK_MAGIC: u32 = 0x4b43_564d; // "MVCK"
 const CK_HEADER: usize = 32;
 
@@ -453,15 +456,26 @@ impl Inner {
         if cur_len >= max {
             return false;
         }
-        let step = (cur_len / 8).max(64 << 20);
+        // An eighth at a time, within bounds: a 1 TiB fallocate would stall every writer.
+        let step = (cur_len / 8).clamp(64 << 20, 1 << 30);
         let new_len = (cur_len + step).min(max);
-        let new_slots = self.geo.slots_for_len(new_len);
+        // Slot numbers are u32 (the top values are reserved): never grow past them.
+        let new_slots = self.geo.slots_for_len(new_len).min(MAX_SLOTS);
         if new_slots <= st.alloc.nslots() {
             return false;
         }
         let target = self.geo.data_start + new_slots * self.geo.chunk_size as u64;
         if let Err(e) = self.dev.grow(target) {
             tracing::warn!("could not grow {} to {target}: {e}", self.path.display());
+            return false;
+        }
+        // The new size must be durable before anything (a copy, a record, a superblock) points
+        // past the old end: a power cut may keep those writes and lose the size change.
+        if let Err(e) = self.store_sync() {
+            tracing::error!(
+                "could not make the growth of {} durable: {e}",
+                self.path.display()
+            );
             return false;
         }
         st.alloc.grow(new_slots);
@@ -659,6 +673,17 @@ impl Store {
         };
         let geo = Geometry::new(opts.chunk_size, Geometry::default_journal_len(size))
             .map_err(Error::InvalidArgument)?;
+        for (what, len) in [("size", size), ("--max-size", opts.max_size)] {
+            if geo.slots_for_len(len) > MAX_SLOTS {
+                return Err(Error::InvalidArgument(format!(
+                    "store {what} {len} is too big for chunk size {}: at most {} chunks \
+                     ({} bytes); use a bigger --chunk-size",
+                    opts.chunk_size,
+                    MAX_SLOTS,
+                    geo.data_start + MAX_SLOTS * opts.chunk_size as u64
+                )));
+            }
+        }
         if geo.slots_for_len(size) < 16 {
             return Err(Error::InvalidArgument(format!(
                 "store size {size} is too small: it needs at least {} bytes",
@@ -738,14 +763,19 @@ impl Store {
         if sb.max_size > 0 {
             usable = usable.min(sb.max_size.max(geo.data_start + geo.chunk_size as u64));
         }
-        let nslots = geo.slots_for_len(usable).min(u32::MAX as u64 - 1);
+        let nslots = geo.slots_for_len(usable).min(MAX_SLOTS);
 
         // 1. The checkpoint.
         if len < sb.store_len {
-            return Err(Error::corrupt(
-                &path,
-                format!("store is truncated: {len} bytes, it had {}", sb.store_len),
-            ));
+            // A growth whose size change a power cut lost (the file system may persist the
+            // writes and the new size in either order). Harmless unless something refers past
+            // the end: the checkpoint and replay refuse any slot past it as corruption, and
+            // the journal's last group stops at data that is not there.
+            tracing::warn!(
+                "{}: the store is {len} bytes, it was grown to {}: opening it at its size",
+                path.display(),
+                sb.store_len
+            );
         }
         let mut events = Vec::new();
         let (mut st, ckpt_slots) = match sb.checkpoint {
