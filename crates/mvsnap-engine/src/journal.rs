@@ -90,6 +90,13 @@ impl Record {
         }
     }
 
+    /// Bytes this record takes in the journal, header included.
+    pub fn encoded_len(&self) -> usize {
+        let mut w = Writer::with_capacity(64);
+        self.encode_payload(&mut w);
+        HEADER + w.into_inner().len()
+    }
+
     fn encode_payload(&self, w: &mut Writer) {
         match self {
             Record::OriginAdd { no, id, path, size } => {

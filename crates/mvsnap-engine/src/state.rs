@@ -13,6 +13,15 @@ use crate::index::{MapEntry, PreserveIndex, VolumeMap};
 use crate::journal::Record;
 use crate::types::{Event, EventKind, SnapshotState};
 
+/// Bytes of one preserved entry in a checkpoint: chunk u64, lo u32, hi u32, slot u32, bits u64.
+const PRESERVED_ENTRY: u64 = 28;
+/// Bytes of one snapshot mapping in a checkpoint: chunk u64, slot u32, bits u64.
+const SNAP_ENTRY: u64 = 20;
+/// How many of the newest events a checkpoint keeps.
+const CHECKPOINT_EVENTS: usize = 100;
+/// Events are cut to this many bytes, so their share of a checkpoint is bounded.
+pub const MAX_EVENT_LEN: usize = 256;
+
 pub struct Origin {
     pub no: u32,
     pub id: String,
@@ -367,6 +376,50 @@ impl State {
             + self.snaps.values().map(|s| s.map.len()).sum::<u64>()
     }
 
+    /// An upper bound of `serialize`'s length, byte for byte from its layout (an estimate
+    /// that undercounts lets metadata fill the space its own checkpoint needs: the store then
+    /// cannot commit anything, not even a delete).
+    pub fn checkpoint_bound(&self) -> u64 {
+        const STR: u64 = 4;
+        let origins: u64 = self
+            .origins
+            .values()
+            .map(|o| {
+                4 + STR
+                    + o.id.len() as u64
+                    + STR
+                    + o.path.len() as u64
+                    + 8
+                    + 4
+                    + 8
+                    + PRESERVED_ENTRY * o.pindex.len()
+            })
+            .sum();
+        let snaps: u64 = self
+            .snaps
+            .values()
+            .map(|s| {
+                8 + 4
+                    + 8
+                    + 4
+                    + STR
+                    + s.tag.len() as u64
+                    + STR
+                    + s.memo.len() as u64
+                    + 8
+                    + 1
+                    + 1
+                    + STR
+                    + s.reason.as_ref().map_or(0, |r| r.len() as u64)
+                    + 4
+                    + 8
+                    + SNAP_ENTRY * s.map.len()
+            })
+            .sum();
+        let events = CHECKPOINT_EVENTS as u64 * (8 + 1 + STR + MAX_EVENT_LEN as u64);
+        8 + 4 + 8 + 4 + origins + 4 + snaps + 4 + events
+    }
+
     /// Serialize the whole index for a checkpoint.
     pub fn serialize(&self, events: &[Event]) -> Vec<u8> {
         let mut w = Writer::with_capacity(64 + self.mappings() as usize * 24);
@@ -414,7 +467,7 @@ impl State {
             });
         }
         // The newest events, so `info` shows them in later sessions too.
-        let recent = &events[events.len().saturating_sub(100)..];
+        let recent = &events[events.len().saturating_sub(CHECKPOINT_EVENTS)..];
         w.u32(recent.len() as u32);
         for e in recent {
             w.u64(e.time);

@@ -206,6 +206,15 @@ impl Inner {
             }
             EventKind::Grown => tracing::info!(?kind, "{message}"),
         }
+        let mut message = message;
+        if message.len() > crate::state::MAX_EVENT_LEN {
+            let mut cut = crate::state::MAX_EVENT_LEN - 3;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
         let mut ev = self.events.lock();
         ev.push(Event {
             time: now(),
@@ -228,10 +237,19 @@ impl Inner {
         if !self.ephemeral && !self.epoch_fresh.load(Ordering::Acquire) {
             self.new_epoch(st)?;
         }
+        // A record the journal can never hold is refused before anything changes (it used to
+        // overflow the journal and poison the store); callers bound their inputs far below.
+        let need = rec.encoded_len();
+        let max = (self.geo.journal_len / 4) as usize;
+        if need > max {
+            return Err(Error::InvalidArgument(format!(
+                "a metadata record of {need} bytes is more than the journal takes ({max})"
+            )));
+        }
         self.dirty.store(true, Ordering::Release);
         let seq = {
             let mut j = self.journal.lock();
-            if !self.ephemeral && j.nearly_full(4096) {
+            if !self.ephemeral && j.nearly_full(need + 4096) {
                 drop(j);
                 self.checkpoint_locked(st)?;
                 j = self.journal.lock();
@@ -502,11 +520,32 @@ impl Inner {
 
     /// Slots kept back for the next checkpoint, so metadata can always be written.
     pub fn reserve_slots(&self, st: &State) -> u64 {
+        self.reserve_for(st.checkpoint_bound())
+    }
+
+    fn reserve_for(&self, checkpoint_bytes: u64) -> u64 {
         if self.ephemeral {
             return 0;
         }
-        let bytes = 4096 + st.mappings() * 24 + st.snaps.len() as u64 * 256;
-        bytes.div_ceil(self.geo.chunk_size as u64 - CK_HEADER as u64) + 2
+        checkpoint_bytes.div_ceil(self.geo.chunk_size as u64 - CK_HEADER as u64) + 2
+    }
+
+    /// Refuse new metadata of about `extra` checkpoint bytes unless the space its checkpoint
+    /// needs is there (growing the store if it may): what is already there must always be able
+    /// to commit, free and close, so only growth is refused.
+    pub fn ensure_meta_room(&self, st: &mut State, extra: u64) -> Result<()> {
+        loop {
+            if st.alloc.free() >= self.reserve_for(st.checkpoint_bound() + extra) {
+                return Ok(());
+            }
+            if !self.try_grow(st) {
+                return Err(Error::NoSpace(format!(
+                    "{}: the COW store has no room for more metadata; delete snapshots \
+                     or give the store more space",
+                    self.path.display()
+                )));
+            }
+        }
     }
 
     /// Allocate a data slot, growing the store if it can; None when the store is full.
@@ -545,7 +584,9 @@ impl Inner {
         } else {
             st.alloc.nslots()
         };
-        let free = st.alloc.free() + (max_slots - st.alloc.nslots());
+        // The checkpoint's reserve is not free for data: it is what is left when a copy fails.
+        let free = st.alloc.free().saturating_sub(self.reserve_slots(st))
+            + (max_slots - st.alloc.nslots());
         let low = free * 100 < max_slots * pct;
         if low && !self.low_space_raised.swap(true, Ordering::AcqRel) {
             self.event(
@@ -992,6 +1033,12 @@ impl Store {
             )));
         }
         let abs_s = abs.to_string_lossy().into_owned();
+        if abs_s.len() > MAX_PATH {
+            return Err(Error::InvalidArgument(format!(
+                "origin path of {} bytes: at most {MAX_PATH}",
+                abs_s.len()
+            )));
+        }
         let mut st = self.inner.state.write();
         if st.origin_by_id(&id).is_some() {
             return Err(Error::AlreadyExists(format!("origin {id}")));
@@ -1004,6 +1051,8 @@ impl Store {
             )));
         }
         let no = st.next_origin_no;
+        self.inner
+            .ensure_meta_room(&mut st, 64 + id.len() as u64 + abs_s.len() as u64)?;
         self.inner.log(
             &mut st,
             Record::OriginAdd {
@@ -1074,6 +1123,12 @@ impl Store {
         }
         if let Some(t) = tag {
             validate_name("tag", t)?;
+        }
+        if memo.len() > MAX_MEMO {
+            return Err(Error::InvalidArgument(format!(
+                "memo of {} bytes: at most {MAX_MEMO}",
+                memo.len()
+            )));
         }
         // Resolve names and take each involved origin's gate, in origin order (no deadlock).
         let (targets, gates) = {
@@ -1157,6 +1212,18 @@ impl Store {
             });
         }
         let ids: Vec<u64> = snaps.iter().map(|s| s.id).collect();
+        // A snapshot of a snapshot starts with a copy of its parent's map.
+        let extra: u64 = snaps
+            .iter()
+            .map(|n| {
+                let inherited = match n.parent {
+                    0 => 0,
+                    p => st.snaps[&p].map.len(),
+                };
+                128 + n.tag.len() as u64 + n.memo.len() as u64 + 20 * inherited
+            })
+            .sum();
+        self.inner.ensure_meta_room(&mut st, extra)?;
         let seq = self
             .inner
             .log(&mut st, Record::SnapshotCreate { time: now(), snaps })?;
@@ -1318,6 +1385,11 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
     }
     out
 }
+
+/// The longest memo a snapshot takes, in bytes.
+pub const MAX_MEMO: usize = 4096;
+/// The longest origin path, in bytes (Linux's PATH_MAX).
+const MAX_PATH: usize = 4096;
 
 pub(crate) fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()

@@ -548,13 +548,16 @@ impl Volume {
             "COW store full: could not preserve chunk {chunk} of {}",
             o.id
         );
-        self.inner.log(
-            st,
-            Record::Invalidate {
-                ids,
-                reason: reason.clone(),
-            },
-        )?;
+        // In pieces, so a record stays small whatever the number of snapshots.
+        for ids in ids.chunks(256) {
+            self.inner.log(
+                st,
+                Record::Invalidate {
+                    ids: ids.to_vec(),
+                    reason: reason.clone(),
+                },
+            )?;
+        }
         let seq = self.inner.log(st, Record::Reclaim { origin: no })?;
         st.invalidation_seq.insert(no, seq);
         self.inner.event(
