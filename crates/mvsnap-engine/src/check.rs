@@ -55,6 +55,8 @@ impl Store {
                 }
             }
         };
+        r.warnings
+            .extend(self.inner.superblock_damage.lock().iter().cloned());
         for &s in &st.ckpt_slots {
             claim(&mut r, s, Owner::Checkpoint);
         }

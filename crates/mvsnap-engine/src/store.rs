@@ -67,6 +67,9 @@ pub(crate) struct Inner {
     /// after a failed fsync Linux drops the dirty pages, so a later sync that succeeds proves
     /// nothing about the data that was lost.
     origin_errors: Mutex<HashMap<u32, String>>,
+    /// Superblock copies found damaged at open, for `check` (a torn write or a bad sector: the
+    /// other copy carries the store, but one more fault would lose it).
+    pub superblock_damage: Mutex<Vec<String>>,
 }
 
 /// How often the background flusher commits pending records.
@@ -150,6 +153,23 @@ impl Inner {
         *self.poison_msg.lock() = msg.clone();
         self.poisoned.store(true, Ordering::Release);
         Error::Poisoned(msg)
+    }
+
+    /// Say that a superblock copy is damaged (a warning, an event, `check`), and on a writable
+    /// open rewrite it from the good one so the store has two copies again.
+    fn report_superblock_damage(&self, damage: &[(u64, String)], repair: bool) -> Result<()> {
+        for (off, what) in damage {
+            let mut what = format!("{}: {what}", self.path.display());
+            if repair {
+                let good = self.sb.lock().encode();
+                self.store_write(&good, *off)?;
+                self.store_sync()?;
+                what.push_str("; rewritten from the good copy");
+            }
+            self.event(EventKind::Corruption, what.clone());
+            self.superblock_damage.lock().push(what);
+        }
+        Ok(())
     }
 
     /// Make an origin's acknowledged writes durable, or say they were lost: a failure (of a
@@ -608,6 +628,14 @@ impl Inner {
 }
 
 fn read_superblocks(dev: &dyn BlockDev, path: &Path) -> Result<Superblock> {
+    read_superblocks_checked(dev, path).map(|(sb, _)| sb)
+}
+
+/// The newest valid superblock, and the copies that failed their checks (offset, why).
+fn read_superblocks_checked(
+    dev: &dyn BlockDev,
+    path: &Path,
+) -> Result<(Superblock, Vec<(u64, String)>)> {
     let len = dev.len().map_err(|e| Error::io("stat", path, e))?;
     if len < 2 * META_BLOCK {
         // Too short for both superblocks: truncated if what is left starts like a store.
@@ -637,7 +665,10 @@ fn read_superblocks(dev: &dyn BlockDev, path: &Path) -> Result<Superblock> {
                 }
             }
             Ok(None) => {}
-            Err(e) => errors.push(format!("superblock at {off}: {e}")),
+            Err(e) => errors.push((
+                off,
+                format!("superblock copy at byte {off} is damaged: {e}"),
+            )),
         }
     }
     match best {
@@ -649,9 +680,16 @@ fn read_superblocks(dev: &dyn BlockDev, path: &Path) -> Result<Superblock> {
                     supported: FORMAT_VERSION,
                 });
             }
-            Ok(sb)
+            Ok((sb, errors))
         }
-        None if any_magic => Err(Error::corrupt(path, errors.join("; "))),
+        None if any_magic => Err(Error::corrupt(
+            path,
+            errors
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
         None => Err(Error::NotAStore { path: path.into() }),
     }
 }
@@ -788,7 +826,7 @@ impl Store {
         // writes the device never got, and replay would vouch for them.
         dev.drop_cache()
             .map_err(|e| Error::io("drop the cache of", &path, e))?;
-        let sb = read_superblocks(&*dev, &path)?;
+        let (sb, sb_damage) = read_superblocks_checked(&*dev, &path)?;
         let geo = sb.geo;
         let len = dev.len().map_err(|e| Error::io("stat", &path, e))?;
         if len < geo.data_start + geo.chunk_size as u64 {
@@ -916,11 +954,13 @@ impl Store {
             closed: AtomicBool::new(false),
             epoch_fresh: AtomicBool::new(false),
             origin_errors: Mutex::new(HashMap::new()),
+            superblock_damage: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
             writeback: Writeback::new(),
         });
         inner.events.lock().extend(events);
+        inner.report_superblock_damage(&sb_damage, !opts.read_only && !opts.ephemeral)?;
         if !opts.read_only && !opts.ephemeral {
             let mut st = inner.state.write();
             if replayed > 0 {

@@ -144,3 +144,56 @@ fn invalidate_of_many_snapshots_near_a_full_journal_commits() {
     common::assert_clean(&s, "after invalidating 1,000 snapshots");
     s.close().unwrap();
 }
+
+/// Issue 7 item 12: a damaged superblock copy was skipped in silence. It is reported on open
+/// (an event) and by `check`, and a writable open rewrites it from the good copy.
+#[test]
+fn damaged_superblock_copy_is_reported_and_repaired() {
+    use mvsnap_engine::format::SB_OFFSETS;
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(41, 1 << 20);
+    let (m, s) = common::sim_setup(
+        dir.path(),
+        &format_opts(16 << 20, 65536),
+        &[("o0", content.clone())],
+    );
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.close().unwrap();
+    let disk = m.store_disk().unwrap();
+    // Damage both copies in turn: whichever is damaged, the other carries the store.
+    for off in SB_OFFSETS {
+        disk.corrupt(off + 100, &[0xa5; 16]);
+        let ro = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let s = m.open_store(&ro).expect("the other copy opens the store");
+        let report = s.check();
+        assert!(report.is_clean(), "{report:?}");
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("superblock") && w.contains("damaged")),
+            "check does not report the damaged copy: {report:?}"
+        );
+        assert!(
+            s.events()
+                .iter()
+                .any(|e| e.kind == mvsnap_engine::EventKind::Corruption),
+            "no event"
+        );
+        drop(s);
+        // A writable open repairs it; after that nothing is reported.
+        let s = m.open_store(&OpenOptions::default()).unwrap();
+        s.close().unwrap();
+        let s = m.open_store(&ro).unwrap();
+        let report = s.check();
+        assert!(
+            report.warnings.iter().all(|w| !w.contains("superblock")),
+            "still damaged after a writable open: {report:?}"
+        );
+        common::assert_image("o0@a", &read_all(&s, "o0@a"), &content);
+        drop(s);
+    }
+}
