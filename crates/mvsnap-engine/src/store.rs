@@ -198,6 +198,13 @@ impl Inner {
             .or_insert_with(|| format!("{msg} (earlier; every flush fails until reopened)"));
     }
 
+    /// Write data (a preserved copy, a snapshot's block) into a slot no record points at yet.
+    /// A failure does not poison the store: nothing refers to those bytes, so the caller can
+    /// give the slot back and fail just that operation (or invalidate what needed the copy).
+    pub fn store_write_data(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, off)
+    }
+
     pub fn store_write(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_poison()?;
         self.dev

@@ -385,7 +385,8 @@ impl Volume {
         fua: bool,
     ) -> Result<()> {
         let _gate = gate.read();
-        self.inner.check_poison()?;
+        // No poison check here: on a poisoned store a write that needs no copy-out still goes
+        // to the origin (it changes nothing the store vouches for); `preserve` refuses the rest.
         let cs = self.inner.geo.chunk_size as u64;
         let (first, last) = (offset / cs, (offset + data.len() as u64 - 1) / cs);
         let mut wait_seq;
@@ -438,6 +439,8 @@ impl Volume {
         offset: u64,
         len: u64,
     ) -> Result<u64> {
+        // Neither a copy nor an invalidation can be made durable any more.
+        self.inner.check_poison()?;
         let geo = self.inner.geo;
         let (cs, sub) = (geo.chunk_size as u64, geo.sub_size as u64);
         let settled = self
@@ -469,12 +472,14 @@ impl Volume {
                         None => groups.push((pt + 1, 1 << b)),
                     }
                 }
-                for (lo, bits) in groups {
+                'group: for (lo, bits) in groups {
                     let existing = st.origins[&no].pindex.find(c, lo, gen).map(|e| e.slot);
                     let slot = match existing.or_else(|| self.inner.alloc_data_slot(st)) {
                         Some(s) => s,
                         None => {
-                            wait_seq = wait_seq.max(self.store_full(st, no, c, lo, gen)?);
+                            let reason = format!("COW store full: could not preserve chunk {c}");
+                            let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
+                            wait_seq = wait_seq.max(seq);
                             continue;
                         }
                     };
@@ -488,8 +493,22 @@ impl Volume {
                         piece[avail..].fill(0);
                         dev.read_at(&mut piece[..avail], src)
                             .map_err(|e| Error::io("read", dev.path(), e))?;
-                        self.inner
-                            .store_write(&piece, geo.slot_offset(slot) + boff)?;
+                        if let Err(e) = self
+                            .inner
+                            .store_write_data(&piece, geo.slot_offset(slot) + boff)
+                        {
+                            // ENOSPC of a sparse store on a full file system, EIO: the origin
+                            // stays writable, as with a full store (dm-snapshot does the same).
+                            if existing.is_none() {
+                                st.alloc.decref(slot, None);
+                            }
+                            let reason = format!(
+                                "COW store write failed ({e}): could not preserve chunk {c}"
+                            );
+                            let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
+                            wait_seq = wait_seq.max(seq);
+                            continue 'group;
+                        }
                         crc = crc32c::crc32c_append(crc, &piece);
                     }
                     let seq = self.inner.log(
@@ -527,10 +546,18 @@ impl Volume {
         Ok(wait_seq)
     }
 
-    /// The store is full: the origin write must go on, so the snapshots that needed this
-    /// copy lose it. They are marked invalid and their space is reclaimed. Returns the journal
-    /// sequence that must be durable before any write of this origin reaches the disk.
-    fn store_full(&self, st: &mut State, no: u32, chunk: u64, lo: u32, hi: u32) -> Result<u64> {
+    /// A copy-out cannot be made (the store is full, or writing it failed): the origin write
+    /// must go on, so the snapshots that needed this copy lose it. They are marked invalid and
+    /// their space is reclaimed. Returns the journal sequence that must be durable before any
+    /// write of this origin reaches the disk.
+    fn invalidate_needing(
+        &self,
+        st: &mut State,
+        no: u32,
+        lo: u32,
+        hi: u32,
+        why: &str,
+    ) -> Result<u64> {
         let o = &st.origins[&no];
         let ids: Vec<u64> = st
             .snaps
@@ -544,10 +571,7 @@ impl Volume {
             .iter()
             .map(|id| format!("{}@{}", o.id, st.snaps[id].tag))
             .collect();
-        let reason = format!(
-            "COW store full: could not preserve chunk {chunk} of {}",
-            o.id
-        );
+        let reason = format!("{why} of {}", o.id);
         // In pieces, so a record stays small whatever the number of snapshots.
         for ids in ids.chunks(256) {
             self.inner.log(
@@ -626,8 +650,17 @@ impl Volume {
             let data_bits = touched | copy_bits;
             for (r0, n) in runs(data_bits) {
                 let (o0, l) = (r0 as usize * sub, n as usize * sub);
-                self.inner
-                    .store_write(&chunkbuf[o0..o0 + l], geo.slot_offset(slot) + o0 as u64)?;
+                if let Err(e) = self
+                    .inner
+                    .store_write_data(&chunkbuf[o0..o0 + l], geo.slot_offset(slot) + o0 as u64)
+                {
+                    // Only this write fails: a new slot goes back, an owned one keeps its old
+                    // mapping (the range's content is undefined, as after any failed write).
+                    if !exclusive {
+                        st.alloc.decref(slot, None);
+                    }
+                    return Err(Error::io("write to the COW store for", &self.name, e));
+                }
             }
             let old_bits = entry.map(|e| e.bits).unwrap_or(0);
             // An in-place overwrite of valid blocks changes no metadata: no record.

@@ -770,19 +770,21 @@ fn poison_setup() -> (tempfile::TempDir, SimMachine, Store, Vec<u8>) {
     (dir, m, s, content)
 }
 
-/// Everything that would write after the poisoning fails with Poisoned and writes nothing.
+/// Everything that would write to the store after the poisoning fails with Poisoned and
+/// writes nothing there. An origin write that needs no copy-out may still go to the origin
+/// (it changes nothing the store vouches for); one that needs a copy-out fails.
 fn assert_poisoned_and_inert(m: &SimMachine, s: &Store) {
-    let before: Vec<_> = m.disks().iter().map(|d| d.stats()).collect();
-    let images: Vec<_> = m.disks().iter().map(|d| d.volatile_image()).collect();
+    let store_disk = m.store_disk().unwrap();
+    let before = store_disk.stats();
+    let image = store_disk.volatile_image();
     let o = s.volume("o0").unwrap();
     let w = s.volume("o0@w").unwrap();
     let is_poisoned = |what: &str, r: Result<(), Error>| match r {
         Err(Error::Poisoned(msg)) => assert!(msg.contains("os error 5"), "{what}: {msg}"),
         other => panic!("{what} after poisoning: {other:?}, expected Poisoned"),
     };
-    // Origin writes to a chunk the snapshots still need, and to one preserved already.
-    is_poisoned("origin write", o.write_at(3 << 16, &[9u8; 4096], false));
-    is_poisoned("origin write", o.write_at(0, &[9u8; 100], false));
+    // Chunk 10 was never written: the snapshots still need its copy.
+    is_poisoned("origin write", o.write_at(10 << 16, &[9u8; 4096], false));
     is_poisoned("snapshot write", w.write_at(70000, &[8u8; 5000], false));
     is_poisoned("snapshot flush", w.flush());
     is_poisoned(
@@ -791,16 +793,16 @@ fn assert_poisoned_and_inert(m: &SimMachine, s: &Store) {
     );
     is_poisoned("delete", s.delete_snapshot("o0@a"));
     is_poisoned("checkpoint", s.checkpoint());
-    let after: Vec<_> = m.disks().iter().map(|d| d.stats()).collect();
-    for (b, a) in before.iter().zip(&after) {
-        assert_eq!(b.writes, a.writes, "a poisoned store wrote to a disk");
-        assert_eq!(
-            b.failed_writes, a.failed_writes,
-            "a poisoned store tried to write"
-        );
-    }
-    let images2: Vec<_> = m.disks().iter().map(|d| d.volatile_image()).collect();
-    assert!(images == images2, "a disk changed after the poisoning");
+    let after = store_disk.stats();
+    assert_eq!(before.writes, after.writes, "a poisoned store wrote");
+    assert_eq!(
+        before.failed_writes, after.failed_writes,
+        "a poisoned store tried to write"
+    );
+    assert!(
+        image == store_disk.volatile_image(),
+        "the store changed after the poisoning"
+    );
     // Reads of what is there still work.
     let mut buf = vec![0u8; 4096];
     s.volume("o0@a").unwrap().read_at(0, &mut buf).unwrap();
@@ -863,14 +865,19 @@ fn failed_sync_poisons_the_store() {
     assert_recovers(&m, &content);
 }
 
+/// A failed journal write poisons the store (a data write that fails only fails its own
+/// operation: tests/store_errors.rs). The snapshot write's data goes out first, then its
+/// record's group; the second write fails, whether a flush or the background flusher issues it.
 #[test]
-fn failed_store_write_poisons_the_store() {
+fn failed_journal_write_poisons_the_store() {
     let (_d, m, s, content) = poison_setup();
     let w = s.volume("o0@w").unwrap();
-    m.store_disk().unwrap().fail_write_after(1);
-    match w.write_at(12345, &[7u8; 3000], false) {
+    m.store_disk().unwrap().fail_write_after(2);
+    w.write_at(12345, &[7u8; 3000], false)
+        .expect("the data write succeeds");
+    match w.flush() {
         Err(Error::Poisoned(msg)) => assert!(msg.contains("write"), "{msg}"),
-        other => panic!("snapshot write with a failing store write: {other:?}"),
+        other => panic!("flush with a failing journal write: {other:?}"),
     }
     assert_poisoned_and_inert(&m, &s);
     assert_recovers(&m, &content);
@@ -886,6 +893,13 @@ fn failed_checkpoint_sync_poisons_the_store() {
     // A checkpoint writes its blocks, syncs, then the superblock: fail the first sync.
     m.store_disk().unwrap().fail_sync_after(1);
     assert!(matches!(s.checkpoint(), Err(Error::Poisoned(_))));
+    // The origin stays writable where no copy-out is needed (chunk 0 was preserved before).
+    let o = s.volume("o0").unwrap();
+    o.write_at(0, &[2u8; 4096], false)
+        .expect("an origin write without a copy-out on a poisoned store");
+    let mut buf = [0u8; 4096];
+    o.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, [2u8; 4096]);
     assert_poisoned_and_inert(&m, &s);
     assert_recovers(&m, &content);
 }
@@ -896,12 +910,10 @@ fn failed_checkpoint_sync_poisons_the_store() {
 #[test]
 fn poisoned_store_sync_reports_the_poisoning() {
     let (_d, m, s, _) = poison_setup();
-    m.store_disk().unwrap().fail_write_after(1);
+    m.store_disk().unwrap().fail_write_after(2);
     let w = s.volume("o0@w").unwrap();
-    assert!(matches!(
-        w.write_at(0, &[7u8; 4096], false),
-        Err(Error::Poisoned(_))
-    ));
+    w.write_at(0, &[7u8; 4096], false).unwrap();
+    assert!(matches!(w.flush(), Err(Error::Poisoned(_))));
     match s.sync() {
         Err(Error::Poisoned(_)) => {}
         other => panic!("Store::sync() on a poisoned store: {other:?}, expected Poisoned"),

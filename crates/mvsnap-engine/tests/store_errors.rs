@@ -179,3 +179,87 @@ fn full_store_invalidation_is_durable_before_the_origin_write() {
     }
     common::assert_clean(&s, "after the power cut");
 }
+
+/// 5: any store error used to poison the store, and every origin write failed from then on.
+/// A copy-out that cannot be written (EIO, or ENOSPC from a sparse store on a full host file
+/// system) now invalidates the snapshots that needed it, durably, and the origin goes on.
+fn copy_out_error_invalidates_and_the_origin_goes_on(errno: i32) {
+    let content = pattern(8, MIB);
+    let (_dir, m, s) = setup(16 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    m.store_disk().unwrap().fail_write_after_with(1, errno);
+    let new = pattern(9, 65536);
+    o.write_at(3 * 65536, &new, false)
+        .expect("the origin write goes on");
+    o.flush().expect("and is flushed");
+    let info = s.snapshots().into_iter().find(|i| i.tag == "a").unwrap();
+    assert_eq!(info.state, mvsnap_engine::SnapshotState::Invalid);
+    let reason = info.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("os error {errno}")),
+        "the reason names the error: {reason}"
+    );
+    assert!(s
+        .events()
+        .iter()
+        .any(|e| e.kind == mvsnap_engine::EventKind::SnapshotInvalidated));
+    // Not poisoned: new snapshots work and keep their content.
+    let mut now = content.clone();
+    now[3 * 65536..4 * 65536].copy_from_slice(&new);
+    s.create_snapshot(&["o0"], Some("b"), "", false).unwrap();
+    o.write_at(5 * 65536, &pattern(10, 65536), false).unwrap();
+    o.flush().unwrap();
+    common::assert_image("o0@b", &read_all(&s, "o0@b"), &now);
+    now[5 * 65536..6 * 65536].copy_from_slice(&pattern(10, 65536));
+    drop(o);
+
+    // The invalidation was durable before the origin changed.
+    let s = power_cut(&m);
+    common::assert_image("o0 after a power cut", &read_all(&s, "o0"), &now);
+    match common::try_read_all(&s, "o0@a") {
+        Err(Error::SnapshotInvalid { .. }) => {}
+        other => panic!("o0@a after a power cut: {:?}", other.map(|_| "valid")),
+    }
+    common::assert_clean(&s, "after the power cut");
+}
+
+#[test]
+fn store_eio_on_copy_out_invalidates_and_the_origin_goes_on() {
+    copy_out_error_invalidates_and_the_origin_goes_on(libc::EIO);
+}
+
+#[test]
+fn store_enospc_on_copy_out_invalidates_and_the_origin_goes_on() {
+    copy_out_error_invalidates_and_the_origin_goes_on(libc::ENOSPC);
+}
+
+/// 5: a writable snapshot's failed store write fails that write only.
+#[test]
+fn writable_snapshot_write_error_fails_only_that_write() {
+    let content = pattern(12, MIB);
+    let (_dir, m, s) = setup(16 << 20, &content);
+    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    let w = s.volume("o0@w").unwrap();
+    m.store_disk()
+        .unwrap()
+        .fail_write_after_with(1, libc::ENOSPC);
+    let err = w.write_at(65536, &[0x11; 8192], false).unwrap_err();
+    assert!(!matches!(err, Error::Poisoned(_)), "{err}");
+    assert!(err.to_string().contains("os error 28"), "{err}");
+    // The next write works, and so does everything else.
+    w.write_at(65536, &[0x22; 8192], false).unwrap();
+    w.flush().unwrap();
+    s.volume("o0")
+        .unwrap()
+        .write_at(0, &[0x33; 4096], true)
+        .unwrap();
+    let mut want = content.clone();
+    want[65536..65536 + 8192].fill(0x22);
+    common::assert_image("o0@w", &read_all(&s, "o0@w"), &want);
+    common::assert_clean(&s, "after a failed snapshot write");
+    drop(w);
+    s.close().unwrap();
+    let s = power_cut(&m);
+    common::assert_image("o0@w after a power cut", &read_all(&s, "o0@w"), &want);
+}
