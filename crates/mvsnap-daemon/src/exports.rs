@@ -96,8 +96,8 @@ impl Export for EngineExport {
         Ok(self.vol.trim(offset, length)?)
     }
 
-    fn write_zeroes(&self, offset: u64, length: u64, _may_trim: bool, fua: bool) -> io::Result<()> {
-        Ok(self.vol.write_zeroes(offset, length, fua)?)
+    fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        Ok(self.vol.zero_range(offset, length, may_trim, fua)?)
     }
 
     fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {

@@ -26,6 +26,12 @@ pub trait BlockDev: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Make a range read as zeros by freeing its space (punch a hole, keeping the size). Unlike
+    /// `discard` it must not pretend: devices that cannot say `Unsupported`, and the caller
+    /// writes zeros instead.
+    fn punch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Which parts of a range hold data and which are holes reading as zeros. The default,
     /// for devices that cannot tell, is all data.
     fn allocation(&self, _offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
@@ -122,6 +128,13 @@ impl BlockDev for FileDev {
 
     fn drop_cache(&self) -> io::Result<()> {
         crate::sys::drop_page_cache(&self.file)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        crate::sys::punch_hole_strict(&self.file, offset, len)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {

@@ -63,7 +63,9 @@ impl Store {
         for o in st.origins.values() {
             let mut ranges: HashMap<(u64, u32), Vec<(u32, u32)>> = HashMap::new();
             o.pindex.for_each(|chunk, e| {
-                claim(&mut r, e.slot, Owner::Preserved { origin: o.no, chunk });
+                if e.slot != crate::index::ZERO_SLOT {
+                    claim(&mut r, e.slot, Owner::Preserved { origin: o.no, chunk });
+                }
                 if e.lo > e.hi || e.hi > o.gen || e.lo == 0 {
                     r.errors.push(format!("origin {}: chunk {chunk}: preserved range {}..={} is outside generations 1..={}", o.id, e.lo, e.hi, o.gen));
                 }

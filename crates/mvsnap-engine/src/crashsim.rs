@@ -659,6 +659,10 @@ impl BlockDev for SimDisk {
         self.growable
     }
 
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.discard(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         // A punched hole reads as zeros; like a write, it is lost if not synced.
         let mut st = self.st.lock();

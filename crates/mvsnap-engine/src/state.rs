@@ -9,6 +9,7 @@ use crate::blockdev::BlockDev;
 use crate::codec::{Reader, Writer};
 use crate::expiring::ExpiringMap;
 use crate::format::Geometry;
+use crate::index::ZERO_SLOT;
 use crate::index::{MapEntry, PreserveIndex, VolumeMap};
 use crate::journal::Record;
 use crate::types::{Event, EventKind, SnapshotState};
@@ -164,7 +165,11 @@ impl State {
                     .remove(no)
                     .ok_or("remove of an unknown origin")?;
                 let mut freed = Vec::new();
-                o.pindex.for_each(|_, e| freed.push(e.slot));
+                o.pindex.for_each(|_, e| {
+                    if e.slot != ZERO_SLOT {
+                        freed.push(e.slot)
+                    }
+                });
                 for s in freed {
                     self.alloc.decref(s, settle);
                 }
@@ -246,13 +251,18 @@ impl State {
                     .ok_or("preserve for an unknown origin")?;
                 let existing = o.pindex.find(*chunk, *lo, *hi);
                 match existing {
+                    // A zero entry becomes a real one when a later block of it holds data.
+                    Some(e) if e.slot == ZERO_SLOT && *slot != ZERO_SLOT => {
+                        self.take_slot(*slot, live)?
+                    }
                     Some(e) if e.slot != *slot => return Err("preserve into a second slot".into()),
                     Some(_) => {}
+                    None if *slot == ZERO_SLOT => {}
                     None => self.take_slot(*slot, live)?,
                 }
                 let o = self.origins.get_mut(origin).unwrap();
                 o.pindex.add(*chunk, *lo, *hi, *slot, *bits);
-                if live {
+                if live && *slot != ZERO_SLOT {
                     self.unsettled_slots.insert(*slot, seq);
                 }
             }
@@ -313,7 +323,11 @@ impl State {
                 let mut freed = Vec::new();
                 o.pindex.retain(
                     |_, e| live.range(e.lo..=e.hi).next().is_some(),
-                    |_, slot| freed.push(slot),
+                    |_, slot| {
+                        if slot != ZERO_SLOT {
+                            freed.push(slot)
+                        }
+                    },
                 );
                 for s in freed {
                     self.alloc.decref(s, settle);
@@ -513,7 +527,7 @@ impl State {
                 if chunk >= chunks || lo > hi || bits & !geo.full_bits() != 0 {
                     return Err(format!("preserved entry for chunk {chunk} is out of range"));
                 }
-                if !st.alloc.claim(slot) {
+                if slot != ZERO_SLOT && !st.alloc.claim(slot) {
                     return Err(format!(
                         "slot {slot} is used twice or lies past the end of the store"
                     ));

@@ -1571,6 +1571,9 @@ fn data_intact(dev: &dyn BlockDev, geo: Geometry, rec: &Record) -> Result<bool> 
         } => (*slot, *data_bits, *crc),
         _ => return Ok(true),
     };
+    if slot == crate::index::ZERO_SLOT {
+        return Ok(true); // nothing was written: the blocks read as zeroes
+    }
     if (slot as u64) >= geo.slots_for_len(dev.len().unwrap_or(0)) {
         return Ok(false);
     }

@@ -21,6 +21,15 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// Free the space behind a range of a file; a no-op where the filesystem cannot.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    match punch_hole_strict(file, offset, len) {
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+        r => r,
+    }
+}
+
+/// Free the space behind a range of a file, so it reads as zeros; `Unsupported` where the file
+/// system cannot.
+pub fn punch_hole_strict(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a valid open fd; no memory is passed.
     let rc = unsafe {
         libc::fallocate(
@@ -35,7 +44,7 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Err(io::ErrorKind::Unsupported.into()),
         _ => Err(err),
     }
 }

@@ -8,6 +8,7 @@ use parking_lot::RwLock;
 use crate::blockdev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::Geometry;
+use crate::index::ZERO_SLOT;
 use crate::journal::Record;
 use crate::state::{Origin, Snap, State};
 use crate::store::{resolve_name, Handles, Inner, Store};
@@ -42,6 +43,8 @@ pub struct Volume {
 enum Src {
     Store,
     Origin,
+    /// A preserved zero entry: nothing to read.
+    Zero,
 }
 
 struct Piece {
@@ -247,6 +250,7 @@ impl Volume {
             let dst = &mut buf[p.buf_off..p.buf_off + p.len];
             match p.src {
                 Src::Store => self.inner.store_read(dst, p.dev_off)?,
+                Src::Zero => dst.fill(0),
                 Src::Origin => {
                     let dev = origin.dev.as_ref().map_err(|e| Error::Busy(e.clone()))?;
                     dev.read_at(dst, p.dev_off)
@@ -287,7 +291,74 @@ impl Volume {
     }
 
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes(offset, len, false)
+        self.zero_range(offset, len, true, false)
+    }
+
+    /// Make a range read as zeros (TRIM, WRITE_ZEROES). On an origin the snapshots keep what
+    /// they need first (zero entries where it read as zeros already, so trimming what was never
+    /// written costs them nothing), then, if `may_trim`, the range is punched out of the file
+    /// instead of written: the origin stays sparse. Elsewhere zeros are written.
+    pub fn zero_range(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let Kind::Origin { no, dev, gate } = &self.kind else {
+            return self.write_zeroes(offset, len, fua);
+        };
+        if !may_trim || len == 0 {
+            return self.write_zeroes(offset, len, fua);
+        }
+        let cs = self.inner.geo.chunk_size as u64;
+        // In pieces, so the state lock is not held across the copy-outs of a huge range.
+        const PIECE: u64 = 8 << 20;
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(PIECE - pos % PIECE);
+            let _gate = gate.read();
+            let wait_seq = {
+                let mut st = self.inner.state.write();
+                let (first, last) = (pos / cs, (pos + n - 1) / cs);
+                let o = st
+                    .origins
+                    .get(no)
+                    .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
+                let mut wait = if (first..=last).any(|c| needs_preserve(o, c)) {
+                    self.preserve(&mut st, *no, dev, pos, n)?
+                } else {
+                    self.inner.check_poison()?;
+                    0
+                };
+                for c in first..=last {
+                    if let Some(s) = st.inflight_preserves.get(&(*no, c)) {
+                        wait = wait.max(s);
+                    }
+                }
+                wait.max(st.invalidation_seq.get(no).copied().unwrap_or(0))
+            };
+            // Invariant 2, as for a write; and writes acknowledged before this one go first.
+            self.inner.writeback.drain(&self.inner);
+            if wait_seq > self.inner.durable_seq() {
+                self.inner.wait_durable(wait_seq)?;
+            }
+            match dev.punch(pos, n) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    let zeros = vec![0u8; n.min(1 << 20) as usize];
+                    let mut p = pos;
+                    while p < pos + n {
+                        let k = (pos + n - p).min(zeros.len() as u64) as usize;
+                        dev.write_at(&zeros[..k], p)
+                            .map_err(|e| Error::io("write", dev.path(), e))?;
+                        p += k as u64;
+                    }
+                }
+                Err(e) => return Err(Error::io("punch a hole in", dev.path(), e)),
+            }
+            pos += n;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<()> {
@@ -452,7 +523,7 @@ impl Volume {
         st.unsettled_slots.expire(settled);
         let end = offset + len;
         let mut wait_seq = 0;
-        let mut piece: Vec<u8> = Vec::new();
+        let mut chunkbuf: Vec<u8> = Vec::new();
         for c in offset / cs..=(end - 1) / cs {
             let o = &st.origins[&no];
             let gen = o.gen;
@@ -472,44 +543,67 @@ impl Volume {
                         None => groups.push((pt + 1, 1 << b)),
                     }
                 }
-                'group: for (lo, bits) in groups {
-                    let existing = st.origins[&no].pindex.find(c, lo, gen).map(|e| e.slot);
-                    let slot = match existing.or_else(|| self.inner.alloc_data_slot(st)) {
-                        Some(s) => s,
-                        None => {
-                            let reason = format!("COW store full: could not preserve chunk {c}");
-                            let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
-                            wait_seq = wait_seq.max(seq);
-                            continue;
-                        }
-                    };
-                    // The CRC runs over the blocks in order, as `crc_of` would compute it.
-                    let mut crc = 0u32;
+                for (lo, bits) in groups {
+                    // Read the blocks first: whether they read as zeroes decides where they go.
+                    chunkbuf.clear();
+                    chunkbuf.resize(cs as usize, 0);
                     for (b0, n) in runs(bits) {
                         let (boff, blen) = (b0 as u64 * sub, n as u64 * sub);
-                        piece.resize(blen as usize, 0);
                         let src = c * cs + boff;
                         let avail = osize.saturating_sub(src).min(blen) as usize;
-                        piece[avail..].fill(0);
-                        dev.read_at(&mut piece[..avail], src)
+                        let at = boff as usize;
+                        dev.read_at(&mut chunkbuf[at..at + avail], src)
                             .map_err(|e| Error::io("read", dev.path(), e))?;
-                        if let Err(e) = self
-                            .inner
-                            .store_write_data(&piece, geo.slot_offset(slot) + boff)
-                        {
-                            // ENOSPC of a sparse store on a full file system, EIO: the origin
-                            // stays writable, as with a full store (dm-snapshot does the same).
-                            if existing.is_none() {
-                                st.alloc.decref(slot, None);
+                    }
+                    let zero = chunkbuf.iter().all(|&b| b == 0);
+                    let existing = st.origins[&no].pindex.find(c, lo, gen);
+                    let (slot, all_bits) = match existing {
+                        // Zeroes (a hole, or zero data) need no copy: a zero entry records them.
+                        None if zero => (ZERO_SLOT, bits),
+                        Some(e) if e.slot == ZERO_SLOT && zero => (ZERO_SLOT, bits),
+                        Some(e) if e.slot != ZERO_SLOT => (e.slot, bits),
+                        // New data, or data joining a zero entry (its blocks are written as the
+                        // zeroes they are): a fresh slot.
+                        _ => match self.inner.alloc_data_slot(st) {
+                            Some(s) => (s, bits | existing.map_or(0, |e| e.bits)),
+                            None => {
+                                let reason =
+                                    format!("COW store full: could not preserve chunk {c}");
+                                let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
+                                wait_seq = wait_seq.max(seq);
+                                continue;
                             }
-                            let reason = format!(
-                                "COW store write failed ({e}): could not preserve chunk {c}"
-                            );
-                            let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
-                            wait_seq = wait_seq.max(seq);
-                            continue 'group;
+                        },
+                    };
+                    let fresh = slot != ZERO_SLOT && existing.is_none_or(|e| e.slot == ZERO_SLOT);
+                    // The CRC runs over the blocks in order, as `crc_of` would compute it.
+                    let mut crc = 0u32;
+                    let mut failed = None;
+                    if slot != ZERO_SLOT {
+                        for (b0, n) in runs(all_bits) {
+                            let (at, len) = ((b0 as u64 * sub) as usize, (n as u64 * sub) as usize);
+                            let piece = &chunkbuf[at..at + len];
+                            if let Err(e) = self
+                                .inner
+                                .store_write_data(piece, geo.slot_offset(slot) + at as u64)
+                            {
+                                failed = Some(e);
+                                break;
+                            }
+                            crc = crc32c::crc32c_append(crc, piece);
                         }
-                        crc = crc32c::crc32c_append(crc, &piece);
+                    }
+                    if let Some(e) = failed {
+                        // ENOSPC of a sparse store on a full file system, EIO: the origin stays
+                        // writable, as with a full store (dm-snapshot does the same).
+                        if fresh {
+                            st.alloc.decref(slot, None);
+                        }
+                        let reason =
+                            format!("COW store write failed ({e}): could not preserve chunk {c}");
+                        let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
+                        wait_seq = wait_seq.max(seq);
+                        continue;
                     }
                     let seq = self.inner.log(
                         st,
@@ -519,7 +613,7 @@ impl Volume {
                             lo,
                             hi: gen,
                             slot,
-                            bits,
+                            bits: all_bits,
                             crc,
                         },
                     )?;
@@ -739,6 +833,7 @@ fn plan_read(geo: Geometry, snap: &Snap, origin: &Origin, offset: u64, len: usiz
                 .then(|| origin.pindex.lookup(c, snap.gen, b))
                 .flatten()
             {
+                Some(ZERO_SLOT) => (Src::Zero, pos),
                 Some(slot) => (Src::Store, geo.slot_offset(slot) + in_chunk),
                 None => (Src::Origin, pos),
             },

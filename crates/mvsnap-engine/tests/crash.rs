@@ -890,6 +890,8 @@ fn failed_checkpoint_sync_poisons_the_store() {
         .unwrap()
         .write_at(0, &[1u8; 200000], false)
         .unwrap();
+    // Its copy-outs are durable (so later writes there need nothing from the store).
+    s.volume("o0").unwrap().flush().unwrap();
     // A checkpoint writes its blocks, syncs, then the superblock: fail the first sync.
     m.store_disk().unwrap().fail_sync_after(1);
     assert!(matches!(s.checkpoint(), Err(Error::Poisoned(_))));

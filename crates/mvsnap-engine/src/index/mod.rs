@@ -13,4 +13,4 @@ mod map;
 mod preserve;
 
 pub use map::{MapEntry, VolumeMap};
-pub use preserve::{PEntry, PreserveIndex};
+pub use preserve::{PEntry, PreserveIndex, ZERO_SLOT};

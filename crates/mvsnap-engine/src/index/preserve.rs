@@ -6,6 +6,11 @@
 //! holding the per-chunk "done through generation" numbers that make the origin's hot-path test
 //! O(1) and allocation-free.
 
+/// The slot of an entry whose blocks read as zeroes (a hole, or zero data, in the origin when
+/// it was preserved): it owns no space; reads of it return zeroes. A TRIM of a never-written
+/// range, or a write over a sparse origin, costs a snapshot nothing.
+pub const ZERO_SLOT: u32 = u32::MAX - 1;
+
 const LEAF_BITS: u32 = 6;
 const LEAF_CHUNKS: usize = 1 << LEAF_BITS;
 
@@ -154,7 +159,8 @@ impl PreserveIndex {
         self.entries(chunk).find(|e| e.lo == lo && e.hi == hi)
     }
 
-    /// Add `bits` to the entry `(chunk, lo, hi)` (which must use `slot`), creating it if needed.
+    /// Add `bits` to the entry `(chunk, lo, hi)` (which must use `slot`, or be a zero entry that
+    /// `slot` now replaces: its blocks were written there as zeroes), creating it if needed.
     pub fn add(&mut self, chunk: u64, lo: u32, hi: u32, slot: u32, bits: u64) {
         let low = Self::split(chunk).1;
         let leaf = self.leaf_mut(chunk);
@@ -162,7 +168,8 @@ impl PreserveIndex {
         for i in span.clone() {
             let le = &mut leaf.entries[i];
             if le.lo == lo && le.hi == hi {
-                debug_assert_eq!(le.slot, slot);
+                debug_assert!(le.slot == slot || le.slot == ZERO_SLOT);
+                le.slot = slot;
                 le.bits |= bits;
                 return;
             }
