@@ -857,19 +857,24 @@ impl Store {
             // writes and the new size in either order). Harmless unless something refers past
             // the end: the checkpoint and replay refuse any slot past it as corruption, and
             // the journal's last group stops at data that is not there.
-            tracing::warn!(
-                "{}: the store is {len} bytes, it was grown to {}: opening it at its size",
-                path.display(),
-                sb.store_len
-            );
         }
+        // What refers past the end of a shorter file says first that the store is truncated.
+        let store_len = sb.store_len;
+        let truncated = |e: Error| match e {
+            Error::Corrupt { path, what } if len < store_len => Error::Corrupt {
+                path,
+                what: format!("store is truncated: {len} bytes, it had {store_len}: {what}"),
+            },
+            e => e,
+        };
         let mut events = Vec::new();
         let (mut st, ckpt_slots) = match sb.checkpoint {
             None => (State::new(geo, nslots), Vec::new()),
             Some(ck) => {
-                let (stream, slots) = read_checkpoint(&*dev, &path, geo, nslots, ck, sb.epoch)?;
+                let (stream, slots) =
+                    read_checkpoint(&*dev, &path, geo, nslots, ck, sb.epoch).map_err(truncated)?;
                 let (mut st, evs) = State::deserialize(geo, nslots, &stream)
-                    .map_err(|e| Error::corrupt(&path, format!("checkpoint: {e}")))?;
+                    .map_err(|e| truncated(Error::corrupt(&path, format!("checkpoint: {e}"))))?;
                 events = evs;
                 for &s in &slots {
                     if !st.alloc.claim(s) {
@@ -916,8 +921,9 @@ impl Store {
                 }
                 // Frees stay quarantined: the recovery checkpoint must not overwrite data that a
                 // second recovery (after a crash during this one) would verify again.
-                st.apply(&rec, seq, false, true)
-                    .map_err(|e| Error::corrupt(&path, format!("journal record {seq}: {e}")))?;
+                st.apply(&rec, seq, false, true).map_err(|e| {
+                    truncated(Error::corrupt(&path, format!("journal record {seq}: {e}")))
+                })?;
                 replayed += 1;
                 last_seq = seq;
             }
@@ -981,7 +987,14 @@ impl Store {
             inner
                 .writeback
                 .spawn_workers(Arc::downgrade(&inner))
-                .map_err(|e| Error::io("start write-behind threads for", path, e))?;
+                .map_err(|e| Error::io("start write-behind threads for", &path, e))?;
+        }
+        if len < store_len {
+            tracing::warn!(
+                "{}: the store is {len} bytes, it was grown to {store_len} (a power cut lost the \
+                 size change); nothing refers past its end, so it opens at its size",
+                path.display()
+            );
         }
         tracing::debug!(replayed, "store opened");
         let handles = Arc::new(Handles {
