@@ -41,8 +41,8 @@ fn listen_addr(s: &str) -> Result<String> {
 
 /// Run the daemon until a signal or a `shutdown` request; blocks.
 pub fn serve(opts: ServeOptions) -> Result<()> {
-    let uuid = Store::probe_uuid(&opts.store)?;
-    let ctl_path = crate::paths::control_socket(&uuid);
+    let key = crate::paths::store_key(&opts.store)?;
+    let ctl_path = crate::paths::control_socket(&key);
     if std::os::unix::net::UnixStream::connect(&ctl_path).is_ok() {
         bail!(
             "a daemon already serves {} (control socket {})",
@@ -61,7 +61,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(run(store.clone(), opts, uuid, ctl_path.clone()));
+    let result = rt.block_on(run(store.clone(), opts, key, ctl_path.clone()));
     let _ = std::fs::remove_file(&ctl_path);
     // Whatever happened, leave the store consistent: checkpoint and release it.
     let closed = store.shutdown();
@@ -71,14 +71,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-async fn run(store: Store, opts: ServeOptions, uuid: String, ctl_path: PathBuf) -> Result<()> {
+async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -> Result<()> {
     let dir = crate::paths::runtime_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("runtime directory {}", dir.display()))?;
     let nbd_path = opts
         .nbd_socket
         .clone()
-        .unwrap_or_else(|| crate::paths::default_nbd_socket(&uuid));
+        .unwrap_or_else(|| crate::paths::default_nbd_socket(&key));
     let nbd = NbdServer::new(Arc::new(EngineRegistry {
         store: store.clone(),
     }));

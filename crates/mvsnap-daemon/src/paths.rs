@@ -1,5 +1,5 @@
-//! Where a store's daemon sockets live: named after the store's UUID in the runtime directory,
-//! so any command finds them from `--store` alone.
+//! Where a store's daemon sockets live: named after the store (its UUID, device and inode) in
+//! the runtime directory, so any command finds them from `--store` alone.
 
 use std::path::{Path, PathBuf};
 
@@ -18,16 +18,35 @@ pub fn runtime_dir() -> PathBuf {
     std::env::temp_dir()
 }
 
-pub fn control_socket(uuid: &str) -> PathBuf {
-    runtime_dir().join(format!("mvsnap-{uuid}.ctl"))
+/// What names a store's sockets: its UUID and where it lives on this host (device and inode of
+/// a file, the device number of a block device). A copy of a store has the same UUID, so the
+/// UUID alone sent the copy's commands to the daemon serving the original.
+pub fn store_key(store: &Path) -> mvsnap_engine::Result<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let uuid = mvsnap_engine::Store::probe_uuid(store)?;
+    let meta = std::fs::metadata(store).map_err(|source| mvsnap_engine::Error::Io {
+        op: "stat",
+        path: store.to_path_buf(),
+        source,
+    })?;
+    // Short: a Unix socket path holds at most 107 bytes.
+    let short = uuid.get(..8).unwrap_or(&uuid);
+    Ok(if meta.file_type().is_block_device() {
+        format!("{short}-b{:x}", meta.rdev())
+    } else {
+        format!("{short}-{:x}-{:x}", meta.dev(), meta.ino())
+    })
 }
 
-pub fn default_nbd_socket(uuid: &str) -> PathBuf {
-    runtime_dir().join(format!("mvsnap-{uuid}.nbd"))
+pub fn control_socket(key: &str) -> PathBuf {
+    runtime_dir().join(format!("mvsnap-{key}.ctl"))
+}
+
+pub fn default_nbd_socket(key: &str) -> PathBuf {
+    runtime_dir().join(format!("mvsnap-{key}.nbd"))
 }
 
 /// The control socket of the daemon serving `store`, if the store is readable.
 pub fn control_socket_for_store(store: &Path) -> Option<PathBuf> {
-    let uuid = mvsnap_engine::Store::probe_uuid(store).ok()?;
-    Some(control_socket(&uuid))
+    Some(control_socket(&store_key(store).ok()?))
 }

@@ -462,3 +462,43 @@ fn origin_remove_while_a_client_has_it_open() {
         assert_eq!(c.read_simple(3, 0, 512).unwrap(), vec![FILL; 512]);
     }
 }
+
+/// Issue 7 item 9: a copy of a store (`cp store.img copy.img`) has the same UUID, and commands
+/// on the copy went to the daemon serving the original: a snapshot "created on the copy"
+/// appeared in the original. Commands are routed by the store's identity on disk.
+#[test]
+fn commands_on_a_copy_do_not_reach_the_daemon_of_the_original() {
+    let fx = Fixture::new("copy", SIZE, &vec![FILL; SIZE as usize]);
+    fx.snapshot("disk0", "before", false, "");
+    let copy = fx.dir.join("copy.img");
+    std::fs::copy(&fx.store, &copy).unwrap();
+    let _d = fx.start();
+    let on_copy = |args: &[&str]| {
+        // The same runtime directory as the daemon's, another --store.
+        let mut c = Command::new(mvsnap_bin());
+        c.env("MVSNAP_RUNTIME_DIR", &fx.runtime)
+            .env_remove("MVSNAP_STORE")
+            .args(["--store", copy.to_str().unwrap()])
+            .args(args);
+        run(&mut c, Duration::from_secs(60))
+    };
+    let out = on_copy(&["snapshot", "create", "disk0", "--tag", "oncopy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tags = |json: serde_json::Value| -> Vec<String> {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["tag"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let original = tags(fx.json(&["snapshot", "list", "--json"]));
+    assert_eq!(
+        original,
+        vec!["before"],
+        "the copy's snapshot reached the original"
+    );
+    let out = on_copy(&["snapshot", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let copied = tags(serde_json::from_slice(&out.stdout).unwrap());
+    assert_eq!(copied, vec!["before", "oncopy"]);
+}
