@@ -339,3 +339,39 @@ fn write_past_the_end_writes_nothing() {
     let snap = mvsnap(&["--store", st, "cat", "disk.img@a"]).ok().stdout;
     assert!(snap == v1, "the snapshot changed");
 }
+
+/// Issue 7 item 8: `origin add` accepted the store itself (writing through it destroys the
+/// store), any other mvsnap store, and an origin already bound to another store (writing
+/// through the second silently changed a snapshot of the first).
+#[test]
+fn origin_add_refuses_stores_and_origins_bound_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s1, s2) = (dir.path().join("s1.img"), dir.path().join("s2.img"));
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, pattern(1 << 20, 4)).unwrap();
+    mvsnap(&["format", s(&s1), "--size", "32M"]).ok();
+    mvsnap(&["format", s(&s2), "--size", "32M"]).ok();
+    let before = std::fs::read(&s1).unwrap();
+    mvsnap(&["--store", s(&s1), "origin", "add", s(&s1)]).one_line_error("this store itself");
+    mvsnap(&["--store", s(&s1), "origin", "add", s(&s2)]).one_line_error("is an mvsnap store");
+    assert!(std::fs::read(&s1).unwrap() == before, "the store changed");
+
+    mvsnap(&["--store", s(&s1), "origin", "add", s(&disk)]).ok();
+    mvsnap(&[
+        "--store",
+        s(&s1),
+        "snapshot",
+        "create",
+        "disk.img",
+        "--tag",
+        "a",
+    ])
+    .ok();
+    // The binding is marked on the file (an extended attribute: tmpfs, ext4, xfs, btrfs keep
+    // them), and a second store refuses it.
+    mvsnap(&["--store", s(&s2), "origin", "add", s(&disk)]).one_line_error("already an origin");
+    // Once the first store lets it go, the second may take it.
+    mvsnap(&["--store", s(&s1), "snapshot", "delete", "disk.img@a"]).ok();
+    mvsnap(&["--store", s(&s1), "origin", "remove", "disk.img"]).ok();
+    mvsnap(&["--store", s(&s2), "origin", "add", s(&disk)]).ok();
+}

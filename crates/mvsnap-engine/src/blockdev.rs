@@ -156,8 +156,18 @@ impl BlockDev for FileDev {
 pub struct FileOpener;
 
 impl DeviceOpener for FileOpener {
+    /// An origin is locked while a store has it open (exclusively to write it), so no other
+    /// store or mvsnap process writes it behind this one's snapshots; the store itself is
+    /// locked the same way, so it can never be opened as an origin of itself.
     fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn BlockDev>> {
-        Ok(Arc::new(FileDev::open(path, writable)?))
+        let dev = FileDev::open(path, writable)?;
+        if !try_lock(dev.file(), writable)? {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "in use by another mvsnap store or process (it holds a lock on it)",
+            ));
+        }
+        Ok(Arc::new(dev))
     }
 }
 

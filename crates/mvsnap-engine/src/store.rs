@@ -1080,11 +1080,53 @@ impl Store {
                 })?,
         };
         validate_name("origin id", &id)?;
+        // Writing through an origin that is this store, or another store, destroys it.
+        if same_file(&abs, &self.inner.path) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is this store itself; an origin must be another file or device",
+                abs.display()
+            )));
+        }
+        // Already bound here: say so before opening it (this store holds its lock).
+        {
+            let st = self.inner.state.read();
+            let abs_s = abs.to_string_lossy();
+            if st.origin_by_id(&id).is_some() {
+                return Err(Error::AlreadyExists(format!("origin {id}")));
+            }
+            if let Some(o) = st.origins.values().find(|o| o.path == abs_s) {
+                return Err(Error::AlreadyExists(format!(
+                    "origin {} (as {})",
+                    abs.display(),
+                    o.id
+                )));
+            }
+        }
+        let uuid = self.uuid();
+        if let Ok(Some(other)) = crate::sys::get_xattr(&abs, BOUND_XATTR) {
+            let other = String::from_utf8_lossy(&other).into_owned();
+            if other != uuid {
+                return Err(Error::Busy(format!(
+                    "{} is already an origin of the mvsnap store {other}: writing it through \
+                     this store too would change that store's snapshots behind its back. \
+                     Remove it there (origin remove), or, if that store is gone, clear the \
+                     mark: setfattr -x {BOUND_XATTR} {}",
+                    abs.display(),
+                    abs.display()
+                )));
+            }
+        }
         let dev = self
             .inner
             .opener
             .open(&abs, !self.inner.read_only)
             .map_err(|e| Error::io("open origin", &abs, e))?;
+        if read_superblocks(&*dev, &abs).is_ok() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is an mvsnap store; using it as an origin would destroy it",
+                abs.display()
+            )));
+        }
         let size = dev.len().map_err(|e| Error::io("stat", &abs, e))?;
         if size == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -1126,6 +1168,14 @@ impl Store {
         let seq = self.inner.appended_seq();
         drop(st);
         self.inner.wait_durable(seq)?;
+        // Best effort: a file system without extended attributes keeps no mark (the lock
+        // still guards an origin while a store has it open).
+        if let Err(e) = crate::sys::set_xattr(&abs, BOUND_XATTR, uuid.as_bytes()) {
+            tracing::warn!(
+                "{}: cannot mark it as bound to this store: {e}",
+                abs.display()
+            );
+        }
         Ok(OriginInfo {
             id,
             path: abs_s,
@@ -1147,9 +1197,18 @@ impl Store {
                 "origin {id} still has {n} snapshots; delete them first"
             )));
         }
+        let path = PathBuf::from(&o.path);
         let seq = self.inner.log(&mut st, Record::OriginRemove { no })?;
         drop(st);
-        self.inner.wait_durable(seq)
+        self.inner.wait_durable(seq)?;
+        if crate::sys::get_xattr(&path, BOUND_XATTR).ok().flatten()
+            == Some(self.uuid().into_bytes())
+        {
+            if let Err(e) = crate::sys::remove_xattr(&path, BOUND_XATTR) {
+                tracing::warn!("{}: cannot clear its binding mark: {e}", path.display());
+            }
+        }
+        Ok(())
     }
 
     pub fn origins(&self) -> Vec<OriginInfo> {
@@ -1444,6 +1503,19 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
         });
     }
     out
+}
+
+/// Marks an origin file with the UUID of the store it is bound to, so a second store refuses
+/// it (where the file system keeps extended attributes).
+const BOUND_XATTR: &str = "user.mvsnap.store";
+
+/// Whether two paths name the same file (device and inode); false if either cannot be read.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// The longest memo a snapshot takes, in bytes.

@@ -129,3 +129,65 @@ pub fn allocation(file: &File, offset: u64, len: u64) -> io::Result<Vec<crate::t
     }
     Ok(out)
 }
+
+fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// An extended attribute's value; `None` when the file has none of that name, or the file
+/// system keeps none (then nothing can be recorded there either).
+pub fn get_xattr(path: &std::path::Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let (p, n) = (c_path(path)?, std::ffi::CString::new(name)?);
+    let mut buf = vec![0u8; 256];
+    // SAFETY: p and n are NUL-terminated; buf is valid for buf.len() bytes.
+    let rc = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if rc >= 0 {
+        buf.truncate(rc as usize);
+        return Ok(Some(buf));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// Set an extended attribute; Ok(false) where the file system keeps none.
+pub fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> io::Result<bool> {
+    let (p, n) = (c_path(path)?, std::ffi::CString::new(name)?);
+    // SAFETY: p and n are NUL-terminated; value is valid for value.len() bytes.
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOTSUP) | Some(libc::EPERM) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// Remove an extended attribute if it is there.
+pub fn remove_xattr(path: &std::path::Path, name: &str) -> io::Result<()> {
+    let (p, n) = (c_path(path)?, std::ffi::CString::new(name)?);
+    // SAFETY: p and n are NUL-terminated.
+    let rc = unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENODATA) | Some(libc::ENOTSUP) | Some(libc::ENOENT) => Ok(()),
+        _ => Err(err),
+    }
+}
