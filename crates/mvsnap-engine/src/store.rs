@@ -1088,20 +1088,7 @@ impl Store {
             )));
         }
         // Already bound here: say so before opening it (this store holds its lock).
-        {
-            let st = self.inner.state.read();
-            let abs_s = abs.to_string_lossy();
-            if st.origin_by_id(&id).is_some() {
-                return Err(Error::AlreadyExists(format!("origin {id}")));
-            }
-            if let Some(o) = st.origins.values().find(|o| o.path == abs_s) {
-                return Err(Error::AlreadyExists(format!(
-                    "origin {} (as {})",
-                    abs.display(),
-                    o.id
-                )));
-            }
-        }
+        not_bound_yet(&self.inner.state.read(), &id, &abs)?;
         let uuid = self.uuid();
         if let Ok(Some(other)) = crate::sys::get_xattr(&abs, BOUND_XATTR) {
             let other = String::from_utf8_lossy(&other).into_owned();
@@ -1142,16 +1129,7 @@ impl Store {
             )));
         }
         let mut st = self.inner.state.write();
-        if st.origin_by_id(&id).is_some() {
-            return Err(Error::AlreadyExists(format!("origin {id}")));
-        }
-        if let Some(o) = st.origins.values().find(|o| o.path == abs_s) {
-            return Err(Error::AlreadyExists(format!(
-                "origin {} (as {})",
-                abs.display(),
-                o.id
-            )));
-        }
+        not_bound_yet(&st, &id, &abs)?;
         let no = st.next_origin_no;
         self.inner
             .ensure_meta_room(&mut st, 64 + id.len() as u64 + abs_s.len() as u64)?;
@@ -1508,6 +1486,22 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
 /// Marks an origin file with the UUID of the store it is bound to, so a second store refuses
 /// it (where the file system keeps extended attributes).
 const BOUND_XATTR: &str = "user.mvsnap.store";
+
+/// Refuse an id or a path this store already has as an origin.
+fn not_bound_yet(st: &State, id: &str, abs: &Path) -> Result<()> {
+    if st.origin_by_id(id).is_some() {
+        return Err(Error::AlreadyExists(format!("origin {id}")));
+    }
+    let abs_s = abs.to_string_lossy();
+    if let Some(o) = st.origins.values().find(|o| o.path == abs_s) {
+        return Err(Error::AlreadyExists(format!(
+            "origin {} (as {})",
+            abs.display(),
+            o.id
+        )));
+    }
+    Ok(())
+}
 
 /// Whether two paths name the same file (device and inode); false if either cannot be read.
 fn same_file(a: &Path, b: &Path) -> bool {
