@@ -100,8 +100,11 @@ impl Store {
             if live != recorded {
                 r.errors.push(format!("origin {}: live generation counts {recorded:?} disagree with the snapshots {live:?}", o.id));
             }
-            if let Err(e) = &o.dev {
-                r.warnings.push(e.clone());
+            match (&o.dev, o.found_size) {
+                // Changed behind mvsnap's back: data the snapshots shared may be gone.
+                (Err(e), Some(_)) => r.errors.push(e.clone()),
+                (Err(e), None) => r.warnings.push(e.clone()),
+                (Ok(_), _) => {}
             }
         }
         for s in st.snaps.values() {

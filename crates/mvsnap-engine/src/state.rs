@@ -35,6 +35,8 @@ pub struct Origin {
     pub pindex: PreserveIndex,
     /// Opened device, or why it could not be opened (a missing file, a changed size).
     pub dev: Result<Arc<dyn BlockDev>, String>,
+    /// The size found at open when it is not the recorded one (changed behind mvsnap's back).
+    pub found_size: Option<u64>,
     /// Origin writes hold it shared; snapshot creation takes it exclusively: a short barrier.
     pub gate: Arc<parking_lot::RwLock<()>>,
 }
@@ -154,6 +156,7 @@ impl State {
                         live_gens: BTreeMap::new(),
                         pindex: PreserveIndex::new(chunks),
                         dev: Err("not opened".into()),
+                        found_size: None,
                         gate: Arc::new(parking_lot::RwLock::new(())),
                     },
                 );

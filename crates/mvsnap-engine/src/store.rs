@@ -155,6 +155,49 @@ impl Inner {
         Error::Poisoned(msg)
     }
 
+    /// An origin found shorter than recorded lost data behind mvsnap's back: its snapshots read
+    /// the lost range from it, so they are invalidated, durably and with the reason (they are
+    /// not served wrong data). The origin itself stays unavailable until it is put right.
+    fn invalidate_shrunk_origins(&self) -> Result<()> {
+        let mut st = self.state.write();
+        let shrunk: Vec<(u32, String, u64, u64)> = st
+            .origins
+            .values()
+            .filter_map(|o| {
+                let found = o.found_size.filter(|&f| f < o.size)?;
+                Some((o.no, o.id.clone(), o.size, found))
+            })
+            .collect();
+        for (no, id, size, found) in shrunk {
+            let ids: Vec<u64> = st
+                .snaps
+                .values()
+                .filter(|s| s.origin == no && s.state == SnapshotState::Valid)
+                .map(|s| s.id)
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let reason = format!(
+                "origin {id} shrank behind mvsnap's back from {size} to {found} bytes: the data \
+                 these snapshots shared with it is gone"
+            );
+            for ids in ids.chunks(256) {
+                self.log(
+                    &mut st,
+                    Record::Invalidate {
+                        ids: ids.to_vec(),
+                        reason: reason.clone(),
+                    },
+                )?;
+            }
+            self.event(EventKind::SnapshotInvalidated, reason);
+        }
+        let seq = self.appended_seq();
+        drop(st);
+        self.wait_durable(seq)
+    }
+
     /// Say that a superblock copy is damaged (a warning, an event, `check`), and on a writable
     /// open rewrite it from the good one so the store has two copies again.
     fn report_superblock_damage(&self, damage: &[(u64, String)], repair: bool) -> Result<()> {
@@ -934,6 +977,13 @@ impl Store {
         // 3. The origins.
         for o in st.origins.values_mut() {
             o.dev = open_origin(&*opener, &o.path, &o.id, o.size, !opts.read_only);
+            if o.dev.is_err() {
+                o.found_size = opener
+                    .open(Path::new(&o.path), false)
+                    .and_then(|d| d.len())
+                    .ok()
+                    .filter(|&found| found != o.size);
+            }
         }
         if opts.ephemeral && st.snaps.values().any(|s| s.state != SnapshotState::Hidden) {
             return Err(Error::Busy(format!(
@@ -974,6 +1024,9 @@ impl Store {
         });
         inner.events.lock().extend(events);
         inner.report_superblock_damage(&sb_damage, !opts.read_only && !opts.ephemeral)?;
+        if !opts.read_only && !opts.ephemeral {
+            inner.invalidate_shrunk_origins()?;
+        }
         if !opts.read_only && !opts.ephemeral {
             let mut st = inner.state.write();
             if replayed > 0 {

@@ -390,23 +390,44 @@ fn origin_size_changed() {
             Err(e) => assert!(e.to_string().contains("size changed"), "{e}"),
             Ok(_) => panic!("snapshot of an origin whose size changed"),
         }
+        // Issue 7 item 10: check reports it as an error, not a warning.
         let r = s.check();
-        assert!(r.is_clean(), "{:?}", r.errors);
         assert!(
-            r.warnings.iter().any(|w| w.contains("size changed")),
+            r.errors.iter().any(|w| w.contains("size changed")),
             "{:?}",
-            r.warnings
+            r.errors
         );
         assert_eq!(s.snapshots().len(), 2);
+        // A shrunk origin lost data its snapshots shared: they are invalid, with the reason,
+        // durably (not served wrong data once the size is back). A grown one lost nothing.
+        for i in s.snapshots() {
+            if grow {
+                assert_eq!(i.state, SnapshotState::Valid, "{i:?}");
+            } else {
+                assert_eq!(i.state, SnapshotState::Invalid, "{i:?}");
+                assert!(
+                    i.reason.as_deref().unwrap_or("").contains("shrank"),
+                    "{i:?}"
+                );
+            }
+        }
         drop(s);
         assert_unchanged(&f.origin, &content, "origin");
-        // Put the size back: everything is there again.
+        // Put the size back: the origin is there again; the snapshots as above.
         let mut back = content.clone();
         back.resize(1 << 20, 0);
         back[..].copy_from_slice(&f.now);
         std::fs::write(&f.origin, &back).unwrap();
         let s = open(&f.store).unwrap();
-        assert_fixture_content(&f, &s);
+        if grow {
+            assert_fixture_content(&f, &s);
+        } else {
+            assert_image("o0", &read_all(&s, "o0"), &f.now);
+            assert!(s
+                .snapshots()
+                .iter()
+                .all(|i| i.state == SnapshotState::Invalid));
+        }
         assert_clean(&s, "origin size restored");
     }
 }
