@@ -19,6 +19,24 @@
 //!
 //! `MVSNAP_CRASH_SEED=N` runs one case of every test with that seed (for a failure's replay);
 //! `MVSNAP_CRASH_CASES=N` runs N cases per test instead of the default (for long soaks).
+//!
+//! What the simulator (`mvsnap_engine::crashsim`) models, and where each mode is tried:
+//! - power loss: unsynced writes, punched holes (TRIM) and size changes (growth, writes past
+//!   the end) dropped, kept, or torn at 512-byte sectors, per disk, independently or as an
+//!   ordered prefix (here; tests/store_growth.rs cuts at every device operation of a growth);
+//! - Linux's failed-fsync semantics: a failed sync drops the dirty data (still read until the
+//!   cache is dropped, never durable); EIO and ENOSPC on writes and syncs; a space limit;
+//!   a restart in the same boot (cache kept) and after a power loss (the poisoning tests here,
+//!   tests/store_errors.rs);
+//! - a full store: invalidation made durable before the origin write (tests/store_errors.rs);
+//! - TRIM of origins in the random workload here (copy-outs, zero entries, punched holes).
+//!
+//! What it does not model: reordering across a completed sync (a sync that returned is a
+//! barrier), torn writes below 512 bytes, lying disks (a sync that returns before the data is
+//! durable), corruption of data at rest (checksums catch it; tests/bad_input.rs), the host
+//! file system's own metadata beyond the file size, and concurrent writers inside a crash case
+//! (the workload is one thread; concurrency is tried without crashes in tests/model.rs and
+//! tests/writeback.rs). A full store inside the random workload is not tried yet.
 
 mod common;
 
@@ -297,14 +315,25 @@ impl Case {
             0..=31 => {
                 let o = self.rng.random_range(0..self.origins.len());
                 let (off, len) = self.range(self.origins[o].cur.len() as u64);
-                let data = pattern(self.rng.random(), len);
                 let fua = self.rng.random_bool(0.1);
+                // Some are TRIMs: copy-outs (zero entries where it read as zeros already), then
+                // a hole punched in the origin, lost or kept by a crash like a write.
+                let trim = self.rng.random_bool(0.15);
+                let data = if trim {
+                    vec![0u8; len]
+                } else {
+                    pattern(self.rng.random(), len)
+                };
+                let what = if trim { "trim" } else { "write" };
                 self.log
-                    .push(format!("write {} {off}+{len} fua {fua}", oname(o)));
-                let r = self
-                    .store()
-                    .volume(&oname(o))
-                    .and_then(|v| v.write_at(off, &data, fua));
+                    .push(format!("{what} {} {off}+{len} fua {fua}", oname(o)));
+                let r = self.store().volume(&oname(o)).and_then(|v| {
+                    if trim {
+                        v.zero_range(off, len as u64, true, fua)
+                    } else {
+                        v.write_at(off, &data, fua)
+                    }
+                });
                 self.history.push((oname(o), off, data.clone()));
                 self.origins[o].write(off, &data, r.is_ok());
                 if r.is_ok() && fua {
