@@ -96,6 +96,10 @@ impl Export for EngineExport {
         Ok(self.vol.trim(offset, length)?)
     }
 
+    fn fast_zero(&self) -> bool {
+        self.vol.can_zero_fast()
+    }
+
     fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         Ok(self.vol.zero_range(offset, length, may_trim, fua)?)
     }

@@ -417,3 +417,45 @@ fn clients_vanishing_mid_request() {
         "clean exit after vanishing clients"
     );
 }
+
+/// Issue 7 item 1: FAST_ZERO answered honestly. On an origin file it is done (the engine keeps
+/// what the snapshot needs, then punches a hole): the range reads as zeros and the snapshot
+/// keeps its bytes. With NO_HOLE (written zeros, not fast), or on a snapshot, ENOTSUP and
+/// nothing changes.
+#[test]
+fn fast_zero_is_done_on_an_origin_and_refused_where_it_is_not_fast() {
+    let (fx, _d) = setup("fastzero");
+    fx.snapshot("disk0", "w", true, "");
+    let (mut c, flags) = client(&fx, "disk0");
+    assert_ne!(flags & proto::FLAG_SEND_FAST_ZERO, 0);
+    c.request(
+        proto::CMD_WRITE_ZEROES,
+        proto::CMD_FLAG_FAST_ZERO,
+        1,
+        0,
+        65536,
+    );
+    assert_eq!(c.simple(), (1, 0), "FAST_ZERO on the origin");
+    assert_eq!(c.read_simple(2, 0, 65536).unwrap(), vec![0u8; 65536]);
+    c.request(
+        proto::CMD_WRITE_ZEROES,
+        proto::CMD_FLAG_FAST_ZERO | proto::CMD_FLAG_NO_HOLE,
+        3,
+        65536,
+        4096,
+    );
+    assert_eq!(c.simple(), (3, proto::ENOTSUP), "FAST_ZERO with NO_HOLE");
+    assert_eq!(c.read_simple(4, 65536, 4096).unwrap(), vec![FILL; 4096]);
+    let (mut ro, _) = client(&fx, "disk0@ro");
+    assert_eq!(ro.read_simple(1, 0, 65536).unwrap(), vec![FILL; 65536]);
+    let (mut w, _) = client(&fx, "disk0@w");
+    w.request(
+        proto::CMD_WRITE_ZEROES,
+        proto::CMD_FLAG_FAST_ZERO,
+        1,
+        0,
+        4096,
+    );
+    assert_eq!(w.simple(), (1, proto::ENOTSUP), "FAST_ZERO on a snapshot");
+    assert_eq!(w.read_simple(2, 0, 4096).unwrap(), vec![FILL; 4096]);
+}

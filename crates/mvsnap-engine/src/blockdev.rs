@@ -32,6 +32,11 @@ pub trait BlockDev: Send + Sync {
     fn punch(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// Whether `punch` is expected to work (it may still say `Unsupported`: a file system
+    /// without hole punching; then zeros are written).
+    fn can_punch(&self) -> bool {
+        false
+    }
     /// Which parts of a range hold data and which are holes reading as zeros. The default,
     /// for devices that cannot tell, is all data.
     fn allocation(&self, _offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
@@ -128,6 +133,10 @@ impl BlockDev for FileDev {
 
     fn drop_cache(&self) -> io::Result<()> {
         crate::sys::drop_page_cache(&self.file)
+    }
+
+    fn can_punch(&self) -> bool {
+        !self.is_block
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -663,6 +663,10 @@ impl BlockDev for SimDisk {
         self.discard(offset, len)
     }
 
+    fn can_punch(&self) -> bool {
+        true
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         // A punched hole reads as zeros; like a write, it is lost if not synced.
         let mut st = self.st.lock();

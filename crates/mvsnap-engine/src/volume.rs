@@ -290,6 +290,15 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether `zero_range` with `may_trim` writes no data: an origin whose device punches
+    /// holes (a snapshot's zeros are written to the store).
+    pub fn can_zero_fast(&self) -> bool {
+        match &self.kind {
+            Kind::Origin { dev, .. } => !self.read_only() && dev.can_punch(),
+            Kind::Snapshot { .. } => false,
+        }
+    }
+
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.zero_range(offset, len, true, false)
     }

@@ -33,6 +33,8 @@ pub(crate) struct Session {
     pub base_allocation: Option<u32>,
     /// Largest READ/WRITE length accepted (the advertised maximum block size).
     pub max_payload: u32,
+    /// The export zeroes fast (see `Export::fast_zero`).
+    pub fast_zero: bool,
 }
 
 /// How the handshake ended.
@@ -265,6 +267,7 @@ fn make_session(name: String, export: Arc<dyn Export>, st: &State) -> Session {
         size: export.size(),
         read_only: export.read_only(),
         max_payload: sanitize_block_sizes(export.block_sizes()).maximum,
+        fast_zero: export.fast_zero(),
         name,
         export,
         structured: st.structured,

@@ -87,6 +87,11 @@ pub trait Export: Send + Sync + 'static {
         may_trim: bool,
         fua: bool,
     ) -> std::io::Result<()>;
+    /// Whether `write_zeroes` with `may_trim` is fast (no data written: a punched hole, a
+    /// recorded zero range): NBD's FAST_ZERO is done then, and refused with ENOTSUP otherwise.
+    fn fast_zero(&self) -> bool {
+        false
+    }
     /// Allocation status of the range starting at `offset`, in order and contiguous. May
     /// cover fewer bytes than asked (the client asks again), but never return no extents.
     fn block_status(&self, offset: u64, length: u64) -> std::io::Result<Vec<Extent>>;

@@ -52,8 +52,7 @@ pub(crate) fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
         f |= proto::FLAG_READ_ONLY;
     } else {
         f |= proto::FLAG_SEND_FUA;
-        // FAST_ZERO is understood but always answered with ENOTSUP (allowed by the spec):
-        // the Export trait cannot promise that zeroing is faster than writing.
+        // FAST_ZERO is done where the export zeroes fast and answered ENOTSUP elsewhere.
         f |= proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES | proto::FLAG_SEND_FAST_ZERO;
     }
     if structured {
@@ -98,6 +97,8 @@ pub(crate) struct Limits {
     /// `base:allocation` was selected, so BLOCK_STATUS is allowed.
     pub block_status: bool,
     pub max_payload: u32,
+    /// FAST_ZERO can be honoured (without NO_HOLE).
+    pub fast_zero: bool,
 }
 
 impl Limits {
@@ -108,6 +109,7 @@ impl Limits {
             structured: session.structured,
             block_status: session.base_allocation.is_some(),
             max_payload: session.max_payload,
+            fast_zero: session.fast_zero,
         }
     }
 }
@@ -163,7 +165,8 @@ fn reject(errno: u32, message: &'static str) -> Rejection {
 /// end → ENOSPC (the spec's SHOULD, as nbdkit does: a client may retry smaller), any other range
 /// past the end → EINVAL;
 /// READ/WRITE longer than the maximum block size → EINVAL; BLOCK_STATUS without a selected
-/// context → EINVAL; FAST_ZERO → ENOTSUP (fails fast, touches nothing).
+/// context → EINVAL; FAST_ZERO → ENOTSUP (fails fast, touches nothing) unless the export zeroes
+/// fast and NO_HOLE (which asks for written zeros) is not set.
 pub(crate) fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejection> {
     use proto::*;
     let allowed = match req.command {
@@ -219,8 +222,9 @@ pub(crate) fn validate(req: &Request, lim: &Limits) -> Result<Command, Rejection
         },
         CMD_CACHE => Command::Cache,
         CMD_WRITE_ZEROES => {
-            if req.flags & CMD_FLAG_FAST_ZERO != 0 {
-                return Err(reject(ENOTSUP, "fast zero is not supported"));
+            let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 && (no_hole || !lim.fast_zero) {
+                return Err(reject(ENOTSUP, "fast zero is not supported here"));
             }
             Command::WriteZeroes {
                 offset,

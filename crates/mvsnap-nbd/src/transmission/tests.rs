@@ -11,6 +11,7 @@ fn lim() -> Limits {
         structured: true,
         block_status: true,
         max_payload: 32 * MIB,
+        fast_zero: false,
     }
 }
 
@@ -128,6 +129,27 @@ fn invalid_requests() {
         errno(validate(
             &req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 4096),
             &l
+        )),
+        ENOTSUP
+    );
+    // ...unless the export zeroes fast; NO_HOLE asks for written zeros, which are not fast.
+    let fast = Limits {
+        fast_zero: true,
+        ..lim()
+    };
+    assert!(matches!(
+        validate(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 4096), &fast),
+        Ok(Command::WriteZeroes { may_trim: true, .. })
+    ));
+    assert_eq!(
+        errno(validate(
+            &req(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+                0,
+                4096
+            ),
+            &fast
         )),
         ENOTSUP
     );
