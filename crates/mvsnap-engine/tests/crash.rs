@@ -28,7 +28,10 @@
 //!   cache is dropped, never durable); EIO and ENOSPC on writes and syncs; a space limit;
 //!   a restart in the same boot (cache kept) and after a power loss (the poisoning tests here,
 //!   tests/store_errors.rs);
-//! - a full store: invalidation made durable before the origin write (tests/store_errors.rs);
+//! - a full store: a quarter of the random cases here run on a store of 24-64 chunks, which
+//!   fills: snapshots are invalidated (then never readable), snapshot writes and new snapshots
+//!   may be refused for space, and every valid snapshot must stay exact across the crashes;
+//!   the ordering of an invalidation before the origin write (tests/store_errors.rs);
 //! - TRIM of origins in the random workload here (copy-outs, zero entries, punched holes).
 //!
 //! What it does not model: reordering across a completed sync (a sync that returned is a
@@ -36,7 +39,7 @@
 //! durable), corruption of data at rest (checksums catch it; tests/bad_input.rs), the host
 //! file system's own metadata beyond the file size, and concurrent writers inside a crash case
 //! (the workload is one thread; concurrency is tried without crashes in tests/model.rs and
-//! tests/writeback.rs). A full store inside the random workload is not tried yet.
+//! tests/writeback.rs).
 
 mod common;
 
@@ -176,6 +179,12 @@ struct Case {
     log: Vec<String>,
     /// Every write ever issued (volume, offset, data), to name the source of bad bytes.
     history: Vec<(String, u64, Vec<u8>)>,
+    /// A store of a few dozen chunks: it fills, snapshots are invalidated, writes to writable
+    /// snapshots and new snapshots may be refused for space. An invalid snapshot must fail its
+    /// reads; a valid one must still be exact.
+    full: bool,
+    /// Snapshots found invalid (a full store): they may stay listed, never readable.
+    invalid: std::collections::BTreeSet<String>,
 }
 
 fn oname(i: usize) -> String {
@@ -203,7 +212,15 @@ impl Case {
             .zip(&contents)
             .map(|(n, c)| (n.as_str(), c.clone()))
             .collect();
-        let (m, s) = common::sim_setup(dir.path(), &format_opts(STORE_SIZE, chunk), &origins);
+        let full = rng.random_bool(0.25);
+        let store_size = if full {
+            let journal = mvsnap_engine::format::Geometry::default_journal_len(STORE_SIZE);
+            let geo = mvsnap_engine::format::Geometry::new(chunk, journal).unwrap();
+            geo.data_start + rng.random_range(24..64) * chunk as u64
+        } else {
+            STORE_SIZE
+        };
+        let (m, s) = common::sim_setup(dir.path(), &format_opts(store_size, chunk), &origins);
         Case {
             seed,
             rng,
@@ -215,8 +232,12 @@ impl Case {
             snaps: BTreeMap::new(),
             next_tag: 1,
             next_set: 1,
-            log: vec![format!("chunk {chunk}, {norigins} origins")],
+            log: vec![format!(
+                "chunk {chunk}, {norigins} origins, store {store_size}"
+            )],
             history: Vec::new(),
+            full,
+            invalid: Default::default(),
         }
     }
 
@@ -364,8 +385,24 @@ impl Case {
                     .volume(&name)
                     .and_then(|v| v.write_at(off, &data, fua));
                 self.history.push((name.clone(), off, data.clone()));
+                // A write refused for space partway (a full store) did its first chunks: what
+                // the volume holds now is the truth for that range.
+                let now = match &r {
+                    Err(Error::NoSpace(_)) if self.full => {
+                        let mut buf = vec![0u8; len];
+                        self.store()
+                            .volume(&name)
+                            .and_then(|v| v.read_at(off, &mut buf))
+                            .ok()
+                            .map(|()| buf)
+                    }
+                    _ => None,
+                };
                 let t = self.snaps.get_mut(&name).unwrap().track.as_mut().unwrap();
                 t.write(off, &data, r.is_ok());
+                if let Some(buf) = now {
+                    t.cur[off as usize..off as usize + len].copy_from_slice(&buf);
+                }
                 if r.is_ok() && fua {
                     t.flushed();
                 }
@@ -413,6 +450,13 @@ impl Case {
                     .push(format!("  -> cut off by the power loss: {e}"));
                 false
             }
+            Err(e @ (Error::NoSpace(_) | Error::SnapshotInvalid { .. } | Error::NotFound(_)))
+                if self.full =>
+            {
+                self.log
+                    .push(format!("  -> refused, the store is full: {e}"));
+                true
+            }
             Err(e) => self.fail(format!("unexpected error with power on: {e}")),
         }
     }
@@ -435,11 +479,22 @@ impl Case {
             let flush = r.is_ok() && i % 16 == 15;
             let f = if flush { v.flush() } else { Ok(()) };
             self.history.push((name.clone(), off, data.clone()));
+            // Refused for space partway (a full store): the volume holds the truth.
+            let now = match &r {
+                Err(Error::NoSpace(_)) if self.full => {
+                    let mut buf = vec![0u8; len as usize];
+                    v.read_at(off, &mut buf).ok().map(|()| buf)
+                }
+                _ => None,
+            };
             let t = match name.split_once('@') {
                 None => &mut self.origins[name[1..].parse::<usize>().unwrap()],
                 Some(_) => self.snaps.get_mut(&name).unwrap().track.as_mut().unwrap(),
             };
             t.write(off, &data, r.is_ok());
+            if let Some(buf) = now {
+                t.cur[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
             if flush && f.is_ok() {
                 t.flushed();
             }
@@ -574,6 +629,19 @@ impl Case {
             .map(|i| (i.name.clone(), i))
             .collect();
         for (name, info) in &listed {
+            if self.full && info.state == SnapshotState::Invalid && !self.invalid.contains(name) {
+                // Invalidated for space: never readable again, whatever it held.
+                if self.snaps.contains_key(name) {
+                    self.invalid.insert(name.clone());
+                    if common::try_read_all(&s, name).is_ok() {
+                        self.fail(format!("{name} is invalid but reads"));
+                    }
+                    continue;
+                }
+            }
+            if self.invalid.contains(name) {
+                continue;
+            }
             let Some(sm) = self.snaps.get(name) else {
                 self.fail(format!(
                     "{name} exists after recovery but was never created, or its delete returned"
@@ -616,6 +684,10 @@ impl Case {
         // Contents.
         let names: Vec<String> = self.snaps.keys().cloned().collect();
         for name in names {
+            if self.invalid.contains(&name) {
+                self.snaps.remove(&name);
+                continue;
+            }
             if !listed.contains_key(&name) {
                 self.snaps.remove(&name);
                 continue;
