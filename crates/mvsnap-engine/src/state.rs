@@ -78,11 +78,12 @@ pub struct State {
     pub unsettled_slots: ExpiringMap<u32>,
     /// Preserves whose record is not yet durable: an origin write to that chunk must wait.
     pub inflight_preserves: ExpiringMap<(u32, u64)>,
-    /// Per origin, the journal sequence of its latest `Invalidate` (a full store). Until it is
+    /// Per origin, the journal sequence of its latest record that released snapshots from
+    /// needing its data: an `Invalidate` (a full store) or a `SnapshotDelete`. Until it is
     /// durable no write of that origin may reach the disk: the write that needed the copy and
-    /// every later one that skips a copy-out because the snapshot is invalid now (a crash would
-    /// bring the snapshot back valid over new data).
-    pub invalidation_seq: BTreeMap<u32, u64>,
+    /// every later one that skips a copy-out because the snapshot is invalid or gone now (a
+    /// crash would bring the snapshot back, valid, over new data).
+    pub release_seq: BTreeMap<u32, u64>,
 }
 
 /// Why a record could not be applied: the journal or checkpoint contradicts the state.
@@ -100,7 +101,7 @@ impl State {
             ckpt_slots: Vec::new(),
             unsettled_slots: ExpiringMap::default(),
             inflight_preserves: ExpiringMap::default(),
-            invalidation_seq: BTreeMap::new(),
+            release_seq: BTreeMap::new(),
         }
     }
 

@@ -1280,6 +1280,8 @@ impl Store {
                 memo.len()
             )));
         }
+        // A poisoned store says so first, before any origin's own trouble.
+        self.inner.check_poison()?;
         // Resolve names and take each involved origin's gate, in origin order (no deadlock).
         let (targets, gates) = {
             let st = self.inner.state.read();
@@ -1304,14 +1306,15 @@ impl Store {
         // Acknowledged writes still queued behind their copy-outs belong in the snapshot.
         self.inner.writeback.drain(&self.inner);
         // In-flight origin writes have drained; make what they wrote durable before the
-        // snapshot that shares it becomes durable (invariant 1 survives a crash).
+        // snapshot that shares it becomes durable (invariant 1 survives a crash). An origin
+        // that lost writes (a failed sync or queued write) reads data its disk may not hold:
+        // a snapshot of it would vouch for those bytes, so it is refused until a reopen.
         {
             let st = self.inner.state.read();
             for &(o, _) in &targets {
                 if let Ok(d) = &st.origins[&o].dev {
                     if !self.inner.ephemeral {
-                        d.sync()
-                            .map_err(|e| Error::io("sync", &st.origins[&o].path, e))?;
+                        self.inner.sync_origin(o, &**d)?;
                     }
                 }
             }
@@ -1393,11 +1396,13 @@ impl Store {
         let id = snap.ok_or_else(|| {
             Error::InvalidArgument(format!("{name} is an origin; use `origin remove`"))
         })?;
-        let seq = self.inner.log(&mut st, Record::SnapshotDelete { id })?;
-        let seq2 = self.inner.log(&mut st, Record::Reclaim { origin })?;
+        self.inner.log(&mut st, Record::SnapshotDelete { id })?;
+        let seq = self.inner.log(&mut st, Record::Reclaim { origin })?;
+        // From now on the origin's writes skip copy-outs for this snapshot: none may reach the
+        // disk before the delete is durable (it may never be, if the store is poisoned now).
+        st.release_seq.insert(origin, seq);
         drop(st);
-        let _ = seq;
-        self.inner.wait_durable(seq2)
+        self.inner.wait_durable(seq)
     }
 
     /// Give back the space no live snapshot needs (after deletes and invalidations).

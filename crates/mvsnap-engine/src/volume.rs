@@ -341,7 +341,7 @@ impl Volume {
                         wait = wait.max(s);
                     }
                 }
-                wait.max(st.invalidation_seq.get(no).copied().unwrap_or(0))
+                wait.max(st.release_seq.get(no).copied().unwrap_or(0))
             };
             // Invariant 2, as for a write; and writes acknowledged before this one go first.
             self.inner.writeback.drain(&self.inner);
@@ -477,7 +477,7 @@ impl Volume {
                 .get(&no)
                 .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
             let slow = (first..=last).any(|c| needs_preserve(o, c));
-            wait_seq = st.invalidation_seq.get(&no).copied().unwrap_or(0);
+            wait_seq = st.release_seq.get(&no).copied().unwrap_or(0);
             if !slow && !st.inflight_preserves.is_empty() {
                 for c in first..=last {
                     if let Some(s) = st.inflight_preserves.get(&(no, c)) {
@@ -490,7 +490,7 @@ impl Volume {
         if slow {
             let mut st = self.inner.state.write();
             wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64)?;
-            wait_seq = wait_seq.max(st.invalidation_seq.get(&no).copied().unwrap_or(0));
+            wait_seq = wait_seq.max(st.release_seq.get(&no).copied().unwrap_or(0));
         }
         // Invariant 2: the old data and its mapping are durable before the origin changes. A
         // write that would wait for that is queued instead (answered now, issued after the
@@ -498,13 +498,18 @@ impl Volume {
         let len = data.len() as u64;
         let wb = &self.inner.writeback;
         if wait_seq > self.inner.durable_seq() || wb.overlaps(no, offset, len) {
+            // On a poisoned store what it waits for never becomes durable: say so now.
+            if wait_seq > self.inner.durable_seq() {
+                self.inner.check_poison()?;
+            }
             wb.push(no, dev, offset, data, wait_seq);
             return if fua { self.flush() } else { Ok(()) };
         }
         dev.write_at(data, offset)
             .map_err(|e| Error::io("write", dev.path(), e))?;
         if fua && !self.inner.ephemeral {
-            dev.sync().map_err(|e| Error::io("sync", dev.path(), e))?;
+            // A failed sync drops the origin's dirty pages, other writes' too: remembered.
+            self.inner.sync_origin(no, &**dev)?;
         }
         Ok(())
     }
@@ -686,7 +691,7 @@ impl Volume {
             )?;
         }
         let seq = self.inner.log(st, Record::Reclaim { origin: no })?;
-        st.invalidation_seq.insert(no, seq);
+        st.release_seq.insert(no, seq);
         self.inner.event(
             EventKind::SnapshotInvalidated,
             format!("{reason}; invalidated {}", names.join(", ")),

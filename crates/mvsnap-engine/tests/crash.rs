@@ -32,14 +32,20 @@
 //!   fills: snapshots are invalidated (then never readable), snapshot writes and new snapshots
 //!   may be refused for space, and every valid snapshot must stay exact across the crashes;
 //!   the ordering of an invalidation before the origin write (tests/store_errors.rs);
-//! - TRIM of origins in the random workload here (copy-outs, zero entries, punched holes).
+//! - TRIM of origins in the random workload here (copy-outs, zero entries, punched holes);
+//! - host I/O errors in the random workload: a quarter of the other cases plant, now and then,
+//!   an EIO or ENOSPC a few operations ahead on a write or a sync of the store or an origin, or
+//!   stop the host from allocating more pages for a disk. Calls may fail from then on, the store
+//!   may be poisoned, snapshots may be invalidated; after the crash every valid snapshot must
+//!   still be exact and every volume explainable (a failed sync vouches for nothing);
+//! - concurrent writers: tests/crash_concurrent.rs (three writer threads and snapshots, deletes
+//!   and checkpoints at once, then a power cut).
 //!
 //! What it does not model: reordering across a completed sync (a sync that returned is a
 //! barrier), torn writes below 512 bytes, lying disks (a sync that returns before the data is
 //! durable), corruption of data at rest (checksums catch it; tests/bad_input.rs), the host
-//! file system's own metadata beyond the file size, and concurrent writers inside a crash case
-//! (the workload is one thread; concurrency is tried without crashes in tests/model.rs and
-//! tests/writeback.rs).
+//! file system's own metadata beyond the file size, read errors, and host errors together with
+//! a full store in one case.
 
 mod common;
 
@@ -51,81 +57,12 @@ use mvsnap_engine::{BlockDev, Error, OpenOptions, SnapshotState, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use common::seeds;
+use common::track::Track;
 use common::{first_diff, format_opts, pattern, read_all};
 
 const STORE_SIZE: u64 = 32 << 20;
 const MAX_SNAPS: usize = 8;
-
-/// A volume whose recent writes may or may not survive a crash.
-#[derive(Clone)]
-struct Track {
-    /// Content at the last returned flush (or creation).
-    flushed: Vec<u8>,
-    /// Content as the engine reads it now.
-    cur: Vec<u8>,
-    /// Writes since `flushed` (including ones whose call failed: they may have happened).
-    since: Vec<(u64, Vec<u8>)>,
-}
-
-impl Track {
-    fn new(content: Vec<u8>) -> Track {
-        Track {
-            flushed: content.clone(),
-            cur: content,
-            since: Vec::new(),
-        }
-    }
-
-    fn write(&mut self, off: u64, data: &[u8], completed: bool) {
-        if completed {
-            self.cur[off as usize..off as usize + data.len()].copy_from_slice(data);
-        }
-        self.since.push((off, data.to_vec()));
-    }
-
-    fn flushed(&mut self) {
-        self.flushed = self.cur.clone();
-        self.since.clear();
-    }
-
-    /// A FUA write returned: its bytes are durable (earlier writes it covers wholly can no
-    /// longer show through; ones it covers in part still may, elsewhere).
-    fn flushed_range(&mut self, off: u64, data: &[u8]) {
-        let (lo, hi) = (off as usize, off as usize + data.len());
-        self.flushed[lo..hi].copy_from_slice(data);
-        self.since
-            .retain(|(o, d)| !(*o as usize >= lo && *o as usize + d.len() <= hi));
-    }
-
-    /// Every byte is its flushed value or one some write since then put there.
-    fn explain(&self, got: &[u8]) -> Result<(), (usize, String)> {
-        if got.len() != self.flushed.len() {
-            return Err((0, format!("length {} != {}", got.len(), self.flushed.len())));
-        }
-        for (i, &b) in got.iter().enumerate() {
-            if b == self.flushed[i] {
-                continue;
-            }
-            let ok = self.since.iter().any(|(off, d)| {
-                let off = *off as usize;
-                i >= off && i < off + d.len() && d[i - off] == b
-            });
-            if !ok {
-                return Err((
-                    i,
-                    format!(
-                        "byte {i} (block {}) is {b:#04x}: neither its flushed value {:#04x} nor \
-                         any of the {} writes since the last flush",
-                        i / 4096,
-                        self.flushed[i],
-                        self.since.len()
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Life {
@@ -185,6 +122,11 @@ struct Case {
     full: bool,
     /// Snapshots found invalid (a full store): they may stay listed, never readable.
     invalid: std::collections::BTreeSet<String>,
+    /// Host I/O errors injected now and then (see [`Case::inject_fault`]): any call may fail
+    /// from then on until the crash, snapshots may be invalidated, the store may be poisoned.
+    faults: bool,
+    /// A fault was injected since the last recovery: errors are expected.
+    faulted: bool,
 }
 
 fn oname(i: usize) -> String {
@@ -213,6 +155,7 @@ impl Case {
             .map(|(n, c)| (n.as_str(), c.clone()))
             .collect();
         let full = rng.random_bool(0.25);
+        let faults = !full && rng.random_bool(0.25);
         let store_size = if full {
             let journal = mvsnap_engine::format::Geometry::default_journal_len(STORE_SIZE);
             let geo = mvsnap_engine::format::Geometry::new(chunk, journal).unwrap();
@@ -233,11 +176,13 @@ impl Case {
             next_tag: 1,
             next_set: 1,
             log: vec![format!(
-                "chunk {chunk}, {norigins} origins, store {store_size}"
+                "chunk {chunk}, {norigins} origins, store {store_size}, faults {faults}"
             )],
             history: Vec::new(),
             full,
             invalid: Default::default(),
+            faults,
+            faulted: false,
         }
     }
 
@@ -310,8 +255,79 @@ impl Case {
         self.snaps.keys().cloned().collect()
     }
 
+    /// Plan one host I/O error on the store or an origin, a few device operations ahead: EIO
+    /// or ENOSPC on a write or a sync (a failed sync drops the dirty data, as on Linux), or a
+    /// host file system that has no room left for the store to allocate in.
+    fn inject_fault(&mut self) {
+        let disks = self.m.disks();
+        let d = &disks[self.rng.random_range(0..disks.len())];
+        let n = self.rng.random_range(1..6);
+        let errno = if self.rng.random_bool(0.5) {
+            libc::EIO
+        } else {
+            libc::ENOSPC
+        };
+        let what = match self.rng.random_range(0..5) {
+            0 | 1 => {
+                d.fail_write_after_with(n, errno);
+                "write"
+            }
+            2 | 3 => {
+                d.fail_sync_after_with(n, errno);
+                "sync"
+            }
+            _ => {
+                d.set_space_limit(Some(d.allocated_bytes()));
+                "space limit"
+            }
+        };
+        self.log.push(format!(
+            "--- fault: {what} {n} ops ahead on {} (errno {errno})",
+            d.path().display()
+        ));
+        self.faulted = true;
+    }
+
+    /// After an error in a fault case, what the volumes read is the truth for later snapshots
+    /// (a write may have done part of its range, a queued write may have been dropped).
+    fn reread_after_error(&mut self) {
+        let s = self.store().clone();
+        for o in 0..self.origins.len() {
+            if let Ok(got) = common::try_read_all(&s, &oname(o)) {
+                self.origins[o].cur = got;
+            }
+        }
+        let names: Vec<String> = self.snaps.keys().cloned().collect();
+        for name in names {
+            if self.snaps[&name].track.is_none() {
+                continue;
+            }
+            match common::try_read_all(&s, &name) {
+                Ok(got) => {
+                    self.snaps
+                        .get_mut(&name)
+                        .unwrap()
+                        .track
+                        .as_mut()
+                        .unwrap()
+                        .cur = got
+                }
+                Err(Error::SnapshotInvalid { .. }) => {
+                    self.log.push(format!("  ({name} is invalid now)"));
+                    self.invalid.insert(name.clone());
+                    self.snaps.remove(&name);
+                }
+                Err(Error::NotFound(_)) if self.snaps[&name].life != Life::Live => {}
+                Err(e) => self.fail(format!("read {name} after an injected fault: {e}")),
+            }
+        }
+    }
+
     /// One random engine call. Ok(false) when it failed because the power is off.
     fn step(&mut self) -> bool {
+        if self.faults && self.rng.random_bool(0.04) {
+            self.inject_fault();
+        }
         let wsnaps: Vec<String> = self
             .snaps
             .iter()
@@ -455,6 +471,11 @@ impl Case {
             {
                 self.log
                     .push(format!("  -> refused, the store is full: {e}"));
+                true
+            }
+            Err(e) if self.faulted => {
+                self.log.push(format!("  -> failed after a fault: {e}"));
+                self.reread_after_error();
                 true
             }
             Err(e) => self.fail(format!("unexpected error with power on: {e}")),
@@ -629,7 +650,10 @@ impl Case {
             .map(|i| (i.name.clone(), i))
             .collect();
         for (name, info) in &listed {
-            if self.full && info.state == SnapshotState::Invalid && !self.invalid.contains(name) {
+            if (self.full || self.faults)
+                && info.state == SnapshotState::Invalid
+                && !self.invalid.contains(name)
+            {
                 // Invalidated for space: never readable again, whatever it held.
                 if self.snaps.contains_key(name) {
                     self.invalid.insert(name.clone());
@@ -725,20 +749,8 @@ impl Case {
             }
             self.origins[i] = Track::new(got);
         }
+        self.faulted = false;
         self.log.push("--- recovered and verified".into());
-    }
-}
-
-fn seeds(base: u64, n: u64) -> Vec<u64> {
-    match std::env::var("MVSNAP_CRASH_SEED") {
-        Ok(s) => vec![s.parse().expect("MVSNAP_CRASH_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("MVSNAP_CRASH_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(n);
-            (base..base + n).collect()
-        }
     }
 }
 

@@ -95,6 +95,85 @@ fn failed_origin_sync_fails_every_later_flush() {
     s.close().unwrap();
 }
 
+/// 4, found by the crash workload's injected faults: the sync a snapshot creation does on its
+/// origin failed, the creation failed, but the failure was not remembered. The next flush
+/// returned success over the writes Linux had dropped, and a power cut took the origin back.
+#[test]
+fn failed_sync_in_snapshot_create_fails_every_later_flush() {
+    let content = pattern(6, MIB);
+    let (dir, m, s) = setup(16 << 20, &content);
+    let origin_disk = m.disk(&dir.path().join("o0")).unwrap();
+    let o = s.volume("o0").unwrap();
+    o.write_at(8192, &[0xaa; 4096], false).unwrap();
+    origin_disk.fail_sync_after(1);
+    s.create_snapshot(&["o0"], Some("a"), "", false)
+        .expect_err("the origin's sync fails");
+    let again = o.flush().expect_err("a flush after the failed sync");
+    assert!(again.to_string().contains("until reopened"), "{again}");
+}
+
+/// 4, found by the crash workload: after an origin lost writes, a snapshot of it was created
+/// and vouched for bytes that only the page cache held; after a power cut the "read-only"
+/// snapshot read different data. It must be refused until the store is reopened.
+#[test]
+fn snapshot_of_an_origin_that_lost_writes_is_refused() {
+    let content = pattern(7, MIB);
+    let (dir, m, s) = setup(16 << 20, &content);
+    let origin_disk = m.disk(&dir.path().join("o0")).unwrap();
+    let o = s.volume("o0").unwrap();
+    o.write_at(8192, &[0xaa; 4096], false).unwrap();
+    origin_disk.fail_sync_after(1);
+    o.flush().expect_err("the sync fails");
+    let e = s
+        .create_snapshot(&["o0"], Some("a"), "", false)
+        .expect_err("a snapshot of an origin that lost writes");
+    assert!(e.to_string().contains("until reopened"), "{e}");
+    assert!(s.volume("o0@a").is_err(), "the refused snapshot exists");
+}
+
+/// 4: a FUA write's own sync failed and was not remembered: the next flush succeeded over the
+/// dirty pages the failed sync had dropped (other writes' too).
+#[test]
+fn failed_fua_sync_fails_every_later_flush() {
+    let content = pattern(8, MIB);
+    let (dir, m, s) = setup(16 << 20, &content);
+    let origin_disk = m.disk(&dir.path().join("o0")).unwrap();
+    let o = s.volume("o0").unwrap();
+    o.write_at(8192, &[0xaa; 4096], false).unwrap();
+    origin_disk.fail_sync_after(1);
+    o.write_at(65536, &[0xbb; 4096], true)
+        .expect_err("the FUA write's sync fails");
+    let again = o.flush().expect_err("a flush after the failed FUA sync");
+    assert!(again.to_string().contains("until reopened"), "{again}");
+}
+
+/// Found by the crash workload's injected faults: a delete whose commit failed (the store is
+/// poisoned) was already gone from memory, so the origin's next writes skipped the copy-out it
+/// needed and reached the disk. After a power cut the delete was not durable, and the snapshot
+/// came back over the new data. No origin write may pass a delete before it is durable.
+#[test]
+fn origin_write_after_a_delete_that_failed_to_commit_keeps_the_snapshot() {
+    let content = pattern(9, MIB);
+    let (_dir, m, s) = setup(16 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    m.store_disk().unwrap().fail_sync_after(1);
+    s.delete_snapshot("o0@a")
+        .expect_err("the delete's commit fails");
+    let o = s.volume("o0").unwrap();
+    let w = o.write_at(0, &[0xee; 65536], true);
+    assert!(
+        matches!(w, Err(Error::Poisoned(_))),
+        "an origin write past a delete that is not durable: {w:?}"
+    );
+    drop(o);
+    drop(s);
+    let s = power_cut(&m);
+    if s.volume("o0@a").is_ok() {
+        common::assert_image("o0@a after the power cut", &read_all(&s, "o0@a"), &content);
+    }
+    common::assert_clean(&s, "the power cut");
+}
+
 /// 4: after the store is poisoned by a failed sync, a restart in the same boot recovered
 /// through the page cache, which still showed the writes the device never got: replay trusted
 /// a preserved copy that was not on the disk, the recovery checkpoint made the mapping durable,

@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's integration tests (model, crash, bad input).
 #![allow(dead_code)]
 
+pub mod track;
+
 use std::path::{Path, PathBuf};
 
 use mvsnap_engine::crashsim::SimMachine;
@@ -118,4 +120,19 @@ pub fn sim_setup(
         s.add_origin(&p, Some(id)).unwrap();
     }
     (m, s)
+}
+
+/// The seeds of a crash test's cases: `MVSNAP_CRASH_SEED=N` replays one case,
+/// `MVSNAP_CRASH_CASES=N` runs N cases instead of the default `n` (for long soaks).
+pub fn seeds(base: u64, n: u64) -> Vec<u64> {
+    match std::env::var("MVSNAP_CRASH_SEED") {
+        Ok(s) => vec![s.parse().expect("MVSNAP_CRASH_SEED is a number")],
+        Err(_) => {
+            let n = std::env::var("MVSNAP_CRASH_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(n);
+            (base..base + n).collect()
+        }
+    }
 }
