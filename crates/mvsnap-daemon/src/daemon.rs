@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mvsnap_engine::{OpenOptions, Store};
@@ -14,6 +15,7 @@ use tokio::sync::Notify;
 
 use crate::control::{Reply, Request, MAX_IO};
 use crate::exports::EngineRegistry;
+use crate::users::{Doomed, Reservation, Users};
 
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -79,8 +81,10 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
         .nbd_socket
         .clone()
         .unwrap_or_else(|| crate::paths::default_nbd_socket(&key));
+    let users = Arc::new(Users::default());
     let nbd = NbdServer::new(Arc::new(EngineRegistry {
         store: store.clone(),
+        users: users.clone(),
     }));
     let nbd_listener =
         bind_unix(&nbd_path).with_context(|| format!("NBD socket {}", nbd_path.display()))?;
@@ -117,7 +121,7 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
     }
     let ctl_task = {
         let (store, nbd, stop) = (store.clone(), nbd.clone(), stop.clone());
-        tokio::spawn(async move { control_loop(ctl, store, nbd, stop).await })
+        tokio::spawn(async move { control_loop(ctl, store, nbd, users, stop).await })
     };
 
     // The readiness line scripts wait for.
@@ -154,14 +158,20 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
     Ok(())
 }
 
-async fn control_loop(listener: UnixListener, store: Store, nbd: NbdServer, stop: Arc<Notify>) {
+async fn control_loop(
+    listener: UnixListener,
+    store: Store,
+    nbd: NbdServer,
+    users: Arc<Users>,
+    stop: Arc<Notify>,
+) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
-        let (store, nbd, stop) = (store.clone(), nbd.clone(), stop.clone());
+        let (store, nbd, users, stop) = (store.clone(), nbd.clone(), users.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = control_conn(conn, store, nbd, stop).await {
+            if let Err(e) = control_conn(conn, store, nbd, users, stop).await {
                 tracing::debug!("control connection ended: {e}");
             }
         });
@@ -172,6 +182,7 @@ async fn control_conn(
     conn: UnixStream,
     store: Store,
     nbd: NbdServer,
+    users: Arc<Users>,
     stop: Arc<Notify>,
 ) -> std::io::Result<()> {
     let (rd, mut wr) = conn.into_split();
@@ -203,29 +214,22 @@ async fn control_conn(
             payload.resize(*length as usize, 0);
             rd.read_exact(&mut payload).await?;
         }
-        if let Request::SnapshotDelete { name, force } = &req {
-            if nbd.open_exports().iter().any(|e| e == name) {
-                if !*force {
-                    let r = Reply::err(format!(
-                        "{name} is open by an NBD client; use --force to disconnect it and delete"
-                    ));
-                    send(&mut wr, &r, &[]).await?;
+        // A delete reserves what it takes away, so no client opens it meanwhile.
+        let doomed = match &req {
+            Request::SnapshotDelete { name, force } => {
+                Some((Doomed::Snapshot(name.clone()), *force))
+            }
+            Request::OriginRemove { id } => Some((Doomed::Origin(id.clone()), false)),
+            _ => None,
+        };
+        let mut reservation: Option<Reservation> = None;
+        if let Some((what, force)) = doomed {
+            match reserve(&users, &nbd, what, force).await {
+                Ok(r) => reservation = Some(r),
+                Err(msg) => {
+                    send(&mut wr, &Reply::err(msg), &[]).await?;
                     continue;
                 }
-                nbd.disconnect(name).await;
-            }
-        }
-        if let Request::OriginRemove { id } = &req {
-            if nbd
-                .open_exports()
-                .iter()
-                .any(|e| e == id || e.starts_with(&format!("{id}@")))
-            {
-                let r = Reply::err(format!(
-                    "origin {id} is open by an NBD client; disconnect it first"
-                ));
-                send(&mut wr, &r, &[]).await?;
-                continue;
             }
         }
         if let Request::Shutdown = req {
@@ -234,11 +238,54 @@ async fn control_conn(
             return Ok(());
         }
         let st = store.clone();
-        let (reply, bytes) = tokio::task::spawn_blocking(move || handle(&st, req, payload))
-            .await
-            .unwrap_or_else(|e| (Reply::err(format!("internal error: {e}")), Vec::new()));
+        let (reply, bytes) = tokio::task::spawn_blocking(move || {
+            let r = handle(&st, req, payload);
+            drop(reservation);
+            r
+        })
+        .await
+        .unwrap_or_else(|e| (Reply::err(format!("internal error: {e}")), Vec::new()));
         send(&mut wr, &reply, &bytes).await?;
     }
+}
+
+/// Reserve what a delete takes away. In use: refused, or with `force` its NBD clients are
+/// disconnected first (they finish what is in flight) and it waits for them to be gone.
+async fn reserve(
+    users: &Arc<Users>,
+    nbd: &NbdServer,
+    what: Doomed,
+    force: bool,
+) -> Result<Reservation, String> {
+    let r = match users.reserve(what.clone(), force) {
+        Ok(r) => r,
+        Err(busy) => {
+            return Err(match what {
+                Doomed::Snapshot(name) => format!(
+                    "{name} is open by an NBD client; use --force to disconnect it and delete"
+                ),
+                Doomed::Origin(id) => format!(
+                    "origin {id} is open by an NBD client ({}); disconnect it first",
+                    busy.join(", ")
+                ),
+            })
+        }
+    };
+    if force {
+        for name in nbd.open_exports() {
+            if what.covers(&name) {
+                nbd.disconnect(&name).await;
+            }
+        }
+        let r = tokio::task::spawn_blocking(move || {
+            r.wait_unused(Duration::from_secs(30)).then_some(r)
+        })
+        .await
+        .ok()
+        .flatten();
+        return r.ok_or_else(|| "its clients did not let go within 30 s".to_string());
+    }
+    Ok(r)
 }
 
 async fn send(

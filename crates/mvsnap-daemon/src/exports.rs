@@ -4,12 +4,16 @@ use std::io;
 use std::sync::Arc;
 
 use mvsnap_engine::{Store, Volume};
+
+use crate::users::{Use, Users};
 use mvsnap_nbd::{
     BlockSizes, Export, ExportInfo, ExportRegistry, Extent, OpenError, STATE_HOLE, STATE_ZERO,
 };
 
 pub struct EngineRegistry {
     pub store: Store,
+    /// Open exports count as users, so a delete never races an open.
+    pub users: Arc<Users>,
 }
 
 impl ExportRegistry for EngineRegistry {
@@ -45,8 +49,12 @@ impl ExportRegistry for EngineRegistry {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Export>, OpenError> {
+        let user = self.users.enter(name).map_err(OpenError::Unavailable)?;
         match self.store.volume(name) {
-            Ok(v) => Ok(Arc::new(EngineExport { vol: v })),
+            Ok(v) => Ok(Arc::new(EngineExport {
+                vol: v,
+                _user: user,
+            })),
             Err(mvsnap_engine::Error::NotFound(_)) => Err(OpenError::NotFound),
             Err(e) => Err(OpenError::Unavailable(e.to_string())),
         }
@@ -55,6 +63,7 @@ impl ExportRegistry for EngineRegistry {
 
 pub struct EngineExport {
     vol: Volume,
+    _user: Use,
 }
 
 impl Export for EngineExport {

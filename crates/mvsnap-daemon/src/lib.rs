@@ -8,6 +8,7 @@ pub mod display;
 pub mod exports;
 pub mod paths;
 mod session;
+pub mod users;
 
 pub use daemon::{serve, ServeOptions};
 pub use session::Session;

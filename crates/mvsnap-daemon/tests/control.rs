@@ -151,6 +151,70 @@ fn delete_of_an_open_snapshot_needs_force_and_disconnects() {
     fx.assert_check_clean("after forced deletes");
 }
 
+/// A delete raced a client's open: the daemon checked for clients, a client then opened the
+/// snapshot, and the delete went on under it (its reads failed). Clients that open the snapshot
+/// over and over while deletes are tried: every client that got in reads its data until it
+/// leaves, and the delete succeeds only between clients.
+#[test]
+fn delete_never_races_a_clients_open() {
+    let fx = Fixture::new("race", SIZE, &vec![FILL; SIZE as usize]);
+    let mut d = fx.start();
+    for round in 0..12 {
+        let tag = format!("r{round}");
+        fx.snapshot("disk0", &tag, false, "");
+        let name = format!("disk0@{tag}");
+        let sock = fx.sock.clone();
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hammer = {
+            let (name, started) = (name.clone(), started.clone());
+            std::thread::spawn(move || {
+                let mut sessions = 0;
+                loop {
+                    started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut c = RawClient::connect(&sock);
+                    c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+                    if c.go(&name).is_err() {
+                        return sessions;
+                    }
+                    sessions += 1;
+                    for h in 0..3 {
+                        let got = c.read_simple(h, h * 4096, 4096);
+                        assert_eq!(
+                            got,
+                            Ok(vec![FILL; 4096]),
+                            "{name}: a client that opened it lost it under its feet (session \
+                             {sessions}, read {h})"
+                        );
+                    }
+                    c.disconnect();
+                }
+            })
+        };
+        // The clients are coming and going before the first delete.
+        while started.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut refused = 0;
+        loop {
+            let out = fx.ms(&["snapshot", "delete", &name]);
+            if out.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("open by an NBD client"), "{err}");
+            refused += 1;
+            assert!(
+                refused < 500,
+                "the delete never found a moment between clients"
+            );
+        }
+        let sessions = hammer.join().expect("a client lost its snapshot");
+        eprintln!("round {round}: {sessions} client sessions, {refused} deletes refused");
+    }
+    assert!(d.alive());
+    fx.assert_check_clean("after the races");
+}
+
 #[test]
 fn live_snapshots_are_exports_at_once() {
     let [nbdinfo, qemu_io] = need!("nbdinfo", "qemu-io");
