@@ -438,6 +438,29 @@ expect_error "a file that is not a store" "not an mvsnap store|magic|superblock"
 expect_error "a file that is not a store (check)" "not an mvsnap store|magic|superblock" \
     mvsnap --store "$T/junk.img" check
 expect_eq "the non-store file is unchanged" "$(sum "$T/junk.img")" "$JUNK_SUM"
+# A mistyped command must not destroy a user's file (issue 7, items 7 and 8).
+expect_error "format refuses a file that holds data" "holds data|force" \
+    mvsnap format "$T/junk.img"
+expect_eq "the data file is unchanged by the refused format" "$(sum "$T/junk.img")" "$JUNK_SUM"
+head -c $((8 * MIB)) /dev/zero >"$T/fs.img"
+if command -v mkfs.ext4 >/dev/null && mkfs.ext4 -q -F "$T/fs.img" 2>/dev/null; then
+    FS_SUM=$(sum "$T/fs.img")
+    expect_error "format refuses a file with an ext4 file system" "ext4|file system|force" \
+        mvsnap format "$T/fs.img"
+    expect_eq "the ext4 image is unchanged" "$(sum "$T/fs.img")" "$FS_SUM"
+fi
+truncate -s $((64 * MIB)) "$T/big.img"
+expect_error "format never shrinks a file (--size 16M on 64 MiB)" "shrink|smaller|size" \
+    mvsnap format "$T/big.img" --size 16M
+expect_eq "the 64 MiB file keeps its size" "$(stat -c %s "$T/big.img")" $((64 * MIB))
+remember_store
+expect_error "origin add of the store itself" "store" ms origin add "$STORE" --id self
+expect_store_data_intact "origin add of the store itself"
+expect_ok "format a second store" mvsnap format "$T/store2.img" --size 64M
+expect_error "origin add of another mvsnap store" "store" ms origin add "$T/store2.img" --id s2
+expect_error "origin add of a file bound to another store" "bound|another store|store" \
+    mvsnap --store "$T/store2.img" origin add "$T/disk0.img" --id disk0
+expect_volume disk0 "$T/m-disk0"
 : >"$T/empty.img"
 expect_error "an empty file" "not an mvsnap store|magic|superblock|short|small|truncated" \
     mvsnap --store "$T/empty.img" info
