@@ -543,4 +543,117 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].records.len(), sample().len());
     }
+
+    /// Records of many sizes: group boundaries fall anywhere relative to the scan's window.
+    fn odd_record(i: usize) -> Record {
+        Record::Invalidate {
+            ids: (0..(i * 37) % 900).map(|x| x as u64).collect(),
+            reason: "r".repeat(i % 300),
+        }
+    }
+
+    /// A journal longer than the scan's 1 MiB read window: groups and records straddle the
+    /// window's edges, and one record is larger than the window. Every record comes back, and
+    /// the scan really read the region in several windows.
+    #[test]
+    fn scan_reads_a_journal_larger_than_its_window() {
+        let region_len = 6u64 << 20;
+        let mut j = JournalWriter::new(3, 1, region_len);
+        let mut want = Vec::new();
+        let mut gs = Vec::new();
+        let mut i = 0;
+        while j.write_pos < (5 << 19) {
+            let r = odd_record(i);
+            j.append(&r);
+            want.push(r);
+            if i % 5 == 4 {
+                gs.push(j.take_group().unwrap());
+            }
+            i += 1;
+        }
+        // 1.5 MiB in one record.
+        let big = Record::Invalidate {
+            ids: (0..196_608).collect(),
+            reason: "big".into(),
+        };
+        j.append(&big);
+        want.push(big);
+        gs.push(j.take_group().unwrap());
+        j.append(&odd_record(7));
+        want.push(odd_record(7));
+        gs.push(j.take_group().unwrap());
+        assert!(j.write_pos > 4 << 20, "the journal spans several windows");
+        let region = region_of(&gs, region_len);
+        let mut reads = 0;
+        let (got, next) = scan(region_len, 3, 1, &mut |off, b| {
+            reads += 1;
+            b.copy_from_slice(&region[off as usize..][..b.len()]);
+            Ok(())
+        })
+        .unwrap();
+        assert!(reads >= 4, "{reads} reads");
+        assert_eq!(got.len(), gs.len());
+        assert!(got.iter().all(|g| g.complete));
+        let flat: Vec<Record> = got
+            .iter()
+            .flat_map(|g| g.records.iter().map(|(_, r)| r.clone()))
+            .collect();
+        assert_eq!(flat.len(), want.len());
+        assert!(flat == want, "the records read back differ");
+        assert_eq!(next, gs.last().unwrap().last_seq + 1);
+    }
+
+    /// The last group ends exactly at the region's end: it is read, whole.
+    #[test]
+    fn a_group_ending_exactly_at_the_region_end_is_read() {
+        let mut j = JournalWriter::new(9, 1, 1 << 30);
+        let mut gs = Vec::new();
+        for i in 0..40 {
+            j.append(&odd_record(i));
+            gs.push(j.take_group().unwrap());
+        }
+        let region_len = j.write_pos;
+        let region = region_of(&gs, region_len);
+        let got = scan_region(&region, 9, 1);
+        assert_eq!(got.len(), 40);
+        assert!(got.iter().all(|g| g.complete && g.records.len() == 1));
+        assert_eq!(got[39].records[0].1, odd_record(39));
+        // One block shorter: the last group does not fit and is not read.
+        let got = scan_region(&region[..region.len() - 4096], 9, 1);
+        assert_eq!(got.len(), 39);
+    }
+
+    /// `nearly_full` is exact: a record it lets in always fits with its group's padding, up to
+    /// the region's last byte, and it says "full" as soon as one more byte would not fit.
+    #[test]
+    fn a_record_nearly_full_lets_in_always_fits() {
+        let region_len = 64 * META_BLOCK;
+        for blocks_used in [0u64, 1, 30, 59, 60, 61, 62] {
+            for i in 0..200 {
+                let r = odd_record(i);
+                let mut j = JournalWriter::new(1, 1, region_len);
+                j.write_pos = blocks_used * META_BLOCK;
+                if i % 3 == 0 {
+                    j.append(&odd_record(i + 1));
+                }
+                let len = r.encoded_len();
+                if j.nearly_full(len) {
+                    continue;
+                }
+                j.append(&r);
+                let g = j.take_group().unwrap();
+                assert!(
+                    g.pos + g.bytes.len() as u64 <= region_len,
+                    "record {i} of {len} bytes at block {blocks_used} was let in but ends past \
+                     the region"
+                );
+            }
+        }
+        // The boundary: an empty writer with three blocks left takes one block's worth, not one
+        // byte more (a group needs its padding record and a block for the next empty group).
+        let mut j = JournalWriter::new(1, 1, region_len);
+        j.write_pos = region_len - 3 * META_BLOCK;
+        assert!(!j.nearly_full(META_BLOCK as usize));
+        assert!(j.nearly_full(META_BLOCK as usize + 1));
+    }
 }
