@@ -15,6 +15,7 @@ mod expiring;
 pub mod format;
 pub mod index;
 pub mod journal;
+pub mod pdata;
 mod signature;
 mod state;
 mod store;

@@ -1,0 +1,554 @@
+//! A copy-on-write B+tree of 16-byte keys and 16-byte values in 4 KiB nodes.
+//!
+//! A [`Txn`] changes the tree by shadowing: a committed node is never written again; the first
+//! change to it in a transaction copies it to a freshly allocated block, and its parent then
+//! points at the copy (so the path from the root is copied too). Nodes created in the
+//! transaction are changed in place until [`Txn::commit`] writes them. The previous root stays
+//! readable, untouched, until the caller has made the new root durable (a superblock flip)
+//! and only then reuses the blocks the commit released. A commit writes what the transaction
+//! dirtied, never the whole tree.
+//!
+//! Removal merges a node that falls below a quarter full into a neighbour when both fit in
+//! one node, and drops empty nodes, so space stays proportional to the entries.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use super::cache::NodeCache;
+use super::node::{Key, Node, Value, INTERNAL_CAP, LEAF_CAP};
+use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
+
+/// Where a transaction gets blocks for its new nodes.
+pub trait BlockAlloc {
+    fn alloc(&mut self) -> Option<BlockNo>;
+    /// A block allocated in this same transaction that is no longer used: nothing durable
+    /// points at it, so it is free at once.
+    fn free_now(&mut self, block: BlockNo);
+}
+
+/// A node as a reader sees it: one the transaction holds, or a clean one from the cache.
+pub enum NodeRef<'a> {
+    Dirty(&'a Node),
+    Clean(Arc<Node>),
+}
+
+impl Deref for NodeRef<'_> {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        match self {
+            NodeRef::Dirty(n) => n,
+            NodeRef::Clean(n) => n,
+        }
+    }
+}
+
+/// Read access to one version of the tree.
+pub trait View {
+    fn root(&self) -> Option<BlockNo>;
+    fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>>;
+}
+
+/// Read a clean node through the cache.
+fn load(io: &dyn NodeIo, cache: &NodeCache, block: BlockNo) -> PResult<Arc<Node>> {
+    if let Some(n) = cache.get(block) {
+        return Ok(n);
+    }
+    let mut buf = vec![0u8; NODE_SIZE];
+    io.read_block(block, &mut buf)
+        .map_err(|source| PdataError::Io { block, source })?;
+    let n = Arc::new(Node::decode(block, &buf)?);
+    cache.insert(block, n.clone());
+    Ok(n)
+}
+
+/// A committed version of the tree, read-only.
+pub struct Committed<'a> {
+    pub io: &'a dyn NodeIo,
+    pub cache: &'a NodeCache,
+    pub root: Option<BlockNo>,
+}
+
+impl View for Committed<'_> {
+    fn root(&self) -> Option<BlockNo> {
+        self.root
+    }
+    fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
+        load(self.io, self.cache, block).map(NodeRef::Clean)
+    }
+}
+
+/// The child of an internal node whose range holds `key` (the first one for smaller keys).
+fn child_index(keys: &[Key], key: &Key) -> usize {
+    match keys.binary_search(key) {
+        Ok(i) => i,
+        Err(0) => 0,
+        Err(i) => i - 1,
+    }
+}
+
+pub fn get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
+    let Some(mut b) = v.root() else {
+        return Ok(None);
+    };
+    loop {
+        let n = v.node(b)?;
+        match &*n {
+            Node::Leaf { keys, vals } => {
+                return Ok(keys.binary_search(key).ok().map(|i| vals[i]));
+            }
+            Node::Internal { keys, children } => b = children[child_index(keys, key)],
+        }
+    }
+}
+
+/// The first entry whose key is at or after `key`: a read at any depth stays one descent
+/// (plus a step right when the subtree it lands in holds only smaller keys).
+pub fn seek_ge(v: &dyn View, key: &Key) -> PResult<Option<(Key, Value)>> {
+    let mut found = None;
+    if let Some(root) = v.root() {
+        walk(v, root, key, &mut |k, val| {
+            found = Some((*k, *val));
+            false
+        })?;
+    }
+    Ok(found)
+}
+
+/// Call `f` on every entry from `from` on, in key order, until it returns false.
+pub fn for_each_from(
+    v: &dyn View,
+    from: &Key,
+    f: &mut dyn FnMut(&Key, &Value) -> bool,
+) -> PResult<()> {
+    if let Some(root) = v.root() {
+        walk(v, root, from, f)?;
+    }
+    Ok(())
+}
+
+/// In-order walk of the subtree at `b` from `from`; false once `f` asked to stop.
+fn walk(
+    v: &dyn View,
+    b: BlockNo,
+    from: &Key,
+    f: &mut dyn FnMut(&Key, &Value) -> bool,
+) -> PResult<bool> {
+    let n = v.node(b)?;
+    match &*n {
+        Node::Leaf { keys, vals } => {
+            let start = keys.partition_point(|k| k < from);
+            for i in start..keys.len() {
+                if !f(&keys[i], &vals[i]) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        Node::Internal { keys, children } => {
+            let children = children.clone();
+            let start = child_index(keys, from);
+            drop(n);
+            for c in &children[start..] {
+                if !walk(v, *c, from, f)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// What [`check`] found: the blocks the tree uses (for the space map) and its entries.
+#[derive(Debug, Default)]
+pub struct TreeReport {
+    pub blocks: Vec<BlockNo>,
+    pub entries: u64,
+    pub depth: u32,
+}
+
+/// Verify the whole tree: every node decodes, keys are sorted and within their parent's
+/// bounds, leaves all at one depth, no node is empty (but an empty root leaf), no block is
+/// used twice.
+pub fn check(v: &dyn View) -> PResult<TreeReport> {
+    let mut r = TreeReport::default();
+    let Some(root) = v.root() else {
+        return Ok(r);
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut leaf_depth = None;
+    check_node(
+        v,
+        root,
+        None,
+        None,
+        1,
+        true,
+        &mut seen,
+        &mut leaf_depth,
+        &mut r,
+    )?;
+    r.depth = leaf_depth.unwrap_or(0);
+    r.blocks = seen.into_iter().collect();
+    r.blocks.sort_unstable();
+    Ok(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_node(
+    v: &dyn View,
+    b: BlockNo,
+    lo: Option<&Key>,
+    hi: Option<&Key>,
+    depth: u32,
+    is_root: bool,
+    seen: &mut std::collections::HashSet<BlockNo>,
+    leaf_depth: &mut Option<u32>,
+    r: &mut TreeReport,
+) -> PResult<()> {
+    let bad = |what: String| PdataError::Corrupt { block: b, what };
+    if !seen.insert(b) {
+        return Err(bad("reached twice in the tree".into()));
+    }
+    let n = v.node(b)?;
+    let keys = n.keys();
+    if keys.is_empty() && !is_root {
+        return Err(bad("an empty node".into()));
+    }
+    if keys.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(bad("keys out of order".into()));
+    }
+    if let (Some(lo), Some(first)) = (lo, keys.first()) {
+        if first < lo {
+            return Err(bad("a key below its parent's bound".into()));
+        }
+    }
+    if let (Some(hi), Some(last)) = (hi, keys.last()) {
+        if last >= hi {
+            return Err(bad("a key at or above the next subtree's bound".into()));
+        }
+    }
+    match &*n {
+        Node::Leaf { keys, .. } => {
+            r.entries += keys.len() as u64;
+            match leaf_depth {
+                None => *leaf_depth = Some(depth),
+                Some(d) if *d != depth => return Err(bad("leaves at different depths".into())),
+                _ => {}
+            }
+        }
+        Node::Internal { keys, children } => {
+            let (keys, children) = (keys.clone(), children.clone());
+            drop(n);
+            for i in 0..children.len() {
+                let lo = Some(&keys[i]);
+                let hi = keys.get(i + 1).or(hi);
+                check_node(
+                    v,
+                    children[i],
+                    lo,
+                    hi,
+                    depth + 1,
+                    false,
+                    seen,
+                    leaf_depth,
+                    r,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a commit leaves to its caller.
+#[derive(Debug)]
+pub struct Commit {
+    pub root: Option<BlockNo>,
+    /// Blocks of the previous version this transaction replaced or dropped: free them once
+    /// the new root is durable, not before (a crash would go back to the old root).
+    pub released: Vec<BlockNo>,
+    /// Nodes written.
+    pub written: usize,
+}
+
+/// One transaction on the tree.
+pub struct Txn<'a> {
+    io: &'a dyn NodeIo,
+    cache: &'a NodeCache,
+    alloc: &'a mut dyn BlockAlloc,
+    txn: u64,
+    root: Option<BlockNo>,
+    dirty: HashMap<BlockNo, Node>,
+    released: Vec<BlockNo>,
+}
+
+impl View for Txn<'_> {
+    fn root(&self) -> Option<BlockNo> {
+        self.root
+    }
+    fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
+        match self.dirty.get(&block) {
+            Some(n) => Ok(NodeRef::Dirty(n)),
+            None => load(self.io, self.cache, block).map(NodeRef::Clean),
+        }
+    }
+}
+
+impl<'a> Txn<'a> {
+    /// Start changing the version at `root`; `txn` is stamped into the nodes it writes.
+    pub fn new(
+        io: &'a dyn NodeIo,
+        cache: &'a NodeCache,
+        alloc: &'a mut dyn BlockAlloc,
+        root: Option<BlockNo>,
+        txn: u64,
+    ) -> Txn<'a> {
+        Txn {
+            io,
+            cache,
+            alloc,
+            txn,
+            root,
+            dirty: HashMap::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// Nodes changed so far (what a commit would write).
+    pub fn dirty_nodes(&self) -> usize {
+        self.dirty.len()
+    }
+
+    fn new_block(&mut self) -> PResult<BlockNo> {
+        let b = self.alloc.alloc().ok_or(PdataError::NoSpace)?;
+        // A reused block: whatever the cache held for it is another node's old content.
+        self.cache.remove(b);
+        Ok(b)
+    }
+
+    /// The node at `b`, to be changed: in place if this transaction made it, else a copy in
+    /// a new block (the old one is released at commit).
+    fn shadow(&mut self, b: BlockNo) -> PResult<(BlockNo, Node)> {
+        if let Some(n) = self.dirty.remove(&b) {
+            return Ok((b, n));
+        }
+        let n = (*load(self.io, self.cache, b)?).clone();
+        let nb = self.new_block()?;
+        self.released.push(b);
+        Ok((nb, n))
+    }
+
+    /// The node at `b`, which goes away (merged into another, or empty).
+    fn take(&mut self, b: BlockNo) -> PResult<Node> {
+        if let Some(n) = self.dirty.remove(&b) {
+            self.alloc.free_now(b);
+            return Ok(n);
+        }
+        let n = (*load(self.io, self.cache, b)?).clone();
+        self.released.push(b);
+        Ok(n)
+    }
+
+    /// Insert or replace; returns the value it replaced.
+    pub fn insert(&mut self, key: Key, val: Value) -> PResult<Option<Value>> {
+        let Some(root) = self.root else {
+            let b = self.new_block()?;
+            self.dirty.insert(
+                b,
+                Node::Leaf {
+                    keys: vec![key],
+                    vals: vec![val],
+                },
+            );
+            self.root = Some(b);
+            return Ok(None);
+        };
+        let (nb, split, old) = self.insert_rec(root, key, val)?;
+        self.root = Some(nb);
+        if let Some((sep, right)) = split {
+            let first = self.dirty[&nb].keys()[0];
+            let b = self.new_block()?;
+            self.dirty.insert(
+                b,
+                Node::Internal {
+                    keys: vec![first, sep],
+                    children: vec![nb, right],
+                },
+            );
+            self.root = Some(b);
+        }
+        Ok(old)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn insert_rec(
+        &mut self,
+        b: BlockNo,
+        key: Key,
+        val: Value,
+    ) -> PResult<(BlockNo, Option<(Key, BlockNo)>, Option<Value>)> {
+        let (nb, mut node) = self.shadow(b)?;
+        let mut old = None;
+        match &mut node {
+            Node::Leaf { keys, vals } => match keys.binary_search(&key) {
+                Ok(i) => old = Some(std::mem::replace(&mut vals[i], val)),
+                Err(i) => {
+                    keys.insert(i, key);
+                    vals.insert(i, val);
+                }
+            },
+            Node::Internal { keys, children } => {
+                let i = child_index(keys, &key);
+                let (cb, split, o) = self.insert_rec(children[i], key, val)?;
+                old = o;
+                children[i] = cb;
+                if key < keys[i] {
+                    keys[i] = key;
+                }
+                if let Some((sep, right)) = split {
+                    keys.insert(i + 1, sep);
+                    children.insert(i + 1, right);
+                }
+            }
+        }
+        let split = if node.len() > node.cap() {
+            let mid = node.len() / 2;
+            let right = match &mut node {
+                Node::Leaf { keys, vals } => Node::Leaf {
+                    keys: keys.split_off(mid),
+                    vals: vals.split_off(mid),
+                },
+                Node::Internal { keys, children } => Node::Internal {
+                    keys: keys.split_off(mid),
+                    children: children.split_off(mid),
+                },
+            };
+            let sep = right.keys()[0];
+            let rb = self.new_block()?;
+            self.dirty.insert(rb, right);
+            Some((sep, rb))
+        } else {
+            None
+        };
+        self.dirty.insert(nb, node);
+        Ok((nb, split, old))
+    }
+
+    /// Remove `key`; returns its value. A key that is not there changes nothing.
+    pub fn remove(&mut self, key: &Key) -> PResult<Option<Value>> {
+        let Some(old) = get(&*self, key)? else {
+            return Ok(None);
+        };
+        let root = self.root.expect("a key was found");
+        let nb = self.remove_rec(root, key)?;
+        self.root = Some(nb);
+        // An empty root goes; an internal root with one child hands over to it.
+        while let Some(r) = self.root {
+            let Some(n) = self.dirty.get(&r) else { break };
+            let next = match n {
+                Node::Leaf { keys, .. } if keys.is_empty() => None,
+                Node::Internal { children, .. } if children.len() == 1 => Some(children[0]),
+                _ => break,
+            };
+            self.take(r)?;
+            self.root = next;
+        }
+        Ok(Some(old))
+    }
+
+    fn remove_rec(&mut self, b: BlockNo, key: &Key) -> PResult<BlockNo> {
+        let (nb, mut node) = self.shadow(b)?;
+        match &mut node {
+            Node::Leaf { keys, vals } => {
+                let i = keys.binary_search(key).expect("the key is in this leaf");
+                keys.remove(i);
+                vals.remove(i);
+            }
+            Node::Internal { keys, children } => {
+                let i = child_index(keys, key);
+                let cb = self.remove_rec(children[i], key)?;
+                children[i] = cb;
+                let child = &self.dirty[&cb];
+                let (len, cap) = (child.len(), child.cap());
+                if len == 0 {
+                    self.take(cb)?;
+                    keys.remove(i);
+                    children.remove(i);
+                } else if len < cap / 4 && children.len() > 1 {
+                    // Merge with a neighbour if both fit in one node.
+                    let j = if i + 1 < children.len() { i + 1 } else { i - 1 };
+                    let sib_len = self.node(children[j])?.len();
+                    if len + sib_len <= cap {
+                        let (l, r) = (i.min(j), i.max(j));
+                        let right = self.take(children[r])?;
+                        let (lb, mut left) = self.shadow(children[l])?;
+                        match (&mut left, right) {
+                            (
+                                Node::Leaf { keys: lk, vals: lv },
+                                Node::Leaf { keys: rk, vals: rv },
+                            ) => {
+                                lk.extend(rk);
+                                lv.extend(rv);
+                            }
+                            (
+                                Node::Internal {
+                                    keys: lk,
+                                    children: lc,
+                                },
+                                Node::Internal {
+                                    keys: rk,
+                                    children: rc,
+                                },
+                            ) => {
+                                lk.extend(rk);
+                                lc.extend(rc);
+                            }
+                            _ => {
+                                return Err(PdataError::Corrupt {
+                                    block: nb,
+                                    what: "siblings of different kinds".into(),
+                                })
+                            }
+                        }
+                        self.dirty.insert(lb, left);
+                        children[l] = lb;
+                        keys.remove(r);
+                        children.remove(r);
+                    }
+                }
+            }
+        }
+        self.dirty.insert(nb, node);
+        Ok(nb)
+    }
+
+    /// Write every node this transaction changed to its (new) block and make it the clean
+    /// version in the cache. The caller then syncs, flips the root in the superblock, syncs,
+    /// and only then frees `released`.
+    pub fn commit(self) -> PResult<Commit> {
+        let written = self.dirty.len();
+        let mut blocks: Vec<BlockNo> = self.dirty.keys().copied().collect();
+        // In block order: neighbouring nodes go out as neighbouring writes.
+        blocks.sort_unstable();
+        let mut dirty = self.dirty;
+        for b in blocks {
+            let node = dirty.remove(&b).expect("listed");
+            let bytes = node.encode(b, self.txn);
+            self.io
+                .write_block(b, &bytes[..])
+                .map_err(|source| PdataError::Io { block: b, source })?;
+            self.cache.insert(b, Arc::new(node));
+        }
+        Ok(Commit {
+            root: self.root,
+            released: self.released,
+            written,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Capacities, for callers sizing things.
+pub const CAPACITY: (usize, usize) = (LEAF_CAP, INTERNAL_CAP);

@@ -1,0 +1,446 @@
+//! The tree against a `BTreeMap` model: random inserts, removes, lookups, seeks and scans,
+//! commits, crashes (a transaction abandoned, or a commit cut off after some writes) and
+//! reopens through a cold, tiny cache. After every commit: `check` passes, the tree holds
+//! exactly the model, the blocks it uses are exactly the blocks allocated (no leak, no double
+//! use), and the previous version was never written over and still reads as it was.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use proptest::prelude::*;
+
+use super::*;
+
+fn key(space: u8, n: u64) -> Key {
+    let mut k = [0u8; 16];
+    k[0] = space;
+    k[8..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn val(n: u64) -> Value {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&n.to_le_bytes());
+    v[8..].copy_from_slice(&(!n).to_le_bytes());
+    v
+}
+
+/// Blocks in memory. Writes to `protected` blocks (the last committed version) are refused
+/// and counted; `fail_after` makes the n-th next write fail (a commit cut off).
+#[derive(Default)]
+struct MemIo {
+    blocks: Mutex<HashMap<BlockNo, Vec<u8>>>,
+    protected: Mutex<HashSet<BlockNo>>,
+    overwrites: AtomicU64,
+    writes: AtomicU64,
+    fail_at: AtomicU64,
+}
+
+impl NodeIo for MemIo {
+    fn read_block(&self, block: BlockNo, buf: &mut [u8]) -> io::Result<()> {
+        match self.blocks.lock().get(&block) {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                Ok(())
+            }
+            None => Err(io::Error::other(format!("block {block} never written"))),
+        }
+    }
+    fn write_block(&self, block: BlockNo, buf: &[u8]) -> io::Result<()> {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.fail_at.load(Ordering::SeqCst) {
+            return Err(io::Error::other("power cut"));
+        }
+        if self.protected.lock().contains(&block) {
+            self.overwrites.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::other(format!(
+                "block {block} of the committed version written over"
+            )));
+        }
+        self.blocks.lock().insert(block, buf.to_vec());
+        Ok(())
+    }
+}
+
+/// Lowest free block first, so freed blocks are reused at once (the harshest case).
+#[derive(Default)]
+struct MemAlloc {
+    in_use: BTreeSet<BlockNo>,
+    limit: u64,
+}
+
+impl BlockAlloc for MemAlloc {
+    fn alloc(&mut self) -> Option<BlockNo> {
+        let b = (0..self.limit).find(|b| !self.in_use.contains(b))?;
+        self.in_use.insert(b);
+        Some(b)
+    }
+    fn free_now(&mut self, block: BlockNo) {
+        assert!(self.in_use.remove(&block), "block {block} freed twice");
+    }
+}
+
+struct Db {
+    io: MemIo,
+    cache: NodeCache,
+    alloc: MemAlloc,
+    root: Option<BlockNo>,
+    committed: BTreeMap<Key, Value>,
+    txn: u64,
+}
+
+impl Db {
+    fn new(cache_nodes: u64) -> Db {
+        Db {
+            io: MemIo::default(),
+            cache: NodeCache::new(cache_nodes * NODE_SIZE as u64),
+            alloc: MemAlloc {
+                limit: 1 << 20,
+                ..Default::default()
+            },
+            root: None,
+            committed: BTreeMap::new(),
+            txn: 1,
+        }
+    }
+
+    fn view(&self) -> Committed<'_> {
+        Committed {
+            io: &self.io,
+            cache: &self.cache,
+            root: self.root,
+        }
+    }
+
+    /// Everything the committed version holds, checked.
+    fn assert_committed(&self, what: &str) {
+        let v = self.view();
+        let report = check(&v).unwrap_or_else(|e| panic!("{what}: check: {e}"));
+        assert_eq!(report.entries, self.committed.len() as u64, "{what}");
+        let mut all = Vec::new();
+        for_each_from(&v, &[0; 16], &mut |k, x| {
+            all.push((*k, *x));
+            true
+        })
+        .unwrap();
+        let want: Vec<(Key, Value)> = self.committed.iter().map(|(k, v)| (*k, *v)).collect();
+        if let Some(i) = (0..all.len().min(want.len())).find(|&i| all[i] != want[i]) {
+            panic!(
+                "{what}: the tree's entries differ from the model at entry {i} of {}: {:?} != {:?}",
+                all.len(),
+                all[i],
+                want[i]
+            );
+        }
+        assert!(
+            all == want,
+            "{what}: the tree's entries differ from the model"
+        );
+        let used: BTreeSet<BlockNo> = report.blocks.into_iter().collect();
+        assert_eq!(
+            used, self.alloc.in_use,
+            "{what}: blocks used != blocks allocated"
+        );
+    }
+
+    /// After a crash: what is allocated is what the committed tree uses.
+    fn recover(&mut self) {
+        let report = check(&self.view()).unwrap();
+        self.alloc.in_use = report.blocks.into_iter().collect();
+        self.io.fail_at.store(0, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Insert(u8, u64, u64),
+    Remove(u8, u64),
+    InsertRun(u64, u64),
+    RemoveRun(u64, u64),
+    Get(u8, u64),
+    Seek(u8, u64),
+    Scan(u8, u64, usize),
+    Commit,
+    /// The transaction is abandoned (a crash before its commit).
+    Abandon,
+    /// The commit is cut off after this many node writes.
+    CrashInCommit(u64),
+    /// A cold cache of two nodes: everything is read from the blocks again.
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let k = 0u64..700;
+    prop_oneof![
+        30 => (0u8..3, k.clone(), any::<u64>()).prop_map(|(s, k, v)| Op::Insert(s, k, v)),
+        15 => (0u8..3, k.clone()).prop_map(|(s, k)| Op::Remove(s, k)),
+        3 => (k.clone(), 1u64..1500).prop_map(|(k, n)| Op::InsertRun(k, n)),
+        3 => (k.clone(), 1u64..1500).prop_map(|(k, n)| Op::RemoveRun(k, n)),
+        8 => (0u8..3, k.clone()).prop_map(|(s, k)| Op::Get(s, k)),
+        8 => (0u8..4, k.clone()).prop_map(|(s, k)| Op::Seek(s, k)),
+        4 => (0u8..3, k.clone(), 1usize..300).prop_map(|(s, k, n)| Op::Scan(s, k, n)),
+        8 => Just(Op::Commit),
+        2 => Just(Op::Abandon),
+        2 => (1u64..40).prop_map(Op::CrashInCommit),
+        2 => Just(Op::Reopen),
+    ]
+}
+
+fn run(ops: &[Op]) {
+    let mut db = Db::new(64);
+    let mut model = BTreeMap::new();
+    let mut pending: Vec<Op> = Vec::new();
+    for (step, o) in ops.iter().enumerate() {
+        let what = format!("step {step}: {o:?}");
+        match o {
+            Op::Commit | Op::Abandon | Op::CrashInCommit(_) | Op::Reopen => {
+                // Replay the transaction's changes (the tree is changed only inside one).
+                let mut alloc = std::mem::take(&mut db.alloc);
+                let protected: HashSet<BlockNo> = alloc.in_use.iter().copied().collect();
+                *db.io.protected.lock() = protected;
+                let mut t = Txn::new(&db.io, &db.cache, &mut alloc, db.root, db.txn);
+                for p in pending.drain(..) {
+                    apply(&mut t, &mut model, &p);
+                }
+                let reads_ok = |t: &Txn, model: &BTreeMap<Key, Value>| {
+                    for (k, v) in model.iter().step_by(7) {
+                        assert_eq!(get(t, k).unwrap(), Some(*v), "{what}: in the transaction");
+                    }
+                };
+                reads_ok(&t, &model);
+                match o {
+                    Op::Commit | Op::Reopen => {
+                        let c = t.commit().unwrap_or_else(|e| panic!("{what}: commit: {e}"));
+                        db.alloc = alloc;
+                        // The old version is intact until the new root is durable.
+                        let old = db.committed.clone();
+                        db.assert_committed_against(&old, &what);
+                        db.root = c.root;
+                        db.txn += 1;
+                        for b in c.released {
+                            db.alloc.free_now(b);
+                        }
+                        db.committed = model.clone();
+                        db.assert_committed(&what);
+                        if matches!(o, Op::Reopen) {
+                            db.cache = NodeCache::new(2 * NODE_SIZE as u64);
+                            db.assert_committed(&format!("{what}, cold cache"));
+                        }
+                    }
+                    Op::Abandon => {
+                        drop(t);
+                        db.alloc = alloc;
+                        db.recover();
+                        model = db.committed.clone();
+                        db.assert_committed(&what);
+                    }
+                    Op::CrashInCommit(n) => {
+                        let now = db.io.writes.load(Ordering::SeqCst);
+                        db.io.fail_at.store(now + n, Ordering::SeqCst);
+                        let r = t.commit();
+                        db.alloc = alloc;
+                        if r.is_ok() {
+                            // Fewer writes than the cut: it completed, but the root flip did
+                            // not happen; the old version is what a restart finds.
+                        }
+                        db.recover();
+                        model = db.committed.clone();
+                        db.cache = NodeCache::new(8 * NODE_SIZE as u64);
+                        db.assert_committed(&what);
+                    }
+                    _ => unreachable!(),
+                }
+                assert_eq!(
+                    db.io.overwrites.load(Ordering::SeqCst),
+                    0,
+                    "{what}: a block of the committed version was written over"
+                );
+            }
+            Op::Get(..) | Op::Seek(..) | Op::Scan(..) if pending.is_empty() => {
+                check_read(&db.view(), &model, o, &what);
+            }
+            _ => pending.push(o.clone()),
+        }
+    }
+}
+
+impl Db {
+    fn assert_committed_against(&self, want: &BTreeMap<Key, Value>, what: &str) {
+        let v = self.view();
+        let mut all = Vec::new();
+        for_each_from(&v, &[0; 16], &mut |k, x| {
+            all.push((*k, *x));
+            true
+        })
+        .unwrap_or_else(|e| panic!("{what}: the previous version: {e}"));
+        let want: Vec<(Key, Value)> = want.iter().map(|(k, v)| (*k, *v)).collect();
+        assert!(
+            all == want,
+            "{what}: the previous version changed before its flip"
+        );
+    }
+}
+
+fn apply(t: &mut Txn, model: &mut BTreeMap<Key, Value>, o: &Op) {
+    match *o {
+        Op::Insert(s, k, v) => {
+            let want = model.insert(key(s, k), val(v));
+            assert_eq!(t.insert(key(s, k), val(v)).unwrap(), want, "{o:?}");
+        }
+        Op::Remove(s, k) => {
+            let want = model.remove(&key(s, k));
+            assert_eq!(t.remove(&key(s, k)).unwrap(), want, "{o:?}");
+        }
+        Op::InsertRun(k, n) => {
+            for i in k..k + n {
+                model.insert(key(1, i), val(i));
+                t.insert(key(1, i), val(i)).unwrap();
+            }
+        }
+        Op::RemoveRun(k, n) => {
+            for i in k..k + n {
+                let want = model.remove(&key(1, i));
+                assert_eq!(t.remove(&key(1, i)).unwrap(), want);
+            }
+        }
+        _ => check_read(t, model, o, "in a transaction"),
+    }
+}
+
+fn check_read(v: &dyn View, model: &BTreeMap<Key, Value>, o: &Op, what: &str) {
+    match *o {
+        Op::Get(s, k) => assert_eq!(
+            get(v, &key(s, k)).unwrap(),
+            model.get(&key(s, k)).copied(),
+            "{what}"
+        ),
+        Op::Seek(s, k) => assert_eq!(
+            seek_ge(v, &key(s, k)).unwrap(),
+            model.range(key(s, k)..).next().map(|(k, v)| (*k, *v)),
+            "{what}"
+        ),
+        Op::Scan(s, k, n) => {
+            let mut got = Vec::new();
+            for_each_from(v, &key(s, k), &mut |k, x| {
+                got.push((*k, *x));
+                got.len() < n
+            })
+            .unwrap();
+            let want: Vec<(Key, Value)> = model
+                .range(key(s, k)..)
+                .take(n)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            assert!(got == want, "{what}: scan differs");
+        }
+        _ => unreachable!(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn tree_matches_the_model(ops in proptest::collection::vec(op(), 1..300)) {
+        run(&ops);
+    }
+}
+
+/// A tree of four levels (over 2.7 million entries would be needed for five): filled in
+/// random order across several commits, then mostly emptied; at every commit it is exact and
+/// the space it uses is what it holds (merges keep nodes from staying near-empty).
+#[test]
+fn a_deep_tree_fills_and_empties_with_space_to_match() {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut db = Db::new(256);
+    let mut model = BTreeMap::new();
+    let n = 60_000u64;
+    let mut order: Vec<u64> = (0..n).collect();
+    order.shuffle(&mut rng);
+    let commit = |db: &mut Db, model: &BTreeMap<Key, Value>, ops: &[(u64, bool)]| {
+        let mut alloc = std::mem::take(&mut db.alloc);
+        *db.io.protected.lock() = alloc.in_use.iter().copied().collect();
+        let mut t = Txn::new(&db.io, &db.cache, &mut alloc, db.root, db.txn);
+        for &(k, ins) in ops {
+            if ins {
+                t.insert(key(2, k), val(k)).unwrap();
+            } else {
+                assert_eq!(t.remove(&key(2, k)).unwrap(), Some(val(k)));
+            }
+        }
+        let c = t.commit().unwrap();
+        db.alloc = alloc;
+        db.root = c.root;
+        db.txn += 1;
+        for b in c.released {
+            db.alloc.free_now(b);
+        }
+        db.committed = model.clone();
+        db.assert_committed("commit");
+        assert_eq!(db.io.overwrites.load(Ordering::SeqCst), 0);
+        c.written
+    };
+    for part in order.chunks(n as usize / 6) {
+        let ops: Vec<(u64, bool)> = part.iter().map(|&k| (k, true)).collect();
+        for &k in part {
+            model.insert(key(2, k), val(k));
+        }
+        commit(&mut db, &model, &ops);
+    }
+    let report = check(&db.view()).unwrap();
+    assert_eq!(report.entries, n);
+    assert!(report.depth >= 3, "depth {}", report.depth);
+    // Nodes are at least half full on average after random inserts.
+    let leaves_min = n.div_ceil(LEAF_CAP as u64);
+    assert!(
+        (report.blocks.len() as u64) < leaves_min * 5 / 2,
+        "{} blocks for {n} entries",
+        report.blocks.len()
+    );
+    // A small change writes a few nodes, not the tree.
+    model.insert(key(2, n + 1), val(n + 1));
+    let written = commit(&mut db, &model, &[(n + 1, true)]);
+    assert!(
+        written <= report.depth as usize + 1,
+        "{written} nodes written for one insert"
+    );
+    // Remove 95% in random order.
+    order.shuffle(&mut rng);
+    let gone = &order[..(n as usize * 95 / 100)];
+    for part in gone.chunks(n as usize / 5) {
+        let ops: Vec<(u64, bool)> = part.iter().map(|&k| (k, false)).collect();
+        for &k in part {
+            model.remove(&key(2, k));
+        }
+        commit(&mut db, &model, &ops);
+    }
+    let report = check(&db.view()).unwrap();
+    let left = report.entries;
+    assert!(
+        (report.blocks.len() as u64) <= left.div_ceil(LEAF_CAP as u64 / 4) + 20,
+        "{} blocks for {left} entries after removals",
+        report.blocks.len()
+    );
+}
+
+/// Damage is reported, not served: a node read back with a flipped bit fails the lookup.
+#[test]
+fn a_damaged_node_is_an_error() {
+    let mut db = Db::new(4);
+    let mut alloc = std::mem::take(&mut db.alloc);
+    let mut t = Txn::new(&db.io, &db.cache, &mut alloc, None, 1);
+    for i in 0..1000 {
+        t.insert(key(0, i), val(i)).unwrap();
+    }
+    let c = t.commit().unwrap();
+    db.alloc = alloc;
+    db.root = c.root;
+    let victim = *db.io.blocks.lock().keys().max().unwrap();
+    db.io.blocks.lock().get_mut(&victim).unwrap()[100] ^= 4;
+    db.cache = NodeCache::new(4 * NODE_SIZE as u64);
+    let e = check(&db.view()).expect_err("check of a damaged tree");
+    assert!(e.to_string().contains("damaged"), "{e}");
+}
