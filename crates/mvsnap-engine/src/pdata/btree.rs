@@ -19,12 +19,16 @@ use super::cache::NodeCache;
 use super::node::{Key, Node, Value, INTERNAL_CAP, LEAF_CAP};
 use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
 
-/// Where a transaction gets blocks for its new nodes.
+/// Where a transaction gets blocks for its new nodes, and gives back the ones it drops.
 pub trait BlockAlloc {
     fn alloc(&mut self) -> Option<BlockNo>;
     /// A block allocated in this same transaction that is no longer used: nothing durable
     /// points at it, so it is free at once.
     fn free_now(&mut self, block: BlockNo);
+    /// A block of the committed version this transaction replaced or dropped: free in the new
+    /// version, but not to be handed out again before the new root is durable (a crash
+    /// would go back to the old root, which uses it).
+    fn release(&mut self, block: BlockNo);
 }
 
 /// A node as a reader sees it: one the transaction holds, or a clean one from the cache.
@@ -264,25 +268,21 @@ fn check_node(
 #[derive(Debug)]
 pub struct Commit {
     pub root: Option<BlockNo>,
-    /// Blocks of the previous version this transaction replaced or dropped: free them once
-    /// the new root is durable, not before (a crash would go back to the old root).
-    pub released: Vec<BlockNo>,
     /// Nodes written.
     pub written: usize,
 }
 
 /// One transaction on the tree.
-pub struct Txn<'a> {
+pub struct Txn<'a, A: BlockAlloc> {
     io: &'a dyn NodeIo,
     cache: &'a NodeCache,
-    alloc: &'a mut dyn BlockAlloc,
+    alloc: &'a mut A,
     txn: u64,
     root: Option<BlockNo>,
     dirty: HashMap<BlockNo, Node>,
-    released: Vec<BlockNo>,
 }
 
-impl View for Txn<'_> {
+impl<A: BlockAlloc> View for Txn<'_, A> {
     fn root(&self) -> Option<BlockNo> {
         self.root
     }
@@ -294,15 +294,15 @@ impl View for Txn<'_> {
     }
 }
 
-impl<'a> Txn<'a> {
+impl<'a, A: BlockAlloc> Txn<'a, A> {
     /// Start changing the version at `root`; `txn` is stamped into the nodes it writes.
     pub fn new(
         io: &'a dyn NodeIo,
         cache: &'a NodeCache,
-        alloc: &'a mut dyn BlockAlloc,
+        alloc: &'a mut A,
         root: Option<BlockNo>,
         txn: u64,
-    ) -> Txn<'a> {
+    ) -> Txn<'a, A> {
         Txn {
             io,
             cache,
@@ -310,8 +310,12 @@ impl<'a> Txn<'a> {
             txn,
             root,
             dirty: HashMap::new(),
-            released: Vec::new(),
         }
+    }
+
+    /// The allocator, for what the caller keeps in step with the tree (the space map).
+    pub fn allocator(&mut self) -> &mut A {
+        self.alloc
     }
 
     /// Nodes changed so far (what a commit would write).
@@ -334,7 +338,7 @@ impl<'a> Txn<'a> {
         }
         let n = (*load(self.io, self.cache, b)?).clone();
         let nb = self.new_block()?;
-        self.released.push(b);
+        self.alloc.release(b);
         Ok((nb, n))
     }
 
@@ -345,7 +349,7 @@ impl<'a> Txn<'a> {
             return Ok(n);
         }
         let n = (*load(self.io, self.cache, b)?).clone();
-        self.released.push(b);
+        self.alloc.release(b);
         Ok(n)
     }
 
@@ -541,7 +545,6 @@ impl<'a> Txn<'a> {
         }
         Ok(Commit {
             root: self.root,
-            released: self.released,
             written,
         })
     }

@@ -8,7 +8,9 @@
 
 pub mod btree;
 pub mod cache;
+pub mod meta;
 pub mod node;
+pub mod spacemap;
 
 use std::io;
 

@@ -69,6 +69,8 @@ impl NodeIo for MemIo {
 struct MemAlloc {
     in_use: BTreeSet<BlockNo>,
     limit: u64,
+    /// Released by the transaction: freed once its commit is "durable".
+    released: Vec<BlockNo>,
 }
 
 impl BlockAlloc for MemAlloc {
@@ -79,6 +81,22 @@ impl BlockAlloc for MemAlloc {
     }
     fn free_now(&mut self, block: BlockNo) {
         assert!(self.in_use.remove(&block), "block {block} freed twice");
+    }
+    fn release(&mut self, block: BlockNo) {
+        assert!(
+            self.in_use.contains(&block),
+            "block {block} released but not in use"
+        );
+        self.released.push(block);
+    }
+}
+
+impl MemAlloc {
+    /// The root flip is durable: released blocks are free.
+    fn flip(&mut self) {
+        for b in std::mem::take(&mut self.released) {
+            self.free_now(b);
+        }
     }
 }
 
@@ -149,6 +167,7 @@ impl Db {
     fn recover(&mut self) {
         let report = check(&self.view()).unwrap();
         self.alloc.in_use = report.blocks.into_iter().collect();
+        self.alloc.released.clear();
         self.io.fail_at.store(0, Ordering::SeqCst);
     }
 }
@@ -204,7 +223,7 @@ fn run(ops: &[Op]) {
                 for p in pending.drain(..) {
                     apply(&mut t, &mut model, &p);
                 }
-                let reads_ok = |t: &Txn, model: &BTreeMap<Key, Value>| {
+                let reads_ok = |t: &Txn<MemAlloc>, model: &BTreeMap<Key, Value>| {
                     for (k, v) in model.iter().step_by(7) {
                         assert_eq!(get(t, k).unwrap(), Some(*v), "{what}: in the transaction");
                     }
@@ -219,9 +238,7 @@ fn run(ops: &[Op]) {
                         db.assert_committed_against(&old, &what);
                         db.root = c.root;
                         db.txn += 1;
-                        for b in c.released {
-                            db.alloc.free_now(b);
-                        }
+                        db.alloc.flip();
                         db.committed = model.clone();
                         db.assert_committed(&what);
                         if matches!(o, Op::Reopen) {
@@ -283,7 +300,7 @@ impl Db {
     }
 }
 
-fn apply(t: &mut Txn, model: &mut BTreeMap<Key, Value>, o: &Op) {
+fn apply(t: &mut Txn<MemAlloc>, model: &mut BTreeMap<Key, Value>, o: &Op) {
     match *o {
         Op::Insert(s, k, v) => {
             let want = model.insert(key(s, k), val(v));
@@ -375,9 +392,7 @@ fn a_deep_tree_fills_and_empties_with_space_to_match() {
         db.alloc = alloc;
         db.root = c.root;
         db.txn += 1;
-        for b in c.released {
-            db.alloc.free_now(b);
-        }
+        db.alloc.flip();
         db.committed = model.clone();
         db.assert_committed("commit");
         assert_eq!(db.io.overwrites.load(Ordering::SeqCst), 0);
@@ -443,4 +458,110 @@ fn a_damaged_node_is_an_error() {
     db.cache = NodeCache::new(4 * NODE_SIZE as u64);
     let e = check(&db.view()).expect_err("check of a damaged tree");
     assert!(e.to_string().contains("damaged"), "{e}");
+}
+
+/// `check` finds each kind of damage a tree can have, in trees written node by node.
+#[test]
+fn check_finds_every_kind_of_bad_tree() {
+    let leaf = |ks: &[u64]| Node::Leaf {
+        keys: ks.iter().map(|&k| key(0, k)).collect(),
+        vals: ks.iter().map(|&k| val(k)).collect(),
+    };
+    let internal = |ks: &[u64], cs: &[BlockNo]| Node::Internal {
+        keys: ks.iter().map(|&k| key(0, k)).collect(),
+        children: cs.to_vec(),
+    };
+    let cases: Vec<(&str, Vec<(BlockNo, Node)>)> = vec![
+        (
+            "empty node",
+            vec![
+                (1, internal(&[0, 10], &[2, 3])),
+                (2, leaf(&[1])),
+                (3, leaf(&[])),
+            ],
+        ),
+        ("out of order", vec![(1, leaf(&[1, 3, 2]))]),
+        ("out of order", vec![(1, leaf(&[1, 1]))]),
+        (
+            "below its parent",
+            vec![
+                (1, internal(&[5, 10], &[2, 3])),
+                (2, leaf(&[4, 6])),
+                (3, leaf(&[11])),
+            ],
+        ),
+        (
+            "at or above",
+            vec![
+                (1, internal(&[0, 10], &[2, 3])),
+                (2, leaf(&[1, 10])),
+                (3, leaf(&[11])),
+            ],
+        ),
+        (
+            "at or above",
+            vec![
+                (1, internal(&[0, 100], &[2, 3])),
+                (2, internal(&[0, 10], &[4, 5])),
+                (3, leaf(&[100])),
+                (4, leaf(&[1])),
+                (5, leaf(&[10, 100])),
+            ],
+        ),
+        (
+            "different depths",
+            vec![
+                (1, internal(&[0, 10], &[2, 3])),
+                (2, internal(&[0], &[4])),
+                (3, leaf(&[11])),
+                (4, leaf(&[1])),
+            ],
+        ),
+        (
+            "reached twice",
+            vec![(1, internal(&[0, 10], &[2, 2])), (2, leaf(&[1]))],
+        ),
+    ];
+    for (want, nodes) in cases {
+        let io = MemIo::default();
+        for (b, n) in &nodes {
+            io.write_block(*b, &n.encode(*b, 1)[..]).unwrap();
+        }
+        let cache = NodeCache::new(1 << 20);
+        let v = Committed {
+            io: &io,
+            cache: &cache,
+            root: Some(1),
+        };
+        match check(&v) {
+            Err(e) => assert!(e.to_string().contains(want), "{want}: {e}"),
+            Ok(r) => panic!("{want}: check passed a bad tree: {r:?}"),
+        }
+    }
+    // A good two-level tree passes, with its blocks and depth.
+    let io = MemIo::default();
+    for (b, n) in [
+        (1, internal(&[0, 10], &[2, 3])),
+        (2, leaf(&[1, 5])),
+        (3, leaf(&[10, 12])),
+    ] {
+        io.write_block(b, &n.encode(b, 1)[..]).unwrap();
+    }
+    let cache = NodeCache::new(1 << 20);
+    let r = check(&Committed {
+        io: &io,
+        cache: &cache,
+        root: Some(1),
+    })
+    .unwrap();
+    assert_eq!((r.blocks, r.entries, r.depth), (vec![1, 2, 3], 4, 2));
+    // An empty root leaf is a valid empty tree.
+    io.write_block(9, &leaf(&[]).encode(9, 1)[..]).unwrap();
+    let r = check(&Committed {
+        io: &io,
+        cache: &cache,
+        root: Some(9),
+    })
+    .unwrap();
+    assert_eq!(r.entries, 0);
 }

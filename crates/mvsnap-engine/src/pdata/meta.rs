@@ -1,0 +1,331 @@
+//! Durable metadata: the tree and the space map on one device, switched together by a root
+//! flip in a pair of header blocks. A commit costs what the transaction changed:
+//!
+//! 1. the transaction's changes are made in the tree (shadowed nodes, in RAM);
+//! 2. the space map's changed selectors are written into the tree (key space `M`), repeated
+//!    until no new node or bitmap is touched (each round touches fewer: it converges at once);
+//! 3. the dirty nodes and the changed bitmaps are written to blocks no durable version uses;
+//! 4. sync; 5. the header with the new root goes to the older of the two header blocks;
+//! 6. sync; 7. the blocks the old version alone used become free.
+//!
+//! A crash before 6 completes finds the old header (or, if the new one landed, the new
+//! version whole: everything it points at was synced in 4). Nothing of the version a header
+//! points at is ever written over while it may still be the newest durable one.
+//!
+//! ```text
+//! block 0, 1: header  0 magic u32 "MVMH"  4 crc32c u32 of 8..4096 (salted)  8 seq u64
+//!                     16 txn u64  24 root u64 (u64::MAX: empty)  32 blocks u64  40 map u64
+//! blocks map..map+2n: the space map's two slots per bitmap (spacemap.rs)
+//! then: tree nodes (and, in the store, data) as the space map hands them out
+//! ```
+
+use std::sync::Arc;
+
+use super::btree::{self, Txn};
+use super::cache::{CacheStats, NodeCache};
+use super::node::{Key, Value};
+use super::spacemap::{Selector, SpaceMap, TxnAlloc};
+use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
+use crate::blockdev::BlockDev;
+
+const MAGIC: u32 = 0x484d_564d; // "MVMH"
+const SALT_HEADER: u32 = 0x4d48_0006;
+const NO_ROOT: u64 = u64::MAX;
+/// Key space of the space map's selectors.
+pub const SPACE_MAP: u8 = b'M';
+/// The first block after the headers.
+const MAP_START: BlockNo = 2;
+
+/// Whole blocks of a device, by number.
+pub struct DevIo(pub Arc<dyn BlockDev>);
+
+impl NodeIo for DevIo {
+    fn read_block(&self, block: BlockNo, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(buf, block * NODE_SIZE as u64)
+    }
+    fn write_block(&self, block: BlockNo, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(buf, block * NODE_SIZE as u64)
+    }
+}
+
+fn selector_key(index: u32) -> Key {
+    let mut k = [0u8; 16];
+    k[0] = SPACE_MAP;
+    k[12..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    seq: u64,
+    txn: u64,
+    root: Option<BlockNo>,
+    blocks: u64,
+}
+
+impl Header {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; NODE_SIZE];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.txn.to_le_bytes());
+        b[24..32].copy_from_slice(&self.root.unwrap_or(NO_ROOT).to_le_bytes());
+        b[32..40].copy_from_slice(&self.blocks.to_le_bytes());
+        b[40..48].copy_from_slice(&MAP_START.to_le_bytes());
+        let c = crate::format::crc(SALT_HEADER, &b[8..]);
+        b[4..8].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Header> {
+        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        if u32::from_le_bytes(b[0..4].try_into().unwrap()) != MAGIC
+            || crate::format::crc(SALT_HEADER, &b[8..])
+                != u32::from_le_bytes(b[4..8].try_into().unwrap())
+            || word(40) != MAP_START
+        {
+            return None;
+        }
+        Some(Header {
+            seq: word(8),
+            txn: word(16),
+            root: Some(word(24)).filter(|&r| r != NO_ROOT),
+            blocks: word(32),
+        })
+    }
+}
+
+/// What one commit wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    pub nodes: usize,
+    pub bitmaps: usize,
+}
+
+pub struct Meta {
+    dev: Arc<dyn BlockDev>,
+    io: DevIo,
+    cache: NodeCache,
+    map: SpaceMap,
+    header: Header,
+}
+
+impl Meta {
+    /// Blocks before the first one the space map can hand out: headers and the map's region.
+    pub fn fixed_blocks(blocks: u64) -> u64 {
+        MAP_START + SpaceMap::region_len(blocks)
+    }
+
+    /// Start a device of `blocks` blocks with an empty tree.
+    pub fn format(dev: Arc<dyn BlockDev>, blocks: u64, cache_bytes: u64) -> PResult<Meta> {
+        let fixed = Self::fixed_blocks(blocks);
+        if blocks <= fixed {
+            return Err(PdataError::NoSpace);
+        }
+        let map = SpaceMap::format(MAP_START, blocks, fixed);
+        let mut m = Meta {
+            io: DevIo(dev.clone()),
+            dev,
+            cache: NodeCache::new(cache_bytes),
+            map,
+            header: Header {
+                seq: 0,
+                txn: 1,
+                root: None,
+                blocks,
+            },
+        };
+        m.update(|_| Ok(()))?;
+        // Both header blocks valid, so a stale one from an earlier format can never win.
+        m.update(|_| Ok(()))?;
+        Ok(m)
+    }
+
+    /// The newest durable version on the device.
+    pub fn open(dev: Arc<dyn BlockDev>, cache_bytes: u64) -> PResult<Meta> {
+        let io = DevIo(dev.clone());
+        let mut best: Option<Header> = None;
+        for b in 0..2 {
+            let mut buf = vec![0u8; NODE_SIZE];
+            io.read_block(b, &mut buf)
+                .map_err(|source| PdataError::Io { block: b, source })?;
+            if let Some(h) = Header::decode(&buf) {
+                if best.is_none_or(|x| h.seq > x.seq) {
+                    best = Some(h);
+                }
+            }
+        }
+        let header = best.ok_or(PdataError::Corrupt {
+            block: 0,
+            what: "no valid metadata header".into(),
+        })?;
+        let cache = NodeCache::new(cache_bytes);
+        let n = SpaceMap::bitmaps_for(header.blocks) as u32;
+        let mut selectors = Vec::with_capacity(n as usize);
+        {
+            let v = btree::Committed {
+                io: &io,
+                cache: &cache,
+                root: header.root,
+            };
+            btree::for_each_from(&v, &selector_key(0), &mut |k, val| {
+                if k[0] != SPACE_MAP || selectors.len() as u32 >= n {
+                    return false;
+                }
+                selectors.push((u32::from_be_bytes(k[12..].try_into().unwrap()), *val));
+                true
+            })?;
+        }
+        let selectors: Vec<Selector> = selectors
+            .iter()
+            .enumerate()
+            .map(|(i, (idx, v))| {
+                if *idx as usize != i {
+                    return Err(PdataError::Corrupt {
+                        block: header.root.unwrap_or(0),
+                        what: format!("space map selector {i} missing"),
+                    });
+                }
+                let v: &[u8; 16] = v;
+                Ok(Selector::decode(v))
+            })
+            .collect::<PResult<_>>()?;
+        let map = SpaceMap::open(MAP_START, header.blocks, selectors)?;
+        Ok(Meta {
+            dev,
+            io,
+            cache,
+            map,
+            header,
+        })
+    }
+
+    pub fn get(&self, key: &Key) -> PResult<Option<Value>> {
+        btree::get(&self.committed(), key)
+    }
+
+    pub fn seek_ge(&self, key: &Key) -> PResult<Option<(Key, Value)>> {
+        btree::seek_ge(&self.committed(), key)
+    }
+
+    pub fn for_each_from(
+        &self,
+        from: &Key,
+        f: &mut dyn FnMut(&Key, &Value) -> bool,
+    ) -> PResult<()> {
+        btree::for_each_from(&self.committed(), from, f)
+    }
+
+    fn committed(&self) -> btree::Committed<'_> {
+        btree::Committed {
+            io: &self.io,
+            cache: &self.cache,
+            root: self.header.root,
+        }
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    pub fn free_blocks(&self) -> u64 {
+        self.map.free_blocks()
+    }
+
+    /// Run `change` in a transaction and commit it durably (see the module comment). On an
+    /// error nothing durable changed; the caller must reopen before going on (the in-memory
+    /// space map may hold the failed transaction's allocations).
+    pub fn update(
+        &mut self,
+        change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<()>,
+    ) -> PResult<CommitStats> {
+        let txn = self.header.txn;
+        let mut alloc = TxnAlloc {
+            map: &mut self.map,
+            io: &self.io,
+            error: None,
+        };
+        let mut t = Txn::new(&self.io, &self.cache, &mut alloc, self.header.root, txn);
+        change(&mut t)?;
+        // The space map's selectors into the tree, until nothing more changes.
+        loop {
+            let changed = t.allocator().map.changed_selectors();
+            let mut again = false;
+            for (i, sel) in changed {
+                let k = selector_key(i);
+                let v = sel.encode();
+                if btree::get(&t, &k)? != Some(v) {
+                    t.insert(k, v)?;
+                    again = true;
+                }
+            }
+            if !again {
+                break;
+            }
+        }
+        if let Some(e) = t.allocator().error.take() {
+            return Err(e);
+        }
+        let c = t.commit()?;
+        let bitmaps = self.map.write_changed(&self.io, txn)?;
+        let sync = |dev: &Arc<dyn BlockDev>| {
+            dev.sync()
+                .map_err(|source| PdataError::Io { block: 0, source })
+        };
+        sync(&self.dev)?;
+        let header = Header {
+            seq: self.header.seq + 1,
+            txn: txn + 1,
+            root: c.root,
+            blocks: self.header.blocks,
+        };
+        self.io
+            .write_block(header.seq % 2, &header.encode())
+            .map_err(|source| PdataError::Io {
+                block: header.seq % 2,
+                source,
+            })?;
+        sync(&self.dev)?;
+        self.header = header;
+        self.map.commit_done();
+        Ok(CommitStats {
+            nodes: c.written,
+            bitmaps,
+        })
+    }
+
+    /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the
+    /// space map says so, no more (a leak) and no less (a block used twice waiting to happen).
+    /// `data` are the blocks the caller's entries point at (none for a bare tree).
+    pub fn check(&mut self, data: &[BlockNo]) -> PResult<btree::TreeReport> {
+        let report = btree::check(&self.committed())?;
+        let mut want: Vec<BlockNo> = (0..Self::fixed_blocks(self.header.blocks)).collect();
+        want.extend(&report.blocks);
+        want.extend(data);
+        want.sort_unstable();
+        if let Some(w) = want.windows(2).find(|w| w[0] == w[1]) {
+            return Err(PdataError::Corrupt {
+                block: w[0],
+                what: "used twice".into(),
+            });
+        }
+        let used = self.map.used_blocks(&self.io)?;
+        if used != want {
+            let leaked = used.iter().find(|b| want.binary_search(b).is_err());
+            let lost = want.iter().find(|b| used.binary_search(b).is_err());
+            return Err(PdataError::Corrupt {
+                block: leaked.or(lost).copied().unwrap_or(0),
+                what: format!(
+                    "space map disagrees with the tree: {} blocks marked used, {} in use \
+                     (first leaked {leaked:?}, first in use but free {lost:?})",
+                    used.len(),
+                    want.len()
+                ),
+            });
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests;

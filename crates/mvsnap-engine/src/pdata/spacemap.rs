@@ -1,0 +1,512 @@
+//! The space map: one bit per 4 KiB block of the store (set: in use), in bitmap blocks of
+//! 32,512 bits (127 MiB of store each).
+//!
+//! Every block has one owner in v2 (generation ranges and snapshot keys share data without
+//! reference counts), so a bit is enough. A bitmap block is never written in place: each has
+//! two fixed slots, and a commit writes a changed bitmap to the slot the committed version does
+//! not use. Which slot is current, and its free count, are the bitmap's selector, kept by the
+//! caller in the tree (key space `M`) so that the root flip switches tree and space map at
+//! once. A fixed region with two slots per bitmap avoids the circularity of a space map that
+//! allocates its own blocks from itself.
+//!
+//! A block freed in a transaction is not handed out again before that transaction's commit is
+//! durable ([`SpaceMap::commit_done`]): until then a crash returns to a version that uses it.
+//! In RAM: the selectors (8 bytes per bitmap, 64 KiB for a 1 TiB store), the bitmaps this
+//! transaction changed (with their committed version) and a bounded cache of clean ones.
+//!
+//! ```text
+//! bitmap block:  0 magic u32 "MVSM"  4 crc32c u32 of 8..4096, salted with the block number
+//!                8 index u32  12 free u32  16 txn u64  24 block u64  32 bits (4064 bytes)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::btree::BlockAlloc;
+use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
+
+const MAGIC: u32 = 0x4d53_564d; // "MVSM"
+const SALT_BITMAP: u32 = 0x534d_0005;
+const HEADER: usize = 32;
+/// Blocks one bitmap block covers.
+pub const BITS_PER_BITMAP: u64 = ((NODE_SIZE - HEADER) * 8) as u64;
+/// Clean bitmaps kept in RAM.
+const CLEAN_CACHE: usize = 64;
+
+type Bits = Vec<u8>;
+
+fn salt(block: BlockNo) -> u32 {
+    SALT_BITMAP ^ block as u32 ^ (block >> 32) as u32
+}
+
+fn get_bit(bits: &[u8], i: usize) -> bool {
+    bits[i / 8] & (1 << (i % 8)) != 0
+}
+
+fn set_bit(bits: &mut [u8], i: usize, on: bool) {
+    if on {
+        bits[i / 8] |= 1 << (i % 8);
+    } else {
+        bits[i / 8] &= !(1 << (i % 8));
+    }
+}
+
+/// Which slot holds bitmap `index` now, and how many blocks it has free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selector {
+    pub slot: u8,
+    pub free: u32,
+}
+
+impl Selector {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[0] = self.slot;
+        v[4..8].copy_from_slice(&self.free.to_le_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8; 16]) -> Selector {
+        Selector {
+            slot: v[0] & 1,
+            free: u32::from_le_bytes(v[4..8].try_into().unwrap()),
+        }
+    }
+}
+
+struct Dirty {
+    committed: Arc<Bits>,
+    working: Bits,
+    free: u32,
+}
+
+pub struct SpaceMap {
+    /// First block of the two-slot region (bitmap i: slots region + 2i and region + 2i + 1).
+    region: BlockNo,
+    /// Blocks the map covers (the whole store).
+    blocks: u64,
+    selectors: Vec<Selector>,
+    dirty: BTreeMap<u32, Dirty>,
+    clean: HashMap<u32, Arc<Bits>>,
+    /// Where the next search for a free block starts: allocations stay near each other.
+    cursor: BlockNo,
+}
+
+impl SpaceMap {
+    /// Bitmap blocks needed for a store of `blocks` blocks, and the region's size (2 slots each).
+    pub fn bitmaps_for(blocks: u64) -> u64 {
+        blocks.div_ceil(BITS_PER_BITMAP)
+    }
+
+    pub fn region_len(blocks: u64) -> u64 {
+        2 * Self::bitmaps_for(blocks)
+    }
+
+    /// A new map in which the blocks below `reserved` (headers, the map's own region, the
+    /// journal) are in use and all others free. Nothing is written until the first commit;
+    /// every bitmap is dirty, so the first commit writes them all.
+    pub fn format(region: BlockNo, blocks: u64, reserved: BlockNo) -> SpaceMap {
+        let n = Self::bitmaps_for(blocks) as usize;
+        let mut sm = SpaceMap {
+            region,
+            blocks,
+            selectors: vec![Selector { slot: 1, free: 0 }; n],
+            dirty: BTreeMap::new(),
+            clean: HashMap::new(),
+            cursor: 0,
+        };
+        for i in 0..n {
+            let mut bits = vec![0u8; NODE_SIZE - HEADER];
+            // Bits past the end of the store are "used": never handed out.
+            let first = i as u64 * BITS_PER_BITMAP;
+            for b in blocks.max(first)..first + BITS_PER_BITMAP {
+                set_bit(&mut bits, (b - first) as usize, true);
+            }
+            for b in first..reserved.min(first + BITS_PER_BITMAP) {
+                set_bit(&mut bits, (b - first) as usize, true);
+            }
+            let free = count_free(&bits);
+            // No version is durable yet: what is free now may be used at once.
+            sm.dirty.insert(
+                i as u32,
+                Dirty {
+                    committed: Arc::new(bits.clone()),
+                    working: bits,
+                    free,
+                },
+            );
+        }
+        sm
+    }
+
+    /// The map as a committed version's selectors describe it.
+    pub fn open(region: BlockNo, blocks: u64, selectors: Vec<Selector>) -> PResult<SpaceMap> {
+        if selectors.len() as u64 != Self::bitmaps_for(blocks) {
+            return Err(PdataError::Corrupt {
+                block: region,
+                what: format!(
+                    "{} space map selectors for {} bitmaps",
+                    selectors.len(),
+                    Self::bitmaps_for(blocks)
+                ),
+            });
+        }
+        Ok(SpaceMap {
+            region,
+            blocks,
+            selectors,
+            dirty: BTreeMap::new(),
+            clean: HashMap::new(),
+            cursor: 0,
+        })
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Free blocks in the working version (blocks freed in this transaction count as free).
+    pub fn free_blocks(&self) -> u64 {
+        (0..self.selectors.len() as u32)
+            .map(|i| self.free_of(i) as u64)
+            .sum()
+    }
+
+    fn free_of(&self, i: u32) -> u32 {
+        match self.dirty.get(&i) {
+            Some(d) => d.free,
+            None => self.selectors[i as usize].free,
+        }
+    }
+
+    fn slot_block(&self, i: u32, slot: u8) -> BlockNo {
+        self.region + 2 * i as u64 + slot as u64
+    }
+
+    /// The committed bitmap `i`, through the clean cache.
+    fn committed_bits(&mut self, io: &dyn NodeIo, i: u32) -> PResult<Arc<Bits>> {
+        if let Some(d) = self.dirty.get(&i) {
+            return Ok(d.committed.clone());
+        }
+        if let Some(b) = self.clean.get(&i) {
+            return Ok(b.clone());
+        }
+        let block = self.slot_block(i, self.selectors[i as usize].slot);
+        let mut buf = vec![0u8; NODE_SIZE];
+        io.read_block(block, &mut buf)
+            .map_err(|source| PdataError::Io { block, source })?;
+        let bits = Arc::new(decode_bitmap(
+            block,
+            i,
+            &buf,
+            self.selectors[i as usize].free,
+        )?);
+        if self.clean.len() >= CLEAN_CACHE {
+            let victim = *self.clean.keys().next().expect("not empty");
+            self.clean.remove(&victim);
+        }
+        self.clean.insert(i, bits.clone());
+        Ok(bits)
+    }
+
+    fn make_dirty(&mut self, io: &dyn NodeIo, i: u32) -> PResult<&mut Dirty> {
+        if !self.dirty.contains_key(&i) {
+            let committed = self.committed_bits(io, i)?;
+            self.clean.remove(&i);
+            let free = self.selectors[i as usize].free;
+            self.dirty.insert(
+                i,
+                Dirty {
+                    working: (*committed).clone(),
+                    committed,
+                    free,
+                },
+            );
+        }
+        Ok(self.dirty.get_mut(&i).expect("inserted"))
+    }
+
+    /// Whether `block` is in use in the working version.
+    pub fn is_used(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<bool> {
+        let (i, bit) = split(block);
+        Ok(match self.dirty.get(&i) {
+            Some(d) => get_bit(&d.working, bit),
+            None => get_bit(&self.committed_bits(io, i)?, bit),
+        })
+    }
+
+    /// A block free in the working version and in the committed one, near the cursor.
+    pub fn alloc(&mut self, io: &dyn NodeIo) -> PResult<Option<BlockNo>> {
+        let n = self.selectors.len() as u32;
+        let start = split(self.cursor).0;
+        for step in 0..=n {
+            let i = (start + step) % n.max(1);
+            if self.free_of(i) == 0 {
+                continue;
+            }
+            let from = if step == 0 { split(self.cursor).1 } else { 0 };
+            let committed = self.committed_bits(io, i)?;
+            let working = self.dirty.get(&i).map(|d| &d.working);
+            let found = (from..BITS_PER_BITMAP as usize)
+                .find(|&b| !get_bit(&committed, b) && working.is_none_or(|w| !get_bit(w, b)));
+            let Some(bit) = found else { continue };
+            let d = self.make_dirty(io, i)?;
+            set_bit(&mut d.working, bit, true);
+            d.free -= 1;
+            let block = i as u64 * BITS_PER_BITMAP + bit as u64;
+            self.cursor = block + 1;
+            return Ok(Some(block));
+        }
+        Ok(None)
+    }
+
+    /// Free a block in the working version. One the committed version uses stays taken until
+    /// the commit is durable; one allocated in this transaction is free again at once.
+    pub fn free(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<()> {
+        let (i, bit) = split(block);
+        if block >= self.blocks {
+            return Err(PdataError::Corrupt {
+                block,
+                what: format!("freed, but the store has {} blocks", self.blocks),
+            });
+        }
+        let d = self.make_dirty(io, i)?;
+        if !get_bit(&d.working, bit) {
+            return Err(PdataError::Corrupt {
+                block,
+                what: "freed twice".into(),
+            });
+        }
+        set_bit(&mut d.working, bit, false);
+        d.free += 1;
+        Ok(())
+    }
+
+    /// The selectors this transaction changes: (bitmap index, its new selector). The caller
+    /// records them in the tree before the tree's commit.
+    pub fn changed_selectors(&self) -> Vec<(u32, Selector)> {
+        self.dirty
+            .iter()
+            .map(|(&i, d)| {
+                (
+                    i,
+                    Selector {
+                        slot: 1 - self.selectors[i as usize].slot,
+                        free: d.free,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Write every changed bitmap to its other slot. Before the root flip.
+    pub fn write_changed(&self, io: &dyn NodeIo, txn: u64) -> PResult<usize> {
+        for (&i, d) in &self.dirty {
+            let block = self.slot_block(i, 1 - self.selectors[i as usize].slot);
+            let buf = encode_bitmap(block, i, &d.working, d.free, txn);
+            io.write_block(block, &buf)
+                .map_err(|source| PdataError::Io { block, source })?;
+        }
+        Ok(self.dirty.len())
+    }
+
+    /// The root flip is durable: the working version is the committed one now, and blocks
+    /// freed in the transaction may be handed out.
+    pub fn commit_done(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for (i, d) in dirty {
+            let s = &mut self.selectors[i as usize];
+            s.slot = 1 - s.slot;
+            s.free = d.free;
+            if self.clean.len() < CLEAN_CACHE {
+                self.clean.insert(i, Arc::new(d.working));
+            }
+        }
+    }
+
+    /// Every block in use in the committed version, in order (for `check`).
+    pub fn used_blocks(&mut self, io: &dyn NodeIo) -> PResult<Vec<BlockNo>> {
+        let mut out = Vec::new();
+        for i in 0..self.selectors.len() as u32 {
+            let bits = self.committed_bits(io, i)?;
+            let first = i as u64 * BITS_PER_BITMAP;
+            for b in 0..BITS_PER_BITMAP.min(self.blocks - first) {
+                if get_bit(&bits, b as usize) {
+                    out.push(first + b);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn split(block: BlockNo) -> (u32, usize) {
+    (
+        (block / BITS_PER_BITMAP) as u32,
+        (block % BITS_PER_BITMAP) as usize,
+    )
+}
+
+fn count_free(bits: &[u8]) -> u32 {
+    bits.iter().map(|b| b.count_zeros()).sum()
+}
+
+fn encode_bitmap(block: BlockNo, index: u32, bits: &[u8], free: u32, txn: u64) -> Vec<u8> {
+    let mut b = vec![0u8; NODE_SIZE];
+    b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[8..12].copy_from_slice(&index.to_le_bytes());
+    b[12..16].copy_from_slice(&free.to_le_bytes());
+    b[16..24].copy_from_slice(&txn.to_le_bytes());
+    b[24..32].copy_from_slice(&block.to_le_bytes());
+    b[HEADER..].copy_from_slice(bits);
+    let c = crate::format::crc(salt(block), &b[8..]);
+    b[4..8].copy_from_slice(&c.to_le_bytes());
+    b
+}
+
+fn decode_bitmap(block: BlockNo, index: u32, b: &[u8], free: u32) -> PResult<Bits> {
+    let bad = |what: String| PdataError::Corrupt { block, what };
+    let word = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    if word(0) != MAGIC {
+        return Err(bad("not a space map block (no magic)".into()));
+    }
+    if crate::format::crc(salt(block), &b[8..]) != word(4) {
+        return Err(bad("checksum mismatch".into()));
+    }
+    if word(8) != index || u64::from_le_bytes(b[24..32].try_into().unwrap()) != block {
+        return Err(bad(format!("holds bitmap {}, expected {index}", word(8))));
+    }
+    let bits = b[HEADER..].to_vec();
+    if word(12) != free || count_free(&bits) != free {
+        return Err(bad(format!(
+            "free count {} (bits say {}), its selector says {free}",
+            word(12),
+            count_free(&bits)
+        )));
+    }
+    Ok(bits)
+}
+
+/// The space map as a tree transaction's allocator: node blocks come from it, and nodes
+/// dropped in the same transaction go straight back.
+pub struct TxnAlloc<'a> {
+    pub map: &'a mut SpaceMap,
+    pub io: &'a dyn NodeIo,
+    /// The first error (an I/O error reading a bitmap): the transaction fails with it.
+    pub error: Option<PdataError>,
+}
+
+impl BlockAlloc for TxnAlloc<'_> {
+    fn alloc(&mut self) -> Option<BlockNo> {
+        match self.map.alloc(self.io) {
+            Ok(b) => b,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                None
+            }
+        }
+    }
+    fn free_now(&mut self, block: BlockNo) {
+        if let Err(e) = self.map.free(self.io, block) {
+            self.error.get_or_insert(e);
+        }
+    }
+    /// Free in the working version; the committed one keeps it until `commit_done`.
+    fn release(&mut self, block: BlockNo) {
+        self.free_now(block);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    #[derive(Default)]
+    struct Mem(Mutex<HashMap<BlockNo, Vec<u8>>>);
+    impl NodeIo for Mem {
+        fn read_block(&self, block: BlockNo, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(
+                self.0
+                    .lock()
+                    .get(&block)
+                    .ok_or_else(|| std::io::Error::other("unwritten"))?,
+            );
+            Ok(())
+        }
+        fn write_block(&self, block: BlockNo, buf: &[u8]) -> std::io::Result<()> {
+            self.0.lock().insert(block, buf.to_vec());
+            Ok(())
+        }
+    }
+
+    fn commit(sm: &mut SpaceMap, io: &Mem, txn: u64) -> Vec<(u32, Selector)> {
+        let ch = sm.changed_selectors();
+        sm.write_changed(io, txn).unwrap();
+        sm.commit_done();
+        ch
+    }
+
+    #[test]
+    fn freed_blocks_wait_for_the_commit_and_reopen_finds_the_same_map() {
+        let io = Mem::default();
+        let blocks = BITS_PER_BITMAP * 2 + 100;
+        assert_eq!(SpaceMap::region_len(blocks), 6);
+        let mut sm = SpaceMap::format(10, blocks, 16);
+        assert_eq!(sm.free_blocks(), blocks - 16);
+        commit(&mut sm, &io, 1);
+        let a: Vec<BlockNo> = (0..50).map(|_| sm.alloc(&io).unwrap().unwrap()).collect();
+        assert_eq!(a[0], 16, "the first free block");
+        commit(&mut sm, &io, 2);
+        // Freed in this transaction: not handed out again before the commit...
+        sm.free(&io, a[3]).unwrap();
+        assert!(sm.free(&io, a[3]).is_err(), "a double free is an error");
+        let b = sm.alloc(&io).unwrap().unwrap();
+        assert_ne!(b, a[3]);
+        // ...but a block allocated and freed in the same transaction is free at once.
+        sm.free(&io, b).unwrap();
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(&io).unwrap().unwrap(), b);
+        let selectors: Vec<Selector> = {
+            let ch = commit(&mut sm, &io, 3);
+            assert!(ch.iter().all(|(i, _)| *i == 0));
+            sm.selectors.clone()
+        };
+        sm.cursor = 0;
+        assert_eq!(
+            sm.alloc(&io).unwrap().unwrap(),
+            a[3],
+            "free after the commit"
+        );
+        // A reopen from the selectors finds the committed map.
+        let mut re = SpaceMap::open(10, blocks, selectors).unwrap();
+        assert_eq!(re.free_blocks(), blocks - 16 - 50);
+        assert!(!re.is_used(&io, a[3]).unwrap());
+        assert!(re.is_used(&io, a[4]).unwrap());
+        assert!(re.is_used(&io, b).unwrap());
+        // The tail past the store's end is never handed out; the store fills exactly.
+        let mut n = 0;
+        while let Some(x) = re.alloc(&io).unwrap() {
+            assert!(x < blocks);
+            n += 1;
+        }
+        assert_eq!(n, blocks - 16 - 50);
+        assert_eq!(re.free_blocks(), 0);
+        let used = re.used_blocks(&io).unwrap();
+        // Committed: the 16 fixed blocks, the 50 allocated but a[3], and b.
+        assert_eq!(used.len(), 66);
+        assert!(!used.contains(&a[3]) && used.contains(&b) && used.contains(&15));
+    }
+
+    #[test]
+    fn a_damaged_bitmap_is_an_error() {
+        let io = Mem::default();
+        let mut sm = SpaceMap::format(4, 1000, 6);
+        commit(&mut sm, &io, 1);
+        let sel = sm.selectors.clone();
+        let slot = 4 + sel[0].slot as u64;
+        io.0.lock().get_mut(&slot).unwrap()[500] ^= 1;
+        let mut re = SpaceMap::open(4, 1000, sel).unwrap();
+        assert!(re.alloc(&io).is_err());
+    }
+}
