@@ -216,6 +216,11 @@ impl Meta {
         btree::for_each_from(&self.committed(), from, f)
     }
 
+    /// Read the durable version with the key spaces' own lookups.
+    pub fn with_view<R>(&self, f: impl FnOnce(&dyn btree::View) -> R) -> R {
+        f(&self.committed())
+    }
+
     fn committed(&self) -> btree::Committed<'_> {
         btree::Committed {
             io: &self.io,

@@ -10,6 +10,7 @@ pub mod btree;
 pub mod cache;
 pub mod meta;
 pub mod node;
+pub mod preserved;
 pub mod spacemap;
 
 use std::io;
