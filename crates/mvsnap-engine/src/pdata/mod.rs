@@ -12,6 +12,7 @@ pub mod meta;
 pub mod node;
 pub mod preserved;
 pub mod spacemap;
+pub mod written;
 
 use std::io;
 
