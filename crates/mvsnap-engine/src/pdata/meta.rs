@@ -244,6 +244,21 @@ impl Meta {
         &mut self,
         change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<()>,
     ) -> PResult<CommitStats> {
+        self.commit_txn(change).map(|(_, stats)| stats)
+    }
+
+    /// [`Meta::update`], returning what `change` returned.
+    pub fn update_with<R>(
+        &mut self,
+        change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<R>,
+    ) -> PResult<R> {
+        self.commit_txn(change).map(|(r, _)| r)
+    }
+
+    fn commit_txn<R>(
+        &mut self,
+        change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<R>,
+    ) -> PResult<(R, CommitStats)> {
         let txn = self.header.txn;
         let mut alloc = TxnAlloc {
             map: &mut self.map,
@@ -251,7 +266,7 @@ impl Meta {
             error: None,
         };
         let mut t = Txn::new(&self.io, &self.cache, &mut alloc, self.header.root, txn);
-        change(&mut t)?;
+        let out = change(&mut t)?;
         // The space map's selectors into the tree, until nothing more changes.
         loop {
             let changed = t.allocator().map.changed_selectors();
@@ -293,10 +308,13 @@ impl Meta {
         sync(&self.dev)?;
         self.header = header;
         self.map.commit_done();
-        Ok(CommitStats {
-            nodes: c.written,
-            bitmaps,
-        })
+        Ok((
+            out,
+            CommitStats {
+                nodes: c.written,
+                bitmaps,
+            },
+        ))
     }
 
     /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the

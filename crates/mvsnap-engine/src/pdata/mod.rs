@@ -11,6 +11,7 @@ pub mod cache;
 pub mod meta;
 pub mod node;
 pub mod preserved;
+pub mod snapdata;
 pub mod spacemap;
 pub mod written;
 
