@@ -17,6 +17,10 @@ pub struct Allocator {
     extra: HashMap<u32, u32>,
     /// (journal sequence that must settle, slot)
     quarantine: Vec<(u64, u32)>,
+    /// Slots freed since the last [`Allocator::take_freed`], when tracking is on: the store
+    /// punches them out of its file, so the host gets the space back. A slot allocated again
+    /// before that leaves the set (it holds new data now).
+    freed: Option<std::collections::BTreeSet<u32>>,
 }
 
 impl Allocator {
@@ -94,6 +98,9 @@ impl Allocator {
                 self.set(slot as u32, true);
                 self.used += 1;
                 self.hint = slot + 1;
+                if let Some(f) = &mut self.freed {
+                    f.remove(&(slot as u32));
+                }
                 return Some(slot as u32);
             }
         }
@@ -135,6 +142,23 @@ impl Allocator {
         if self.is_used(slot) {
             self.set(slot, false);
             self.used -= 1;
+            if let Some(f) = &mut self.freed {
+                f.insert(slot);
+            }
+        }
+    }
+
+    /// Start (or stop) recording freed slots for [`Allocator::take_freed`].
+    pub fn track_freed(&mut self, on: bool) {
+        self.freed = on.then(Default::default);
+    }
+
+    /// The slots freed since the last call and still free, in order. Whoever takes them must
+    /// be done with them before the next allocation (the state lock is held throughout).
+    pub fn take_freed(&mut self) -> Vec<u32> {
+        match &mut self.freed {
+            Some(f) => std::mem::take(f).into_iter().collect(),
+            None => Vec::new(),
         }
     }
 
@@ -169,6 +193,25 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A freed slot allocated again before the store took the freed list is not in it: its
+    /// punch would destroy the new data.
+    #[test]
+    fn a_slot_reused_before_it_is_punched_leaves_the_freed_list() {
+        let mut a = Allocator::new(8);
+        a.track_freed(true);
+        let s0 = a.alloc().unwrap();
+        let s1 = a.alloc().unwrap();
+        a.decref(s0, None);
+        a.decref(s1, None);
+        a.hint = 0;
+        assert_eq!(a.alloc(), Some(s0));
+        assert_eq!(a.take_freed(), vec![s1]);
+        assert!(a.take_freed().is_empty());
+        a.track_freed(false);
+        a.decref(s0, None);
+        assert!(a.take_freed().is_empty());
+    }
 
     #[test]
     fn alloc_refcount_quarantine() {

@@ -521,6 +521,7 @@ impl Inner {
             st.alloc.decref(s, None);
         }
         st.alloc.settle_all();
+        self.punch_freed(st);
         tracing::debug!(bytes = stream.len(), epoch, "checkpoint written");
         Ok(last)
     }
@@ -588,6 +589,44 @@ impl Inner {
         self.wait_durable(seq)
     }
 
+    /// Give the host back the space of slots freed since the last call: punch them out of a
+    /// file store (under the state lock, so none is handed out again before). Best effort: a
+    /// file system that cannot punch keeps the space, and tracking stops.
+    pub fn punch_freed(&self, st: &mut State) {
+        let freed = st.alloc.take_freed();
+        let cs = self.geo.chunk_size as u64;
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                j += 1;
+            }
+            let (off, len) = (self.geo.slot_offset(freed[i]), (j - i) as u64 * cs);
+            if let Err(e) = self.dev.punch(off, len) {
+                tracing::warn!(
+                    "{}: cannot give freed space back to the host ({e}); it stays allocated",
+                    self.path.display()
+                );
+                st.alloc.track_freed(false);
+                return;
+            }
+            i = j;
+        }
+    }
+
+    /// After a delete or reclaim: settle what it freed and give the space back now, rather
+    /// than at the next allocation or checkpoint.
+    fn release_freed_space(&self) -> Result<()> {
+        if self.ephemeral || self.read_only {
+            return Ok(());
+        }
+        self.force_settle()?;
+        let mut st = self.state.write();
+        st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
+        self.punch_freed(&mut st);
+        Ok(())
+    }
+
     /// Slots kept back for the next checkpoint, so metadata can always be written.
     pub fn reserve_slots(&self, st: &State) -> u64 {
         self.reserve_for(st.checkpoint_bound())
@@ -621,6 +660,7 @@ impl Inner {
     /// Allocate a data slot, growing the store if it can; None when the store is full.
     pub fn alloc_data_slot(&self, st: &mut State) -> Option<u32> {
         st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
+        self.punch_freed(st);
         let reserve = self.reserve_slots(st);
         let quarantined = st.alloc.quarantined() as u64;
         if !self.ephemeral
@@ -632,6 +672,7 @@ impl Inner {
                 tracing::warn!("could not settle freed slots: {e}");
             }
             st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
+            self.punch_freed(st);
         }
         loop {
             if st.alloc.free() > self.reserve_slots(st) {
@@ -1034,6 +1075,8 @@ impl Store {
                 inner.checkpoint_locked(&mut st)?;
             }
             // Otherwise the new epoch starts with the first record (`log`).
+            // From now on freed slots go back to the host (a file store that can punch).
+            st.alloc.track_freed(inner.dev.can_punch());
         }
         if !opts.read_only && !opts.ephemeral {
             spawn_flusher(&inner);
@@ -1402,7 +1445,8 @@ impl Store {
         // disk before the delete is durable (it may never be, if the store is poisoned now).
         st.release_seq.insert(origin, seq);
         drop(st);
-        self.inner.wait_durable(seq)
+        self.inner.wait_durable(seq)?;
+        self.inner.release_freed_space()
     }
 
     /// Give back the space no live snapshot needs (after deletes and invalidations).
@@ -1414,7 +1458,8 @@ impl Store {
             last = self.inner.log(&mut st, Record::Reclaim { origin: o })?;
         }
         drop(st);
-        self.inner.wait_durable(last)
+        self.inner.wait_durable(last)?;
+        self.inner.release_freed_space()
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
