@@ -318,11 +318,6 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         self.alloc
     }
 
-    /// Nodes changed so far (what a commit would write).
-    pub fn dirty_nodes(&self) -> usize {
-        self.dirty.len()
-    }
-
     fn new_block(&mut self) -> PResult<BlockNo> {
         let b = self.alloc.alloc().ok_or(PdataError::NoSpace)?;
         // A reused block: whatever the cache held for it is another node's old content.

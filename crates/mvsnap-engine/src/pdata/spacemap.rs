@@ -161,10 +161,6 @@ impl SpaceMap {
         })
     }
 
-    pub fn blocks(&self) -> u64 {
-        self.blocks
-    }
-
     /// Free blocks in the working version (blocks freed in this transaction count as free).
     pub fn free_blocks(&self) -> u64 {
         (0..self.selectors.len() as u32)

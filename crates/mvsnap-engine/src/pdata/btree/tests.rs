@@ -565,3 +565,43 @@ fn check_finds_every_kind_of_bad_tree() {
     .unwrap();
     assert_eq!(r.entries, 0);
 }
+
+/// A leaf splits only when it overflows, and a tree emptied by removals shrinks back to
+/// nothing: no node, no block, root gone; depth falls as entries go.
+#[test]
+fn nodes_fill_before_splitting_and_an_emptied_tree_holds_nothing() {
+    let mut db = Db::new(64);
+    let mut alloc = std::mem::take(&mut db.alloc);
+    let mut t = Txn::new(&db.io, &db.cache, &mut alloc, None, 1);
+    for i in 0..LEAF_CAP as u64 {
+        t.insert(key(0, i), val(i)).unwrap();
+    }
+    assert_eq!(
+        check(&t).unwrap().blocks.len(),
+        1,
+        "a full leaf is one block"
+    );
+    t.insert(key(0, 999_999), val(1)).unwrap();
+    let r = check(&t).unwrap();
+    assert_eq!((r.blocks.len(), r.depth), (3, 2), "one more splits it");
+    for i in 0..20_000 {
+        t.insert(key(1, i), val(i)).unwrap();
+    }
+    let deep = check(&t).unwrap().depth;
+    assert!(deep >= 3);
+    for i in 0..20_000 {
+        t.remove(&key(1, i)).unwrap();
+    }
+    assert!(
+        check(&t).unwrap().depth < deep,
+        "removals bring the depth down"
+    );
+    for i in 0..LEAF_CAP as u64 {
+        t.remove(&key(0, i)).unwrap();
+    }
+    t.remove(&key(0, 999_999)).unwrap();
+    assert_eq!(t.root(), None, "an empty tree has no root");
+    let c = t.commit().unwrap();
+    assert_eq!((c.root, c.written), (None, 0));
+    assert!(alloc.in_use.is_empty(), "blocks left: {:?}", alloc.in_use);
+}

@@ -258,6 +258,7 @@ fn no_block_of_the_durable_version_is_written_before_the_flip() {
     let mut rng = StdRng::seed_from_u64(5);
     let mut model = BTreeMap::new();
     let mut done = 0;
+    let mut last_header = None;
     for salt in 0..300u64 {
         let durable = m.check(&[]).unwrap().blocks;
         let mut next = model.clone();
@@ -273,6 +274,7 @@ fn no_block_of_the_durable_version_is_written_before_the_flip() {
                 drop(m);
                 m = Meta::open(dev.clone(), 1 << 20).unwrap();
                 assert!(user_entries(&m) == model);
+                dev.writes.lock().clear();
                 continue;
             }
             Err(e) => panic!("{e}"),
@@ -284,8 +286,59 @@ fn no_block_of_the_durable_version_is_written_before_the_flip() {
                 "commit {salt} wrote block {b}, which the durable version used"
             );
         }
-        assert!(written[written.len() - 1] <= 1, "the header comes last");
+        // The header goes last, and to the block that does not hold the durable header.
+        let header = written[written.len() - 1];
+        assert!(header <= 1, "the header comes last");
+        assert_ne!(
+            Some(header),
+            last_header,
+            "commit {salt} wrote over the durable header"
+        );
+        last_header = Some(header);
     }
     assert!(done > 100, "only {done} commits succeeded");
     assert!(user_entries(&m) == model);
+}
+
+/// A damaged header (a torn write, a bad sector) is never trusted: open takes the other copy,
+/// the version before, and with both damaged it refuses with a clear error.
+#[test]
+fn a_damaged_header_falls_back_to_the_other_copy() {
+    let machine = SimMachine::new();
+    machine.add_disk(Path::new(PATH), vec![0u8; 256 * 4096], false);
+    let mut m = Meta::format(disk(&machine), 256, 1 << 20).unwrap();
+    apply(&mut m, &[(1, true), (2, true)], 1).unwrap();
+    let first = user_entries(&m);
+    apply(&mut m, &[(3, true)], 2).unwrap();
+    let nodes = m.check(&[]).unwrap().blocks.len() as u64;
+    assert_eq!(m.free_blocks(), 256 - Meta::fixed_blocks(256) - nodes);
+    let seq = m.header.seq;
+    drop(m);
+    let d = machine.disk(Path::new(PATH)).unwrap();
+    let newest = (seq % 2) * 4096;
+    for (what, at) in [
+        ("checksum", newest + 4),
+        ("magic", newest),
+        ("a field", newest + 20),
+    ] {
+        let good = d.volatile_image()[newest as usize..newest as usize + 4096].to_vec();
+        let mut bad = good[at as usize - newest as usize];
+        bad ^= 0x10;
+        d.corrupt(at, &[bad]);
+        let m = Meta::open(disk(&machine), 1 << 20).unwrap();
+        assert!(
+            user_entries(&m) == first,
+            "a damaged {what}: not the version before"
+        );
+        d.corrupt(newest, &good);
+        let m = Meta::open(disk(&machine), 1 << 20).unwrap();
+        assert_eq!(user_entries(&m).len(), 3);
+    }
+    // Both copies damaged.
+    d.corrupt(4, &[0xff]);
+    d.corrupt(4096 + 4, &[0xff]);
+    match Meta::open(disk(&machine), 1 << 20) {
+        Err(e) => assert!(e.to_string().contains("no valid metadata header"), "{e}"),
+        Ok(_) => panic!("opened with both headers damaged"),
+    }
 }
