@@ -513,6 +513,25 @@ mod tests {
         assert!(got.iter().all(|g| g.complete));
         // Another epoch's salt: nothing validates.
         assert!(scan_region(&region, 8, 100).is_empty());
+        // Whatever bits the epochs differ in, low or high (a stale journal of any earlier
+        // epoch must never be replayed).
+        for (a, b) in [
+            (1u64, 3u64),
+            (0, 3),
+            (1, 1 | 1 << 32),
+            (1, 1 | 2 << 32),
+            (5, 5 << 32 | 5),
+        ] {
+            let mut j = JournalWriter::new(a, 100, 1 << 20);
+            j.append(&recs[0]);
+            let g = j.take_group().unwrap();
+            let region = region_of(&[g], 1 << 20);
+            assert_eq!(scan_region(&region, a, 100).len(), 1);
+            assert!(
+                scan_region(&region, b, 100).is_empty(),
+                "epoch {a:#x}'s records validate as epoch {b:#x}'s"
+            );
+        }
         // Wrong starting sequence: nothing validates.
         assert!(scan_region(&region, 7, 99).is_empty());
     }
@@ -628,9 +647,14 @@ mod tests {
     #[test]
     fn a_record_nearly_full_lets_in_always_fits() {
         let region_len = 64 * META_BLOCK;
+        // Records of up to 3 blocks: near the end, some do not fit and must be refused.
+        let sized = |i: usize| Record::Invalidate {
+            ids: (0..(i * 53) % 1500).map(|x| x as u64).collect(),
+            reason: "r".repeat(i % 300),
+        };
         for blocks_used in [0u64, 1, 30, 59, 60, 61, 62] {
             for i in 0..200 {
-                let r = odd_record(i);
+                let r = sized(i);
                 let mut j = JournalWriter::new(1, 1, region_len);
                 j.write_pos = blocks_used * META_BLOCK;
                 if i % 3 == 0 {
@@ -655,5 +679,40 @@ mod tests {
         j.write_pos = region_len - 3 * META_BLOCK;
         assert!(!j.nearly_full(META_BLOCK as usize));
         assert!(j.nearly_full(META_BLOCK as usize + 1));
+    }
+
+    /// An empty group (what settles the group before it) is a complete group of no records
+    /// with its own sequence number; `has_pending` says whether anything waits for a group.
+    #[test]
+    fn an_empty_group_takes_a_sequence_and_scans_as_complete() {
+        let mut j = JournalWriter::new(4, 10, 1 << 20);
+        assert!(!j.has_pending());
+        assert_eq!(j.append(&sample()[0]), 10);
+        assert!(j.has_pending());
+        let g1 = j.take_group().unwrap();
+        assert!(!j.has_pending());
+        assert_eq!(g1.last_seq, 11, "the record, then its group's padding");
+        let seq = j.append_empty_group();
+        assert_eq!(seq, 12);
+        assert!(j.has_pending());
+        let g2 = j.take_group().unwrap();
+        assert_eq!(j.append(&sample()[1]), g2.last_seq + 1);
+        let g3 = j.take_group().unwrap();
+        let region = region_of(&[g1, g2, g3], 1 << 20);
+        let (got, next) = scan(1 << 20, 4, 10, &mut |off, b| {
+            b.copy_from_slice(&region[off as usize..][..b.len()]);
+            Ok(())
+        })
+        .unwrap();
+        let records: Vec<(u64, Record)> = got.iter().flat_map(|g| g.records.clone()).collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].0, 10);
+        assert!(records[1].0 > seq, "the record after the empty group");
+        assert!(got.iter().all(|g| g.complete));
+        assert!(
+            got.iter().any(|g| g.records.is_empty()),
+            "the empty group is there"
+        );
+        assert_eq!(next, j.next_seq);
     }
 }
