@@ -82,6 +82,17 @@ impl View for Committed<'_> {
     }
 }
 
+/// No real tree is this deep (127 x 169^11 entries); a damaged one that loops is stopped here
+/// with an error instead of a hang or a stack overflow.
+pub const MAX_DEPTH: u32 = 12;
+
+fn too_deep(block: BlockNo) -> PdataError {
+    PdataError::Corrupt {
+        block,
+        what: format!("the tree is deeper than {MAX_DEPTH} levels here: its nodes loop"),
+    }
+}
+
 /// The child of an internal node whose range holds `key` (the first one for smaller keys).
 fn child_index(keys: &[Key], key: &Key) -> usize {
     match keys.binary_search(key) {
@@ -95,7 +106,7 @@ pub fn get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
     let Some(mut b) = v.root() else {
         return Ok(None);
     };
-    loop {
+    for _ in 0..=MAX_DEPTH {
         let n = v.node(b)?;
         match &*n {
             Node::Leaf { keys, vals } => {
@@ -104,6 +115,7 @@ pub fn get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
             Node::Internal { keys, children } => b = children[child_index(keys, key)],
         }
     }
+    Err(too_deep(b))
 }
 
 /// The first entry whose key is at or after `key`: a read at any depth stays one descent
@@ -111,7 +123,7 @@ pub fn get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
 pub fn seek_ge(v: &dyn View, key: &Key) -> PResult<Option<(Key, Value)>> {
     let mut found = None;
     if let Some(root) = v.root() {
-        walk(v, root, key, &mut |k, val| {
+        walk(v, root, key, 0, &mut Default::default(), &mut |k, val| {
             found = Some((*k, *val));
             false
         })?;
@@ -126,18 +138,31 @@ pub fn for_each_from(
     f: &mut dyn FnMut(&Key, &Value) -> bool,
 ) -> PResult<()> {
     if let Some(root) = v.root() {
-        walk(v, root, from, f)?;
+        walk(v, root, from, 0, &mut Default::default(), f)?;
     }
     Ok(())
 }
 
-/// In-order walk of the subtree at `b` from `from`; false once `f` asked to stop.
+/// In-order walk of the subtree at `b` from `from`; false once `f` asked to stop. A node met
+/// twice (a damaged tree that shares or loops) is an error: a walk costs at most one visit
+/// per node.
 fn walk(
     v: &dyn View,
     b: BlockNo,
     from: &Key,
+    depth: u32,
+    seen: &mut std::collections::HashSet<BlockNo>,
     f: &mut dyn FnMut(&Key, &Value) -> bool,
 ) -> PResult<bool> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep(b));
+    }
+    if !seen.insert(b) {
+        return Err(PdataError::Corrupt {
+            block: b,
+            what: "reached twice in the tree".into(),
+        });
+    }
     let n = v.node(b)?;
     match &*n {
         Node::Leaf { keys, vals } => {
@@ -154,7 +179,7 @@ fn walk(
             let start = child_index(keys, from);
             drop(n);
             for c in &children[start..] {
-                if !walk(v, *c, from, f)? {
+                if !walk(v, *c, from, depth + 1, seen, f)? {
                     return Ok(false);
                 }
             }
@@ -211,6 +236,9 @@ fn check_node(
     r: &mut TreeReport,
 ) -> PResult<()> {
     let bad = |what: String| PdataError::Corrupt { block: b, what };
+    if depth > MAX_DEPTH {
+        return Err(too_deep(b));
+    }
     if !seen.insert(b) {
         return Err(bad("reached twice in the tree".into()));
     }
@@ -362,7 +390,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             self.root = Some(b);
             return Ok(None);
         };
-        let (nb, split, old) = self.insert_rec(root, key, val)?;
+        let (nb, split, old) = self.insert_rec(root, key, val, 0)?;
         self.root = Some(nb);
         if let Some((sep, right)) = split {
             let first = self.dirty[&nb].keys()[0];
@@ -385,7 +413,11 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         b: BlockNo,
         key: Key,
         val: Value,
+        depth: u32,
     ) -> PResult<(BlockNo, Option<(Key, BlockNo)>, Option<Value>)> {
+        if depth > MAX_DEPTH {
+            return Err(too_deep(b));
+        }
         let (nb, mut node) = self.shadow(b)?;
         let mut old = None;
         match &mut node {
@@ -398,7 +430,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             },
             Node::Internal { keys, children } => {
                 let i = child_index(keys, &key);
-                let (cb, split, o) = self.insert_rec(children[i], key, val)?;
+                let (cb, split, o) = self.insert_rec(children[i], key, val, depth + 1)?;
                 old = o;
                 children[i] = cb;
                 if key < keys[i] {
@@ -439,7 +471,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             return Ok(None);
         };
         let root = self.root.expect("a key was found");
-        let nb = self.remove_rec(root, key)?;
+        let nb = self.remove_rec(root, key, 0)?;
         self.root = Some(nb);
         // An empty root goes; an internal root with one child hands over to it.
         while let Some(r) = self.root {
@@ -455,17 +487,25 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         Ok(Some(old))
     }
 
-    fn remove_rec(&mut self, b: BlockNo, key: &Key) -> PResult<BlockNo> {
+    fn remove_rec(&mut self, b: BlockNo, key: &Key, depth: u32) -> PResult<BlockNo> {
+        if depth > MAX_DEPTH {
+            return Err(too_deep(b));
+        }
         let (nb, mut node) = self.shadow(b)?;
         match &mut node {
             Node::Leaf { keys, vals } => {
-                let i = keys.binary_search(key).expect("the key is in this leaf");
+                let Ok(i) = keys.binary_search(key) else {
+                    return Err(PdataError::Corrupt {
+                        block: b,
+                        what: "a key its lookup found is not in its leaf".into(),
+                    });
+                };
                 keys.remove(i);
                 vals.remove(i);
             }
             Node::Internal { keys, children } => {
                 let i = child_index(keys, key);
-                let cb = self.remove_rec(children[i], key)?;
+                let cb = self.remove_rec(children[i], key, depth + 1)?;
                 children[i] = cb;
                 let child = &self.dirty[&cb];
                 let (len, cap) = (child.len(), child.cap());
