@@ -148,6 +148,15 @@ impl Allocator {
         }
     }
 
+    /// Drop the last reference of a slot that must keep its bytes until it is reused: it is
+    /// free, but not recorded for punching (the previous checkpoint's blocks, which the older
+    /// superblock copy still points at: a damaged newer copy falls back to them).
+    pub fn free_keeping_bytes(&mut self, slot: u32) {
+        let tracked = self.freed.take();
+        self.decref(slot, None);
+        self.freed = tracked;
+    }
+
     /// Start (or stop) recording freed slots for [`Allocator::take_freed`].
     pub fn track_freed(&mut self, on: bool) {
         self.freed = on.then(Default::default);

@@ -518,7 +518,7 @@ impl Inner {
         self.dirty.store(false, Ordering::Release);
         // The new checkpoint holds everything: the old one and all quarantined slots are free.
         for s in std::mem::replace(&mut st.ckpt_slots, slots) {
-            st.alloc.decref(s, None);
+            st.alloc.free_keeping_bytes(s);
         }
         st.alloc.settle_all();
         self.punch_freed(st);

@@ -57,3 +57,50 @@ fn deleting_snapshots_gives_their_space_back_to_the_host() {
     common::assert_image("o0@b after reopen", &read_all(&s, "o0@b"), &now);
     common::assert_clean(&s, "reopen");
 }
+
+/// Punching freed space must not take away what the older superblock copy points at: with
+/// either copy damaged (bit rot in the newer one falls back to the older), the store opens and
+/// lists its snapshots, after deletes punched space and checkpoints moved on.
+#[test]
+fn either_superblock_copy_alone_opens_after_space_was_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(4, (8 * MIB) as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(64 * MIB, 65536),
+        &[("o0", content.clone())],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    s.create_snapshot(&["o0"], Some("keep"), "", false).unwrap();
+    s.create_snapshot(&["o0"], Some("gone"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    o.write_at(0, &pattern(5, (4 * MIB) as usize), false)
+        .unwrap();
+    o.flush().unwrap();
+    s.checkpoint().unwrap();
+    s.delete_snapshot("o0@gone").unwrap();
+    s.checkpoint().unwrap();
+    drop(o);
+    s.close().unwrap();
+    for copy in [0u64, 4096] {
+        let damaged = dir.path().join(format!("damaged-{copy}"));
+        std::fs::copy(&store, &damaged).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&damaged)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 512], copy).unwrap();
+        drop(f);
+        let s = Store::open(
+            &damaged,
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("superblock copy at {copy} damaged: {e}"));
+        let names: Vec<String> = s.snapshots().into_iter().map(|i| i.name).collect();
+        assert!(names.contains(&"o0@keep".to_string()), "{copy}: {names:?}");
+        common::assert_image("o0@keep", &read_all(&s, "o0@keep"), &content);
+    }
+}
