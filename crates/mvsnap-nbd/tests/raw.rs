@@ -994,8 +994,11 @@ fn shutdown_answers_queued_requests_with_eshutdown() {
     while gate.entered.load(Ordering::SeqCst) == 0 {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Small writes: with every connection thread held in the export nobody reads the socket,
+    // so all of them must fit in its buffer (40 x 4 KiB did not always: the test then blocked
+    // in send before it could open the gate).
     for h in 0..WRITES {
-        c.write_req(1000 + h, 4096 * (h + 1), &[0xab; 4096]);
+        c.write_req(1000 + h, 4096 * (h + 1), &[0xab; 512]);
     }
     std::thread::sleep(Duration::from_millis(100));
     let s = server.clone();
@@ -1029,7 +1032,7 @@ fn shutdown_answers_queued_requests_with_eshutdown() {
     );
     assert_eq!(answered[&0], 0, "a read running at shutdown completes");
     // A write answered ESHUTDOWN changed nothing; one answered 0 is there.
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 512];
     for h in 0..WRITES {
         gate.inner.read(4096 * (h + 1), &mut buf).unwrap();
         let want = if answered[&(1000 + h)] == 0 { 0xab } else { 0 };
