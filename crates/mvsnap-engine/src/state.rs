@@ -105,6 +105,12 @@ impl State {
         }
     }
 
+    /// The journal sequence no write of origin `no` may pass before it is durable (see
+    /// `release_seq`); 0 when there is none.
+    pub fn release_barrier(&self, no: u32) -> u64 {
+        self.release_seq.get(&no).copied().unwrap_or(0)
+    }
+
     pub fn origin_by_id(&self, id: &str) -> Option<&Origin> {
         self.origins.values().find(|o| o.id == id)
     }

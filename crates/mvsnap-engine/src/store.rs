@@ -1540,26 +1540,17 @@ impl Store {
     }
 }
 
-/// Exclusive and shared bytes per snapshot id.
 /// Exclusive and shared bytes per snapshot. A preserved entry for generations `lo..=hi` is
 /// exclusive to a snapshot when it is the only valid one in that range, else shared by all of
 /// them: counted with binary searches and a difference array over the sorted generations, so
 /// a call costs O(entries x log snapshots + snapshots), not O(entries x snapshots) (1,000
 /// snapshots made `list` walk every entry a thousand times).
 fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64, u64)> {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::HashMap;
     let mut out: HashMap<u64, (u64, u64)> = HashMap::new();
     let sub = geo.sub_size as u64;
     for o in st.origins.values() {
-        let mut by_gen: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for s in st
-            .snaps
-            .values()
-            .filter(|s| s.origin == o.no && s.state == SnapshotState::Valid)
-        {
-            by_gen.entry(s.gen).or_default().push(s.id);
-        }
-        let gens: Vec<(u32, Vec<u64>)> = by_gen.into_iter().collect();
+        let gens: Vec<(u32, Vec<u64>)> = valid_snaps_by_gen(st, o.no).into_iter().collect();
         // Snapshots in gens[..i].
         let mut before = vec![0usize; gens.len() + 1];
         for (i, (_, ids)) in gens.iter().enumerate() {
@@ -1593,6 +1584,19 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
     out
 }
 
+/// The valid snapshots of origin `no`, by generation, in generation order.
+fn valid_snaps_by_gen(st: &State, no: u32) -> std::collections::BTreeMap<u32, Vec<u64>> {
+    let mut by_gen: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for s in st
+        .snaps
+        .values()
+        .filter(|s| s.origin == no && s.state == SnapshotState::Valid)
+    {
+        by_gen.entry(s.gen).or_default().push(s.id);
+    }
+    by_gen
+}
+
 /// Writable snapshots' own blocks: exclusive unless a child shares the slot.
 fn add_map_usage(st: &State, sub: u64, out: &mut std::collections::HashMap<u64, (u64, u64)>) {
     for s in st.snaps.values() {
@@ -1616,14 +1620,7 @@ fn space_usage_by_walking(st: &State, geo: Geometry) -> std::collections::HashMa
     let sub = geo.sub_size as u64;
     // Preserved entries: exclusive when one live snapshot's generation uses them.
     for o in st.origins.values() {
-        let mut by_gen: HashMap<u32, Vec<u64>> = HashMap::new();
-        for s in st
-            .snaps
-            .values()
-            .filter(|s| s.origin == o.no && s.state == SnapshotState::Valid)
-        {
-            by_gen.entry(s.gen).or_default().push(s.id);
-        }
+        let by_gen = valid_snaps_by_gen(st, o.no);
         o.pindex.for_each(|_, e| {
             let users: Vec<u64> = o
                 .live_gens

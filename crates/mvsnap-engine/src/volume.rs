@@ -341,7 +341,7 @@ impl Volume {
                         wait = wait.max(s);
                     }
                 }
-                wait.max(st.release_seq.get(no).copied().unwrap_or(0))
+                wait.max(st.release_barrier(*no))
             };
             // Invariant 2, as for a write; and writes acknowledged before this one go first.
             self.inner.writeback.drain(&self.inner);
@@ -477,7 +477,7 @@ impl Volume {
                 .get(&no)
                 .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
             let slow = (first..=last).any(|c| needs_preserve(o, c));
-            wait_seq = st.release_seq.get(&no).copied().unwrap_or(0);
+            wait_seq = st.release_barrier(no);
             if !slow && !st.inflight_preserves.is_empty() {
                 for c in first..=last {
                     if let Some(s) = st.inflight_preserves.get(&(no, c)) {
@@ -490,16 +490,17 @@ impl Volume {
         if slow {
             let mut st = self.inner.state.write();
             wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64)?;
-            wait_seq = wait_seq.max(st.release_seq.get(&no).copied().unwrap_or(0));
+            wait_seq = wait_seq.max(st.release_barrier(no));
         }
         // Invariant 2: the old data and its mapping are durable before the origin changes. A
         // write that would wait for that is queued instead (answered now, issued after the
         // commit); so is one that overlaps a queued write, to stay behind it.
         let len = data.len() as u64;
         let wb = &self.inner.writeback;
-        if wait_seq > self.inner.durable_seq() || wb.overlaps(no, offset, len) {
+        let must_wait = wait_seq > self.inner.durable_seq();
+        if must_wait || wb.overlaps(no, offset, len) {
             // On a poisoned store what it waits for never becomes durable: say so now.
-            if wait_seq > self.inner.durable_seq() {
+            if must_wait {
                 self.inner.check_poison()?;
             }
             wb.push(no, dev, offset, data, wait_seq);
