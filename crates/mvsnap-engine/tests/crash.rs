@@ -137,23 +137,10 @@ impl Case {
     fn new(seed: u64) -> Case {
         let mut rng = StdRng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
-        let chunk = [4096u32, 16384, 65536][rng.random_range(0..3)];
-        let norigins = if rng.random_bool(0.3) { 2 } else { 1 };
-        let sizes = [256u64 << 10, 512 << 10, (640 << 10) + 4096, 1 << 20];
-        let contents: Vec<Vec<u8>> = (0..norigins)
-            .map(|i| {
-                pattern(
-                    seed * 7 + i,
-                    sizes[rng.random_range(0..sizes.len())] as usize,
-                )
-            })
-            .collect();
-        let names: Vec<String> = (0..norigins as usize).map(oname).collect();
-        let origins: Vec<(&str, Vec<u8>)> = names
-            .iter()
-            .zip(&contents)
-            .map(|(n, c)| (n.as_str(), c.clone()))
-            .collect();
+        let (chunk, named) = common::random_origins(&mut rng, seed);
+        let norigins = named.len();
+        let origins: Vec<(&str, Vec<u8>)> =
+            named.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
         let full = rng.random_bool(0.25);
         let faults = !full && rng.random_bool(0.25);
         let store_size = if full {
@@ -171,7 +158,7 @@ impl Case {
             m,
             s: Some(s),
             chunk: chunk as u64,
-            origins: contents.into_iter().map(Track::new).collect(),
+            origins: named.into_iter().map(|(_, c)| Track::new(c)).collect(),
             snaps: BTreeMap::new(),
             next_tag: 1,
             next_set: 1,

@@ -333,15 +333,8 @@ impl Case {
     fn new(seed: u64) -> Case {
         let mut rng = StdRng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
-        let chunk = [4096u32, 16384, 65536][rng.random_range(0..3)];
-        let norigins = if rng.random_bool(0.3) { 2 } else { 1 };
-        let sizes = [256usize << 10, 512 << 10, (640 << 10) + 4096, 1 << 20];
-        let origins: Vec<(String, Vec<u8>)> = (0..norigins)
-            .map(|i| {
-                let size = sizes[rng.random_range(0..sizes.len())];
-                (format!("o{i}"), pattern(seed * 7 + i, size))
-            })
-            .collect();
+        let (chunk, origins) = common::random_origins(&mut rng, seed);
+        let norigins = origins.len();
         let named: Vec<(&str, Vec<u8>)> = origins
             .iter()
             .map(|(n, c)| (n.as_str(), c.clone()))

@@ -5,7 +5,7 @@
 mod common;
 
 use mvsnap_engine::crashsim::{CrashPolicy, SimMachine};
-use mvsnap_engine::{Error, OpenOptions, Store};
+use mvsnap_engine::{Error, OpenOptions, Store, Volume};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -95,17 +95,21 @@ fn failed_origin_sync_fails_every_later_flush() {
     s.close().unwrap();
 }
 
+/// An origin with an acknowledged, unsynced write whose next sync will fail (EIO).
+fn unsynced_write_then_failing_sync(seed: u64) -> (tempfile::TempDir, Store, Volume) {
+    let (dir, m, s) = setup(16 << 20, &pattern(seed, MIB));
+    let o = s.volume("o0").unwrap();
+    o.write_at(8192, &[0xaa; 4096], false).unwrap();
+    m.disk(&dir.path().join("o0")).unwrap().fail_sync_after(1);
+    (dir, s, o)
+}
+
 /// 4, found by the crash workload's injected faults: the sync a snapshot creation does on its
 /// origin failed, the creation failed, but the failure was not remembered. The next flush
 /// returned success over the writes Linux had dropped, and a power cut took the origin back.
 #[test]
 fn failed_sync_in_snapshot_create_fails_every_later_flush() {
-    let content = pattern(6, MIB);
-    let (dir, m, s) = setup(16 << 20, &content);
-    let origin_disk = m.disk(&dir.path().join("o0")).unwrap();
-    let o = s.volume("o0").unwrap();
-    o.write_at(8192, &[0xaa; 4096], false).unwrap();
-    origin_disk.fail_sync_after(1);
+    let (_dir, s, o) = unsynced_write_then_failing_sync(6);
     s.create_snapshot(&["o0"], Some("a"), "", false)
         .expect_err("the origin's sync fails");
     let again = o.flush().expect_err("a flush after the failed sync");
@@ -117,12 +121,7 @@ fn failed_sync_in_snapshot_create_fails_every_later_flush() {
 /// snapshot read different data. It must be refused until the store is reopened.
 #[test]
 fn snapshot_of_an_origin_that_lost_writes_is_refused() {
-    let content = pattern(7, MIB);
-    let (dir, m, s) = setup(16 << 20, &content);
-    let origin_disk = m.disk(&dir.path().join("o0")).unwrap();
-    let o = s.volume("o0").unwrap();
-    o.write_at(8192, &[0xaa; 4096], false).unwrap();
-    origin_disk.fail_sync_after(1);
+    let (_dir, s, o) = unsynced_write_then_failing_sync(7);
     o.flush().expect_err("the sync fails");
     let e = s
         .create_snapshot(&["o0"], Some("a"), "", false)
@@ -135,12 +134,7 @@ fn snapshot_of_an_origin_that_lost_writes_is_refused() {
 /// dirty pages the failed sync had dropped (other writes' too).
 #[test]
 fn failed_fua_sync_fails_every_later_flush() {
-    let content = pattern(8, MIB);
-    let (dir, m, s) = setup(16 << 20, &content);
-    let origin_disk = m.disk(&dir.path().join("o0")).unwrap();
-    let o = s.volume("o0").unwrap();
-    o.write_at(8192, &[0xaa; 4096], false).unwrap();
-    origin_disk.fail_sync_after(1);
+    let (_dir, _s, o) = unsynced_write_then_failing_sync(8);
     o.write_at(65536, &[0xbb; 4096], true)
         .expect_err("the FUA write's sync fails");
     let again = o.flush().expect_err("a flush after the failed FUA sync");

@@ -350,5 +350,41 @@ impl Meta {
     }
 }
 
+/// A zeroed device on a simulated machine, for the key spaces' tests: format and reopen.
+#[cfg(test)]
+pub(crate) struct SimDevice {
+    machine: crate::crashsim::SimMachine,
+    blocks: u64,
+}
+
+#[cfg(test)]
+impl SimDevice {
+    const PATH: &'static str = "/sim/meta";
+
+    pub fn new(blocks: u64) -> SimDevice {
+        let machine = crate::crashsim::SimMachine::new();
+        machine.add_disk(
+            std::path::Path::new(Self::PATH),
+            vec![0u8; (blocks * NODE_SIZE as u64) as usize],
+            false,
+        );
+        SimDevice { machine, blocks }
+    }
+
+    fn dev(&self) -> Arc<dyn BlockDev> {
+        self.machine
+            .disk(std::path::Path::new(Self::PATH))
+            .expect("the disk")
+    }
+
+    pub fn format(&self, cache_bytes: u64) -> Meta {
+        Meta::format(self.dev(), self.blocks, cache_bytes).unwrap()
+    }
+
+    pub fn open(&self, cache_bytes: u64) -> Meta {
+        Meta::open(self.dev(), cache_bytes).unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -179,14 +179,12 @@ pub fn retain<A: BlockAlloc>(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::path::Path;
 
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::crashsim::SimMachine;
-    use crate::pdata::meta::Meta;
+    use crate::pdata::meta::SimDevice;
     use crate::pdata::NODE_SIZE;
 
     /// The engine's use of it, against a model: an origin of 2,000 blocks, snapshots taken
@@ -198,12 +196,9 @@ mod tests {
     fn generation_ranges_serve_every_snapshot_like_the_model() {
         for seed in 0..6 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let m_ = SimMachine::new();
-            let path = Path::new("/sim/p");
-            m_.add_disk(path, vec![0u8; 4096 * 4096], false);
-            let dev = || m_.disk(path).unwrap();
+            let dev = SimDevice::new(4096);
             let cache = 8 * NODE_SIZE as u64;
-            let mut meta = Meta::format(dev(), 4096, cache).unwrap();
+            let mut meta = dev.format(cache);
             let blocks = 2000u64;
             // Model: per block, its entries; the live generations; the next store location.
             let mut model: BTreeMap<u64, Vec<Preserved>> = BTreeMap::new();
@@ -268,7 +263,7 @@ mod tests {
                 .unwrap();
                 if round % 4 == 3 {
                     drop(meta);
-                    meta = Meta::open(dev(), cache).unwrap();
+                    meta = dev.open(cache);
                 }
                 // Every live snapshot reads every block as the model says.
                 let view = &meta;
@@ -291,10 +286,7 @@ mod tests {
 
     #[test]
     fn overlapping_ranges_are_refused() {
-        let m_ = SimMachine::new();
-        let path = Path::new("/sim/p");
-        m_.add_disk(path, vec![0u8; 64 * 4096], false);
-        let mut meta = Meta::format(m_.disk(path).unwrap(), 64, 1 << 20).unwrap();
+        let mut meta = SimDevice::new(64).format(1 << 20);
         let r = meta.update(|t| {
             add(t, 1, 5, 1, 3, 100)?;
             add(t, 1, 5, 4, 6, 101)?;

@@ -168,14 +168,12 @@ pub fn drop_node<A: BlockAlloc>(t: &mut Txn<A>, origin: u32, x: u32) -> PResult<
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::path::Path;
 
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::crashsim::SimMachine;
-    use crate::pdata::meta::Meta;
+    use crate::pdata::meta::SimDevice;
 
     /// Writable volumes, snapshots of them and of their snapshots (forks), writes and reads,
     /// against a model in which every volume has its own full map (what v1 copied). Reopened
@@ -184,10 +182,8 @@ mod tests {
     fn forked_volumes_read_like_independent_copies() {
         for seed in 0..5 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let m = SimMachine::new();
-            let path = Path::new("/sim/s");
-            m.add_disk(path, vec![0u8; 4096 * 4096], false);
-            let mut meta = Meta::format(m.disk(path).unwrap(), 4096, 1 << 16).unwrap();
+            let dev = SimDevice::new(4096);
+            let mut meta = dev.format(1 << 16);
             let mut nodes = Nodes::new();
             // Volume -> (its leaf node, its model map).
             let mut vols: Vec<(u32, HashMap<u64, u64>)> = vec![(nodes.root(), HashMap::new())];
@@ -221,7 +217,7 @@ mod tests {
                 .unwrap();
                 if round % 3 == 2 {
                     drop(meta);
-                    meta = Meta::open(m.disk(path).unwrap(), 1 << 16).unwrap();
+                    meta = dev.open(1 << 16);
                 }
                 for (node, map) in &vols {
                     for b in (0..blocks).step_by(11) {

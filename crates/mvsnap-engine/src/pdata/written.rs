@@ -160,14 +160,12 @@ pub fn merge_into<A: BlockAlloc>(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::path::Path;
 
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::crashsim::SimMachine;
-    use crate::pdata::meta::Meta;
+    use crate::pdata::meta::SimDevice;
 
     /// Changed blocks between any two snapshots, and from any snapshot to now, equal what a
     /// model of the origin's writes says, across snapshot deletes (epochs merging) and a
@@ -176,10 +174,8 @@ mod tests {
     fn changed_blocks_between_versions_match_the_model() {
         for seed in 0..5 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let m = SimMachine::new();
-            let path = Path::new("/sim/w");
-            m.add_disk(path, vec![0u8; 2048 * 4096], false);
-            let mut meta = Meta::format(m.disk(path).unwrap(), 2048, 1 << 16).unwrap();
+            let dev = SimDevice::new(2048);
+            let mut meta = dev.format(1 << 16);
             let blocks = 50_000u64;
             // The model: every write with the epoch it happened in.
             let mut writes: Vec<(u32, u64, u64)> = Vec::new();
@@ -223,7 +219,7 @@ mod tests {
                 .unwrap();
                 if round == 5 {
                     drop(meta);
-                    meta = Meta::open(m.disk(path).unwrap(), 1 << 16).unwrap();
+                    meta = dev.open(1 << 16);
                 }
                 // Between each pair of live snapshots, and from each to now.
                 let lv: Vec<u32> = live.iter().copied().collect();

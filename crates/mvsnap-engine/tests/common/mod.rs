@@ -136,3 +136,19 @@ pub fn seeds(base: u64, n: u64) -> Vec<u64> {
         }
     }
 }
+
+/// A crash case's random geometry: a chunk size and one or two origins `o0`, `o1` of varied
+/// sizes with pattern content, drawn from `rng` in a fixed order (a seed always gives the same
+/// case).
+pub fn random_origins(rng: &mut impl rand::Rng, seed: u64) -> (u32, Vec<(String, Vec<u8>)>) {
+    let chunk = [4096u32, 16384, 65536][rng.random_range(0..3)];
+    let norigins = if rng.random_bool(0.3) { 2 } else { 1 };
+    let sizes = [256usize << 10, 512 << 10, (640 << 10) + 4096, 1 << 20];
+    let origins = (0..norigins)
+        .map(|i| {
+            let size = sizes[rng.random_range(0..sizes.len())];
+            (format!("o{i}"), pattern(seed * 7 + i, size))
+        })
+        .collect();
+    (chunk, origins)
+}
