@@ -300,6 +300,70 @@ pub struct Commit {
     pub written: usize,
 }
 
+/// A transaction between calls: what [`Txn::suspend`] leaves and [`Txn::resume`] takes back.
+/// The store keeps one open between tree commits; journal records are applied to it.
+#[derive(Default)]
+pub struct Pending {
+    pub root: Option<BlockNo>,
+    pub txn: u64,
+    dirty: HashMap<BlockNo, Node>,
+}
+
+impl Pending {
+    pub fn new(root: Option<BlockNo>, txn: u64) -> Pending {
+        Pending {
+            root,
+            txn,
+            dirty: HashMap::new(),
+        }
+    }
+
+    /// Nodes changed since the last commit (they stay in RAM until it).
+    pub fn dirty_nodes(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Write every dirty node to its block; only when all are written do they become clean
+    /// cache entries. On an error nothing changes: readers still see every change.
+    pub fn write(&mut self, io: &dyn NodeIo, cache: &NodeCache) -> PResult<Commit> {
+        let mut blocks: Vec<BlockNo> = self.dirty.keys().copied().collect();
+        // In block order: neighbouring nodes go out as neighbouring writes.
+        blocks.sort_unstable();
+        for &b in &blocks {
+            let bytes = self.dirty[&b].encode(b, self.txn);
+            io.write_block(b, &bytes[..])
+                .map_err(|source| PdataError::Io { block: b, source })?;
+        }
+        for b in &blocks {
+            let node = self.dirty.remove(b).expect("listed");
+            cache.insert(*b, Arc::new(node));
+        }
+        Ok(Commit {
+            root: self.root,
+            written: blocks.len(),
+        })
+    }
+}
+
+/// Read access to a suspended transaction: its dirty nodes first, then the cache.
+pub struct PendingView<'a> {
+    pub io: &'a dyn NodeIo,
+    pub cache: &'a NodeCache,
+    pub pending: &'a Pending,
+}
+
+impl View for PendingView<'_> {
+    fn root(&self) -> Option<BlockNo> {
+        self.pending.root
+    }
+    fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
+        match self.pending.dirty.get(&block) {
+            Some(n) => Ok(NodeRef::Dirty(n)),
+            None => load(self.io, self.cache, block).map(NodeRef::Clean),
+        }
+    }
+}
+
 /// One transaction on the tree.
 pub struct Txn<'a, A: BlockAlloc> {
     io: &'a dyn NodeIo,
@@ -338,6 +402,32 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             txn,
             root,
             dirty: HashMap::new(),
+        }
+    }
+
+    /// Go on with a suspended transaction.
+    pub fn resume(
+        io: &'a dyn NodeIo,
+        cache: &'a NodeCache,
+        alloc: &'a mut A,
+        p: Pending,
+    ) -> Txn<'a, A> {
+        Txn {
+            io,
+            cache,
+            alloc,
+            txn: p.txn,
+            root: p.root,
+            dirty: p.dirty,
+        }
+    }
+
+    /// Stop here, keeping every change, to resume later.
+    pub fn suspend(self) -> Pending {
+        Pending {
+            root: self.root,
+            txn: self.txn,
+            dirty: self.dirty,
         }
     }
 

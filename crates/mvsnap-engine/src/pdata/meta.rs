@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use super::btree::{self, Txn};
+use super::btree::{self, Pending, PendingView, Txn};
 use super::cache::{CacheStats, NodeCache};
 use super::node::{Key, Value};
 use super::spacemap::{Selector, SpaceMap, TxnAlloc};
@@ -35,16 +35,19 @@ const NO_ROOT: u64 = u64::MAX;
 pub const SPACE_MAP: u8 = b'M';
 /// The first block after the headers.
 const MAP_START: BlockNo = 2;
+/// Words a header carries for its user (the store: journal position, table location).
+pub const USER_WORDS: usize = 8;
+const USER_AT: usize = 64;
 
-/// Whole blocks of a device, by number.
-pub struct DevIo(pub Arc<dyn BlockDev>);
+/// Whole blocks of a device, by number, from byte `base` on.
+pub struct DevIo(pub Arc<dyn BlockDev>, pub u64);
 
 impl NodeIo for DevIo {
     fn read_block(&self, block: BlockNo, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_at(buf, block * NODE_SIZE as u64)
+        self.0.read_at(buf, self.1 + block * NODE_SIZE as u64)
     }
     fn write_block(&self, block: BlockNo, buf: &[u8]) -> std::io::Result<()> {
-        self.0.write_at(buf, block * NODE_SIZE as u64)
+        self.0.write_at(buf, self.1 + block * NODE_SIZE as u64)
     }
 }
 
@@ -61,6 +64,7 @@ struct Header {
     txn: u64,
     root: Option<BlockNo>,
     blocks: u64,
+    user: [u64; USER_WORDS],
 }
 
 impl Header {
@@ -72,6 +76,9 @@ impl Header {
         b[24..32].copy_from_slice(&self.root.unwrap_or(NO_ROOT).to_le_bytes());
         b[32..40].copy_from_slice(&self.blocks.to_le_bytes());
         b[40..48].copy_from_slice(&MAP_START.to_le_bytes());
+        for (i, w) in self.user.iter().enumerate() {
+            b[USER_AT + 8 * i..USER_AT + 8 * i + 8].copy_from_slice(&w.to_le_bytes());
+        }
         let c = crate::format::crc(SALT_HEADER, &b[8..]);
         b[4..8].copy_from_slice(&c.to_le_bytes());
         b
@@ -91,6 +98,7 @@ impl Header {
             txn: word(16),
             root: Some(word(24)).filter(|&r| r != NO_ROOT),
             blocks: word(32),
+            user: std::array::from_fn(|i| word(USER_AT + 8 * i)),
         })
     }
 }
@@ -102,12 +110,19 @@ pub struct CommitStats {
     pub bitmaps: usize,
 }
 
+/// The tree and its space map, with one transaction always open: changes accumulate in it
+/// (in RAM, nodes shadowed) until [`Meta::commit`] makes them durable with one root flip.
 pub struct Meta {
     dev: Arc<dyn BlockDev>,
     io: DevIo,
     cache: NodeCache,
     map: SpaceMap,
     header: Header,
+    pending: Pending,
+    /// The first failure inside the open transaction: it can no longer commit.
+    broken: Option<String>,
+    /// Commits sync the device (off for an ephemeral store, which nothing must survive).
+    sync: bool,
 }
 
 impl Meta {
@@ -118,13 +133,25 @@ impl Meta {
 
     /// Start a device of `blocks` blocks with an empty tree.
     pub fn format(dev: Arc<dyn BlockDev>, blocks: u64, cache_bytes: u64) -> PResult<Meta> {
+        Self::format_at(dev, 0, blocks, cache_bytes, [0; USER_WORDS])
+    }
+
+    /// [`Meta::format`] for the blocks from byte `base` of `dev` on, with the first header's
+    /// user words.
+    pub fn format_at(
+        dev: Arc<dyn BlockDev>,
+        base: u64,
+        blocks: u64,
+        cache_bytes: u64,
+        user: [u64; USER_WORDS],
+    ) -> PResult<Meta> {
         let fixed = Self::fixed_blocks(blocks);
         if blocks <= fixed {
             return Err(PdataError::NoSpace);
         }
         let map = SpaceMap::format(MAP_START, blocks, fixed);
         let mut m = Meta {
-            io: DevIo(dev.clone()),
+            io: DevIo(dev.clone(), base),
             dev,
             cache: NodeCache::new(cache_bytes),
             map,
@@ -133,17 +160,26 @@ impl Meta {
                 txn: 1,
                 root: None,
                 blocks,
+                user,
             },
+            pending: Pending::new(None, 1),
+            broken: None,
+            sync: true,
         };
-        m.update(|_| Ok(()))?;
+        m.commit(user)?;
         // Both header blocks valid, so a stale one from an earlier format can never win.
-        m.update(|_| Ok(()))?;
+        m.commit(user)?;
         Ok(m)
     }
 
     /// The newest durable version on the device.
     pub fn open(dev: Arc<dyn BlockDev>, cache_bytes: u64) -> PResult<Meta> {
-        let io = DevIo(dev.clone());
+        Self::open_at(dev, 0, cache_bytes)
+    }
+
+    /// [`Meta::open`] for the blocks from byte `base` of `dev` on.
+    pub fn open_at(dev: Arc<dyn BlockDev>, base: u64, cache_bytes: u64) -> PResult<Meta> {
+        let io = DevIo(dev.clone(), base);
         let mut best: Option<Header> = None;
         for b in 0..2 {
             let mut buf = vec![0u8; NODE_SIZE];
@@ -196,16 +232,34 @@ impl Meta {
             io,
             cache,
             map,
+            pending: Pending::new(header.root, header.txn),
             header,
+            broken: None,
+            sync: true,
         })
     }
 
+    /// Commit without syncing (an ephemeral store: nothing of it must survive a crash).
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
+    }
+
+    /// The user words of the durable header.
+    pub fn user(&self) -> [u64; USER_WORDS] {
+        self.header.user
+    }
+
+    /// Blocks the map covers.
+    pub fn blocks(&self) -> u64 {
+        self.header.blocks
+    }
+
     pub fn get(&self, key: &Key) -> PResult<Option<Value>> {
-        btree::get(&self.committed(), key)
+        btree::get(&self.view(), key)
     }
 
     pub fn seek_ge(&self, key: &Key) -> PResult<Option<(Key, Value)>> {
-        btree::seek_ge(&self.committed(), key)
+        btree::seek_ge(&self.view(), key)
     }
 
     pub fn for_each_from(
@@ -213,12 +267,22 @@ impl Meta {
         from: &Key,
         f: &mut dyn FnMut(&Key, &Value) -> bool,
     ) -> PResult<()> {
-        btree::for_each_from(&self.committed(), from, f)
+        btree::for_each_from(&self.view(), from, f)
     }
 
-    /// Read the durable version with the key spaces' own lookups.
+    /// Read the working version (the durable one plus the open transaction's changes) with
+    /// the key spaces' own lookups.
     pub fn with_view<R>(&self, f: impl FnOnce(&dyn btree::View) -> R) -> R {
-        f(&self.committed())
+        f(&self.view())
+    }
+
+    /// The working version, for readers.
+    pub fn view(&self) -> PendingView<'_> {
+        PendingView {
+            io: &self.io,
+            cache: &self.cache,
+            pending: &self.pending,
+        }
     }
 
     fn committed(&self) -> btree::Committed<'_> {
@@ -233,18 +297,98 @@ impl Meta {
         self.cache.stats()
     }
 
+    /// Nodes the open transaction changed (held in RAM until the commit).
+    pub fn dirty_nodes(&self) -> usize {
+        self.pending.dirty_nodes()
+    }
+
     pub fn free_blocks(&self) -> u64 {
         self.map.free_blocks()
     }
 
-    /// Run `change` in a transaction and commit it durably (see the module comment). On an
-    /// error nothing durable changed; the caller must reopen before going on (the in-memory
-    /// space map may hold the failed transaction's allocations).
+    /// Blocks the open transaction may hand out now (free here and in the durable version).
+    pub fn usable_free_blocks(&self) -> u64 {
+        self.map.usable_free_blocks()
+    }
+
+    /// Hand out no block at or past `limit` (a store file not grown that far yet).
+    pub fn set_limit(&mut self, limit: u64) {
+        self.map.set_limit(limit);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.map.limit()
+    }
+
+    fn check_open(&self) -> PResult<()> {
+        match &self.broken {
+            Some(why) => Err(PdataError::Corrupt {
+                block: 0,
+                what: format!("an earlier change failed ({why}); the store must be reopened"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Change the open transaction. On an error the transaction is broken: nothing more
+    /// commits until a reopen (the durable version stays as it was).
+    pub fn change<R>(&mut self, f: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<R>) -> PResult<R> {
+        self.check_open()?;
+        let mut alloc = TxnAlloc {
+            map: &mut self.map,
+            io: &self.io,
+            error: None,
+        };
+        let pending = std::mem::take(&mut self.pending);
+        let mut t = Txn::resume(&self.io, &self.cache, &mut alloc, pending);
+        let out = f(&mut t);
+        self.pending = t.suspend();
+        let out = match (out, alloc.error.take()) {
+            (_, Some(e)) | (Err(e), None) => Err(e),
+            (Ok(r), None) => Ok(r),
+        };
+        if let Err(e) = &out {
+            self.broken = Some(e.to_string());
+        }
+        out
+    }
+
+    /// A block for data, in the open transaction (near the last one handed out).
+    pub fn alloc_block(&mut self) -> PResult<Option<BlockNo>> {
+        self.check_open()?;
+        self.map.alloc(&self.io)
+    }
+
+    /// Free a block in the open transaction: at once if the durable version does not use it,
+    /// else when the commit is durable.
+    pub fn free_block(&mut self, block: BlockNo) -> PResult<()> {
+        self.map.free(&self.io, block)
+    }
+
+    /// Free a block in the open transaction, never to be handed out before the commit is
+    /// durable (a journal record may still name it).
+    pub fn release_block(&mut self, block: BlockNo) -> PResult<()> {
+        self.map.release(&self.io, block)
+    }
+
+    /// Take a given block (replaying a record that the live path allocated): false if it is
+    /// not free, or lies outside the map.
+    pub fn claim_block(&mut self, block: BlockNo) -> PResult<bool> {
+        self.map.claim(&self.io, block)
+    }
+
+    pub fn is_used(&mut self, block: BlockNo) -> PResult<bool> {
+        self.map.is_used(&self.io, block)
+    }
+
+    /// Run `change` and commit it durably (see the module comment).
     pub fn update(
         &mut self,
         change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<()>,
     ) -> PResult<CommitStats> {
-        self.commit_txn(change).map(|(_, stats)| stats)
+        self.change(change)?;
+        let user = self.header.user;
+        self.commit(user)
     }
 
     /// [`Meta::update`], returning what `change` returned.
@@ -252,43 +396,48 @@ impl Meta {
         &mut self,
         change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<R>,
     ) -> PResult<R> {
-        self.commit_txn(change).map(|(r, _)| r)
+        let r = self.change(change)?;
+        let user = self.header.user;
+        self.commit(user)?;
+        Ok(r)
     }
 
-    fn commit_txn<R>(
-        &mut self,
-        change: impl FnOnce(&mut Txn<TxnAlloc>) -> PResult<R>,
-    ) -> PResult<(R, CommitStats)> {
+    /// Make the open transaction durable with these user words, then open the next one.
+    /// On an error nothing durable changed, and the store must reopen.
+    pub fn commit(&mut self, user: [u64; USER_WORDS]) -> PResult<CommitStats> {
+        self.check_open()?;
+        let r = self.commit_inner(user);
+        if let Err(e) = &r {
+            self.broken = Some(e.to_string());
+        }
+        r
+    }
+
+    fn commit_inner(&mut self, user: [u64; USER_WORDS]) -> PResult<CommitStats> {
         let txn = self.header.txn;
-        let mut alloc = TxnAlloc {
-            map: &mut self.map,
-            io: &self.io,
-            error: None,
-        };
-        let mut t = Txn::new(&self.io, &self.cache, &mut alloc, self.header.root, txn);
-        let out = change(&mut t)?;
         // The space map's selectors into the tree, until nothing more changes.
-        loop {
+        self.change(|t| loop {
             let changed = t.allocator().map.changed_selectors();
             let mut again = false;
             for (i, sel) in changed {
                 let k = selector_key(i);
                 let v = sel.encode();
-                if btree::get(&t, &k)? != Some(v) {
+                if btree::get(&*t, &k)? != Some(v) {
                     t.insert(k, v)?;
                     again = true;
                 }
             }
             if !again {
-                break;
+                return Ok(());
             }
-        }
-        if let Some(e) = t.allocator().error.take() {
-            return Err(e);
-        }
-        let c = t.commit()?;
+        })?;
+        let c = self.pending.write(&self.io, &self.cache)?;
         let bitmaps = self.map.write_changed(&self.io, txn)?;
+        let want_sync = self.sync;
         let sync = |dev: &Arc<dyn BlockDev>| {
+            if !want_sync {
+                return Ok(());
+            }
             dev.sync()
                 .map_err(|source| PdataError::Io { block: 0, source })
         };
@@ -298,6 +447,7 @@ impl Meta {
             txn: txn + 1,
             root: c.root,
             blocks: self.header.blocks,
+            user,
         };
         self.io
             .write_block(header.seq % 2, &header.encode())
@@ -308,20 +458,39 @@ impl Meta {
         sync(&self.dev)?;
         self.header = header;
         self.map.commit_done();
-        Ok((
-            out,
-            CommitStats {
-                nodes: c.written,
-                bitmaps,
-            },
-        ))
+        self.pending = Pending::new(header.root, header.txn);
+        Ok(CommitStats {
+            nodes: c.written,
+            bitmaps,
+        })
     }
 
     /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the
     /// space map says so, no more (a leak) and no less (a block used twice waiting to happen).
     /// `data` are the blocks the caller's entries point at (none for a bare tree).
+    /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the
+    /// space map says so, no more (a leak) and no less (a block used twice waiting to happen).
+    /// `data` are the blocks the caller's entries point at (none for a bare tree). Runs on
+    /// the durable version.
     pub fn check(&mut self, data: &[BlockNo]) -> PResult<btree::TreeReport> {
         let report = btree::check(&self.committed())?;
+        let used = self.map.used_blocks(&self.io)?;
+        self.compare(report, used, data)
+    }
+
+    /// [`Meta::check`] of the working version: the durable one plus the open transaction.
+    pub fn check_working(&mut self, data: &[BlockNo]) -> PResult<btree::TreeReport> {
+        let report = btree::check(&self.view())?;
+        let used = self.map.working_used_blocks(&self.io)?;
+        self.compare(report, used, data)
+    }
+
+    fn compare(
+        &self,
+        report: btree::TreeReport,
+        used: Vec<BlockNo>,
+        data: &[BlockNo],
+    ) -> PResult<btree::TreeReport> {
         let mut want: Vec<BlockNo> = (0..Self::fixed_blocks(self.header.blocks)).collect();
         want.extend(&report.blocks);
         want.extend(data);
@@ -332,7 +501,6 @@ impl Meta {
                 what: "used twice".into(),
             });
         }
-        let used = self.map.used_blocks(&self.io)?;
         if used != want {
             let leaked = used.iter().find(|b| want.binary_search(b).is_err());
             let lost = want.iter().find(|b| used.binary_search(b).is_err());

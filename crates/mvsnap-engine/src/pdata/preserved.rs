@@ -102,6 +102,18 @@ pub fn preserved_through(v: &dyn View, origin: u32, block: u64) -> PResult<u32> 
     Ok(entries(v, origin, block)?.last().map_or(0, |e| e.hi))
 }
 
+/// Every entry of `origin`: (block, entry), in key order (for `check` and removal).
+pub fn for_each(v: &dyn View, origin: u32, f: &mut dyn FnMut(u64, Preserved)) -> PResult<()> {
+    btree::for_each_from(v, &key(origin, 0, 0), &mut |k, val| match split_key(k) {
+        Some((o, b, hi)) if o == origin => {
+            let (lo, loc) = split_value(val);
+            f(b, Preserved { lo, hi, loc });
+            true
+        }
+        _ => false,
+    })
+}
+
 /// Record a copy of `block` for generations `lo..=hi`. Its range must not overlap another
 /// entry of the block (the caller preserves only what is not preserved yet).
 pub fn add<A: BlockAlloc>(
@@ -134,15 +146,15 @@ pub fn add<A: BlockAlloc>(
     Ok(())
 }
 
-/// Walk the entries of `origin` for blocks `first..=last`; `keep` returns the range an entry
-/// still serves (`None`: no live snapshot needs it). Entries are shrunk or dropped; returns the
+/// Walk the entries of `origin` for blocks `first..=last`; `keep` gets an entry's range and
+/// location and returns the range it still serves (`None`: no live snapshot needs it). Entries are shrunk or dropped; returns the
 /// store blocks of dropped entries (to free once the commit is durable) and the count kept.
 pub fn retain<A: BlockAlloc>(
     t: &mut Txn<A>,
     origin: u32,
     first: u64,
     last: u64,
-    keep: &mut dyn FnMut(u32, u32) -> Option<(u32, u32)>,
+    keep: &mut dyn FnMut(u32, u32, u64) -> Option<(u32, u32)>,
 ) -> PResult<(Vec<u64>, u64)> {
     let mut changes = Vec::new();
     let mut kept = 0;
@@ -152,7 +164,7 @@ pub fn retain<A: BlockAlloc>(
         &mut |k, val| match split_key(k) {
             Some((o, b, hi)) if o == origin && b <= last => {
                 let (lo, loc) = split_value(val);
-                let now = keep(lo, hi);
+                let now = keep(lo, hi, loc);
                 if now != Some((lo, hi)) {
                     changes.push((b, lo, hi, loc, now));
                 }
@@ -219,7 +231,7 @@ mod tests {
                                 let _ = g;
                                 // Shrink every entry to the live generations it covers.
                                 let lv = live.clone();
-                                let mut keep = |lo: u32, hi: u32| {
+                                let mut keep = |lo: u32, hi: u32, _loc: u64| {
                                     let inside: Vec<u32> = lv
                                         .iter()
                                         .copied()
@@ -230,7 +242,7 @@ mod tests {
                                 let (freed, _) = retain(t, 7, 0, blocks, &mut keep)?;
                                 freed_total.extend(freed);
                                 for es in model.values_mut() {
-                                    es.retain_mut(|e| match keep(e.lo, e.hi) {
+                                    es.retain_mut(|e| match keep(e.lo, e.hi, e.loc) {
                                         Some((lo, hi)) => {
                                             e.lo = lo;
                                             e.hi = hi;

@@ -87,6 +87,51 @@ impl Nodes {
         (self.make(Some(x)), self.make(Some(x)))
     }
 
+    /// A node table as stored: the next id to hand out and each node's parent.
+    pub fn from_parts(next: u32, parents: impl IntoIterator<Item = (u32, Option<u32>)>) -> Nodes {
+        Nodes {
+            parent: parents.into_iter().collect(),
+            next,
+        }
+    }
+
+    /// The next id to hand out (ids go down).
+    pub fn next_id(&self) -> u32 {
+        self.next
+    }
+
+    /// Every node and its parent, in id order.
+    pub fn rows(&self) -> Vec<(u32, Option<u32>)> {
+        let mut v: Vec<_> = self.parent.iter().map(|(&k, &p)| (k, p)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn contains(&self, x: u32) -> bool {
+        self.parent.contains_key(&x)
+    }
+
+    pub fn parent_of(&self, x: u32) -> Option<u32> {
+        self.parent.get(&x).copied().flatten()
+    }
+
+    pub fn has_children(&self, x: u32) -> bool {
+        self.parent.values().any(|&p| p == Some(x))
+    }
+
+    /// Forget node `x` (its keys are gone).
+    pub fn remove(&mut self, x: u32) {
+        self.parent.remove(&x);
+    }
+
+    pub fn len(&self) -> usize {
+        self.parent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parent.is_empty()
+    }
+
     /// `a` is `x` or one of its ancestors: `x` sees what `a` wrote.
     pub fn sees(&self, x: u32, a: u32) -> bool {
         let mut cur = Some(x);
@@ -112,6 +157,17 @@ pub fn lookup(
     block: u64,
     x: u32,
 ) -> PResult<Option<u64>> {
+    Ok(lookup_owner(v, nodes, origin, block, x)?.map(|(_, loc)| loc))
+}
+
+/// [`lookup`], with the node that holds the key (`x` itself: the volume owns the block).
+pub fn lookup_owner(
+    v: &dyn View,
+    nodes: &Nodes,
+    origin: u32,
+    block: u64,
+    x: u32,
+) -> PResult<Option<(u32, u64)>> {
     let mut found = None;
     btree::for_each_from(
         v,
@@ -119,7 +175,7 @@ pub fn lookup(
         &mut |k, val| match split_key(k) {
             Some((o, b, node)) if o == origin && b == block => {
                 if nodes.sees(x, node) {
-                    found = Some(loc_of(val));
+                    found = Some((node, loc_of(val)));
                     false
                 } else {
                     true
@@ -143,6 +199,17 @@ pub fn write<A: BlockAlloc>(
 ) -> PResult<Option<u64>> {
     Ok(t.insert(key(origin, block, x), value(loc))?
         .map(|v| loc_of(&v)))
+}
+
+/// Every key of `origin`: (block, node, location), in key order (for `check`).
+pub fn for_each(v: &dyn View, origin: u32, f: &mut dyn FnMut(u64, u32, u64)) -> PResult<()> {
+    btree::for_each_from(v, &key(origin, 0, 0), &mut |k, val| match split_key(k) {
+        Some((o, b, node)) if o == origin => {
+            f(b, node, loc_of(val));
+            true
+        }
+        _ => false,
+    })
 }
 
 /// Drop every key of node `x` (a deleted leaf): returns their locations, to free.

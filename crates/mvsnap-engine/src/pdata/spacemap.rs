@@ -78,6 +78,8 @@ struct Dirty {
     committed: Arc<Bits>,
     working: Bits,
     free: u32,
+    /// Freed, but not to be handed out before the commit is durable (see [`SpaceMap::release`]).
+    held: Option<Bits>,
 }
 
 pub struct SpaceMap {
@@ -90,6 +92,10 @@ pub struct SpaceMap {
     clean: HashMap<u32, Arc<Bits>>,
     /// Where the next search for a free block starts: allocations stay near each other.
     cursor: BlockNo,
+    /// No block at or past this is handed out (a store file not grown that far yet).
+    limit: u64,
+    /// Blocks freed in this transaction that the committed version still uses.
+    released: u64,
 }
 
 impl SpaceMap {
@@ -114,6 +120,8 @@ impl SpaceMap {
             dirty: BTreeMap::new(),
             clean: HashMap::new(),
             cursor: 0,
+            limit: blocks,
+            released: 0,
         };
         for i in 0..n {
             let mut bits = vec![0u8; NODE_SIZE - HEADER];
@@ -133,6 +141,7 @@ impl SpaceMap {
                     committed: Arc::new(bits.clone()),
                     working: bits,
                     free,
+                    held: None,
                 },
             );
         }
@@ -158,7 +167,43 @@ impl SpaceMap {
             dirty: BTreeMap::new(),
             clean: HashMap::new(),
             cursor: 0,
+            limit: blocks,
+            released: 0,
         })
+    }
+
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit.min(self.blocks);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Blocks that may be handed out now: free in both versions and below the limit.
+    pub fn usable_free_blocks(&self) -> u64 {
+        self.free_blocks()
+            .saturating_sub(self.blocks - self.limit)
+            .saturating_sub(self.released)
+    }
+
+    /// Take `block`, which must be free in the working and the committed version and below
+    /// the limit (replay takes the blocks the live path had allocated).
+    pub fn claim(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<bool> {
+        if block >= self.limit {
+            return Ok(false);
+        }
+        let (i, bit) = split(block);
+        if get_bit(&self.committed_bits(io, i)?, bit) {
+            return Ok(false);
+        }
+        let d = self.make_dirty(io, i)?;
+        if get_bit(&d.working, bit) {
+            return Ok(false);
+        }
+        set_bit(&mut d.working, bit, true);
+        d.free -= 1;
+        Ok(true)
     }
 
     /// Free blocks in the working version (blocks freed in this transaction count as free).
@@ -216,6 +261,7 @@ impl SpaceMap {
                     working: (*committed).clone(),
                     committed,
                     free,
+                    held: None,
                 },
             );
         }
@@ -241,10 +287,20 @@ impl SpaceMap {
                 continue;
             }
             let from = if step == 0 { split(self.cursor).1 } else { 0 };
+            let first = i as u64 * BITS_PER_BITMAP;
+            if first >= self.limit {
+                continue;
+            }
+            let to = (self.limit - first).min(BITS_PER_BITMAP) as usize;
             let committed = self.committed_bits(io, i)?;
-            let working = self.dirty.get(&i).map(|d| &d.working);
-            let found = (from..BITS_PER_BITMAP as usize)
-                .find(|&b| !get_bit(&committed, b) && working.is_none_or(|w| !get_bit(w, b)));
+            let d = self.dirty.get(&i);
+            let working = d.map(|d| &d.working);
+            let held = d.and_then(|d| d.held.as_ref());
+            let found = (from..to).find(|&b| {
+                !get_bit(&committed, b)
+                    && working.is_none_or(|w| !get_bit(w, b))
+                    && held.is_none_or(|h| !get_bit(h, b))
+            });
             let Some(bit) = found else { continue };
             let d = self.make_dirty(io, i)?;
             set_bit(&mut d.working, bit, true);
@@ -275,6 +331,24 @@ impl SpaceMap {
         }
         set_bit(&mut d.working, bit, false);
         d.free += 1;
+        if get_bit(&d.committed, bit) {
+            self.released += 1;
+        }
+        Ok(())
+    }
+
+    /// Free a block in the working version and hold it until the commit is durable, even if
+    /// the committed version does not use it: a journal record may still name it, and a crash
+    /// before the commit replays that record.
+    pub fn release(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<()> {
+        self.free(io, block)?;
+        let (i, bit) = split(block);
+        let d = self.dirty.get_mut(&i).expect("made dirty by free");
+        if !get_bit(&d.committed, bit) {
+            let held = d.held.get_or_insert_with(|| vec![0u8; NODE_SIZE - HEADER]);
+            set_bit(held, bit, true);
+            self.released += 1;
+        }
         Ok(())
     }
 
@@ -309,6 +383,7 @@ impl SpaceMap {
     /// The root flip is durable: the working version is the committed one now, and blocks
     /// freed in the transaction may be handed out.
     pub fn commit_done(&mut self) {
+        self.released = 0;
         let dirty = std::mem::take(&mut self.dirty);
         for (i, d) in dirty {
             let s = &mut self.selectors[i as usize];
@@ -318,6 +393,24 @@ impl SpaceMap {
                 self.clean.insert(i, Arc::new(d.working));
             }
         }
+    }
+
+    /// Every block in use in the working version (the open transaction's), in order.
+    pub fn working_used_blocks(&mut self, io: &dyn NodeIo) -> PResult<Vec<BlockNo>> {
+        let mut out = Vec::new();
+        for i in 0..self.selectors.len() as u32 {
+            let bits = match self.dirty.get(&i) {
+                Some(d) => Arc::new(d.working.clone()),
+                None => self.committed_bits(io, i)?,
+            };
+            let first = i as u64 * BITS_PER_BITMAP;
+            for b in 0..BITS_PER_BITMAP.min(self.blocks - first) {
+                if get_bit(&bits, b as usize) {
+                    out.push(first + b);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every block in use in the committed version, in order (for `check`).

@@ -58,6 +58,12 @@ pub fn is_marked(v: &dyn View, origin: u32, epoch: u32, block: u64) -> PResult<b
     Ok(got.is_some_and(|val| bits(&val) & (1 << (block % REGION)) != 0))
 }
 
+/// The bitmap of region `region` (blocks `region * 128 ..`) in `epoch`: one lookup for up to
+/// 128 blocks of the hot path.
+pub fn region_bits(v: &dyn View, origin: u32, epoch: u32, region: u64) -> PResult<u128> {
+    Ok(btree::get(v, &key(origin, epoch, region))?.map_or(0, |val| bits(&val)))
+}
+
 /// Mark `first..first + len` written in `epoch`. Returns how many were not marked before.
 pub fn mark<A: BlockAlloc>(
     t: &mut Txn<A>,
