@@ -220,8 +220,8 @@ expect_usage_error "write without --offset" ms write disk0
 expect_usage_error "unknown command" mvsnap frobnicate
 
 # --- format, origins ----------------------------------------------------------------------------
-expect_ok "format a 256 MiB store with 64 KiB chunks" \
-    mvsnap format "$STORE" --size 256M --chunk-size 64K
+expect_ok "format a 256 MiB store" \
+    mvsnap format "$STORE" --size 256M
 remember_store
 expect_error "format refuses an existing store without --force" "exist|force" \
     mvsnap format "$STORE" --size 256M
@@ -348,7 +348,7 @@ else
 fi
 
 expect_ok "info" ms info
-if grep -q '^chunk size *64 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
+if grep -q '^chunk size *4 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
     ok "info shows the geometry and the snapshots"
 else
     not_ok "info shows the geometry and the snapshots"
@@ -357,7 +357,7 @@ fi
 expect_ok "info --json" ms info --json
 cp "$T/out" "$T/info.json"
 expect_json "info --json: geometry, space, origins, snapshots" "$T/info.json" \
-    "d['chunk_size'] == 65536 and d['used_bytes'] > 0 and d['free_bytes'] > 0
+    "d['chunk_size'] == 4096 and d['used_bytes'] > 0 and d['free_bytes'] > 0
      and len(d['origins']) == 2 and len(d['snapshots']) == 6 and isinstance(d['events'], list)
      and all('exclusive_bytes' in s and 'shared_bytes' in s for s in d['snapshots'])"
 # One copy: disk0 was wholly overwritten once after its snapshots, disk1 8 MiB; plus a few MiB
@@ -412,15 +412,15 @@ expect_error "write past the end of the origin" "beyond|range|end" \
 expect_store_data_intact "write past the end"
 expect_eq "origin untouched by the refused write" "$(sum "$T/disk0.img")" "$(sum "$T/m-disk0")"
 
-expect_error "invalid chunk size 3K" "chunk" mvsnap format "$T/new.img" --chunk-size 3K
-if [ -e "$T/new.img" ]; then not_ok "invalid chunk size creates no file"; else
-    ok "invalid chunk size creates no file"
+expect_error "--max-size under --size" "max-size" \
+    mvsnap format "$T/new.img" --size 64M --max-size 32M
+if [ -e "$T/new.img" ]; then not_ok "invalid sizes create no file"; else
+    ok "invalid sizes create no file"
 fi
-expect_error "invalid chunk size 2M" "chunk" mvsnap format "$T/new.img" --chunk-size 2M
 remember_store
-expect_error "invalid chunk size 3K on the store with --force" "chunk" \
-    mvsnap format "$STORE" --chunk-size 3K --force
-expect_store_intact "format --chunk-size 3K --force"
+expect_error "--max-size under --size on the store with --force" "max-size" \
+    mvsnap format "$STORE" --size 512M --max-size 300M --force
+expect_store_intact "format --size 512M --max-size 300M --force"
 
 truncate -s +1M "$T/disk1.img"
 remember_store
@@ -555,7 +555,7 @@ expect_ok "check of the full store" mvsnap --store "$FULL" check
 EPH=$T/eph.img
 gen "$T/disk2.img" $((4 * MIB)) disk2
 cp "$T/disk2.img" "$T/m-disk2"
-expect_ok "format a second store" mvsnap format "$EPH" --size 64M --chunk-size 4K
+expect_ok "format a second store" mvsnap format "$EPH" --size 64M
 expect_ok "origin add to the second store" mvsnap --store "$EPH" origin add "$T/disk2.img" --id d2
 expect_ok "--ephemeral snapshot create" mvsnap --store "$EPH" --ephemeral snapshot create d2 --tag e
 expect_eq "--ephemeral snapshot create prints the tag" "$(cat "$T/out")" e

@@ -68,8 +68,8 @@ ls -l disk.img
 show head -n 1 disk.img
 head -n 1 disk.img
 
-say "A COW store: a 1 GiB file with 64 KiB chunks, and the origin bound to it"
-run mvsnap format store.img --size 1G --chunk-size 64K
+say "A COW store: a 1 GiB file (space in 4 KiB blocks), and the origin bound to it"
+run mvsnap format store.img --size 1G
 export MVSNAP_STORE=$OUT/store.img
 echo "\$ export MVSNAP_STORE=$MVSNAP_STORE"
 run mvsnap origin add disk.img --id disk

@@ -131,8 +131,8 @@ fn bad_stores_give_one_line_errors() {
     let missing = dir.path().join("missing.img");
     mvsnap(&["--store", s(&missing), "info"]).one_line_error("missing.img");
     let new = dir.path().join("new.img");
-    mvsnap(&["format", s(&new), "--chunk-size", "3K"]).one_line_error("chunk size");
-    assert!(!new.exists(), "an invalid chunk size created the store");
+    mvsnap(&["format", s(&new), "--size", "64M", "--max-size", "32M"]).one_line_error("max-size");
+    assert!(!new.exists(), "an invalid size created the store");
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn round_trip() {
     let v1 = pattern(SIZE, 1);
     std::fs::write(&disk, &v1).unwrap();
 
-    mvsnap(&["format", st, "--size", "32M", "--chunk-size", "16K"]).ok();
+    mvsnap(&["format", st, "--size", "32M"]).ok();
     let run = mvsnap(&["--store", st, "origin", "add", s(&disk)]).ok();
     assert_eq!(run.stdout_str().trim(), "disk.img", "default id");
     let run = mvsnap(&[
@@ -214,7 +214,8 @@ fn round_trip() {
     assert!(check.contains("clean"), "{check}");
     let info = mvsnap(&["--store", st, "info", "--json"]).ok();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(info["chunk_size"], 16384);
+    // Format v2: space in 4 KiB blocks.
+    assert_eq!(info["chunk_size"], 4096);
 
     mvsnap(&["--store", st, "snapshot", "delete", "disk.img@a"]).ok();
     let list = mvsnap(&["--store", st, "snapshot", "list", "--json"]).ok();

@@ -25,6 +25,8 @@ pub struct ServeOptions {
     /// Also listen on TCP: `PORT` (127.0.0.1) or `ADDR:PORT`.
     pub listen: Option<String>,
     pub ephemeral: bool,
+    /// RAM for metadata nodes (None: the engine's default, 64 MiB).
+    pub cache_bytes: Option<u64>,
 }
 
 /// Parse `--listen`: a bare port binds loopback only.
@@ -57,6 +59,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         &OpenOptions {
             ephemeral: opts.ephemeral,
             read_only: false,
+            cache_bytes: opts.cache_bytes,
         },
     )
     .with_context(|| format!("cannot serve {}", opts.store.display()))?;

@@ -31,6 +31,7 @@ impl Session {
         let opts = OpenOptions {
             ephemeral,
             read_only: !writes,
+            cache_bytes: None,
         };
         let s = Store::open(store, &opts)?;
         Ok(Session::Offline(s))

@@ -531,7 +531,6 @@ impl Run {
             &st1,
             &FormatOptions {
                 size: Some(cfg.store1_size()),
-                chunk_size: CHUNK as u32,
                 ..Default::default()
             },
         )?;
@@ -917,7 +916,6 @@ impl Run {
                 &path,
                 &FormatOptions {
                     size: Some(self.cfg.store1_size()),
-                    chunk_size: CHUNK as u32,
                     force: true,
                     ..Default::default()
                 },
@@ -1218,7 +1216,6 @@ fn child_build(args: &[String]) -> R<()> {
         &store,
         &FormatOptions {
             size: Some(size + 256 * MIB),
-            chunk_size: BLOCK as u32,
             ..Default::default()
         },
     )?;

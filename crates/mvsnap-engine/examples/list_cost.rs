@@ -20,7 +20,6 @@ fn main() {
     std::fs::write(&origin, vec![1u8; size as usize]).unwrap();
     let opts = FormatOptions {
         size: Some(1 << 30),
-        chunk_size: 4096,
         ..Default::default()
     };
     Store::format(&store, &opts).unwrap();

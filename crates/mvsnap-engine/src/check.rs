@@ -1,20 +1,25 @@
 //! `check`: verify every invariant of DESIGN.md on an open store and report each fault.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use crate::pdata::{preserved, snapdata};
 use crate::store::Store;
 use crate::types::{CheckReport, SnapshotState};
 
 impl Store {
-    /// Verify space accounting (no slot both free and used, none lost, none used twice),
-    /// the version tree, the preserved ranges, and the checkpoint's checksums.
+    /// Verify the metadata tree (every node reachable once, keys in order), space accounting
+    /// (the space map marks exactly the blocks the tree, its entries and the tables use: none
+    /// lost, none used twice), the version tree, the preserved ranges and the counters.
     pub fn check(&self) -> CheckReport {
-        let st = self.inner.state.read();
+        // The write lock: the space map's check reads bitmaps through its own cache.
+        let mut guard = self.inner.state.write();
+        let st = &mut *guard;
         let geo = self.inner.geo;
+        let limit = st.meta.limit();
         let mut r = CheckReport {
-            slots_total: st.alloc.nslots(),
-            slots_used: st.alloc.used(),
-            slots_free: st.alloc.free(),
+            slots_total: limit,
+            slots_free: st.meta.usable_free_blocks(),
+            slots_used: limit.saturating_sub(st.meta.usable_free_blocks()),
             mappings: st.mappings(),
             snapshots: st
                 .snaps
@@ -23,69 +28,88 @@ impl Store {
                 .count(),
             ..Default::default()
         };
-        // Owner of each referenced slot: what references it, and how often.
-        #[derive(PartialEq, Clone, Copy, Debug)]
-        enum Owner {
-            Checkpoint,
-            Preserved { origin: u32, chunk: u64 },
-            Map { origin: u32, chunk: u64 },
-        }
-        let mut owners: HashMap<u32, (Owner, u32)> = HashMap::new();
-        let mut claim = |r: &mut CheckReport, slot: u32, who: Owner| {
-            if slot as u64 >= st.alloc.nslots() {
-                r.errors.push(format!(
-                    "slot {slot} ({who:?}) lies past the end of the store ({} slots)",
-                    st.alloc.nslots()
-                ));
-                return;
-            }
-            match owners.get_mut(&slot) {
-                None => {
-                    owners.insert(slot, (who, 1));
+        r.warnings
+            .extend(self.inner.superblock_damage.lock().iter().cloned());
+        // Every block something points at: data of entries, the tables, freed-not-yet-committed.
+        let mut data: Vec<u64> = Vec::new();
+        data.extend(&st.table_blocks);
+        data.extend(&st.deferred_frees);
+        let view = st.meta.view();
+        for o in st.origins.values() {
+            let chunks = geo.chunks_for(o.size);
+            let mut ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+            let mut entries = 0u64;
+            let mut last: Option<(u64, u32)> = None;
+            let walk = preserved::for_each(&view, o.no, &mut |block, e| {
+                entries += 1;
+                if e.lo > e.hi || e.hi > o.gen || e.lo == 0 {
+                    r.errors.push(format!(
+                        "origin {}: block {block}: preserved range {}..={} is outside generations 1..={}",
+                        o.id, e.lo, e.hi, o.gen
+                    ));
                 }
-                Some((prev, n)) => {
-                    // Snapshot maps may share a slot, but only for the same chunk of one origin.
-                    if matches!(who, Owner::Map { .. }) && *prev == who {
-                        *n += 1;
-                    } else {
+                if block >= chunks {
+                    r.errors.push(format!(
+                        "origin {}: block {block} lies past the origin's end",
+                        o.id
+                    ));
+                }
+                // Keys of one block come in `hi` order: ranges overlap if one starts at or
+                // before the previous one's end.
+                if let Some((b, prev_hi)) = last {
+                    if b == block && e.lo <= prev_hi {
                         r.errors.push(format!(
-                            "slot {slot} is used twice: by {prev:?} and by {who:?}"
+                            "origin {}: block {block}: overlapping preserved ranges (..={prev_hi} and {}..={})",
+                            o.id, e.lo, e.hi
                         ));
                     }
                 }
-            }
-        };
-        r.warnings
-            .extend(self.inner.superblock_damage.lock().iter().cloned());
-        for &s in &st.ckpt_slots {
-            claim(&mut r, s, Owner::Checkpoint);
-        }
-        for o in st.origins.values() {
-            let mut ranges: HashMap<(u64, u32), Vec<(u32, u32)>> = HashMap::new();
-            o.pindex.for_each(|chunk, e| {
-                if e.slot != crate::index::ZERO_SLOT {
-                    claim(&mut r, e.slot, Owner::Preserved { origin: o.no, chunk });
-                }
-                if e.lo > e.hi || e.hi > o.gen || e.lo == 0 {
-                    r.errors.push(format!("origin {}: chunk {chunk}: preserved range {}..={} is outside generations 1..={}", o.id, e.lo, e.hi, o.gen));
-                }
-                if e.bits == 0 || e.bits & !geo.full_bits() != 0 {
-                    r.errors.push(format!("origin {}: chunk {chunk}: block bitmap {:#x} is invalid", o.id, e.bits));
-                }
-                if chunk >= geo.chunks_for(o.size) {
-                    r.errors.push(format!("origin {}: chunk {chunk} lies past the origin's end", o.id));
-                }
-                let mut b = e.bits;
-                while b != 0 {
-                    let i = b.trailing_zeros();
-                    ranges.entry((chunk, i)).or_default().push((e.lo, e.hi));
-                    b &= b - 1;
+                last = Some((block, e.hi));
+                if e.loc != preserved::ZERO {
+                    data.push(e.loc);
+                    *ranges.entry((e.lo, e.hi)).or_default() += 1;
                 }
             });
-            for ((chunk, block), mut rs) in ranges {
-                rs.sort();
-                if rs.windows(2).any(|w| w[1].0 <= w[0].1) {
-                    r.errors.push(format!("origin {}: chunk {chunk} block {block}: overlapping preserved ranges {rs:?}", o.id));
+            if let Err(e) = walk {
+                r.errors
+                    .push(format!("origin {}: preserved entries: {e}", o.id));
+            }
+            if entries != o.entries || ranges != o.ranges {
+                r.errors.push(format!(
+                    "origin {}: counters ({} entries, ranges {:?}) disagree with the index ({entries}, {ranges:?})",
+                    o.id, o.entries, o.ranges
+                ));
+            }
+            let mut keys: HashMap<u32, u64> = HashMap::new();
+            let walk = snapdata::for_each(&view, o.no, &mut |block, node, loc| {
+                if !st.nodes.contains(node) {
+                    r.errors.push(format!(
+                        "origin {}: block {block} written by an unknown snapshot node {node}",
+                        o.id
+                    ));
+                }
+                if block >= chunks {
+                    r.errors.push(format!(
+                        "origin {}: a snapshot's block {block} lies past the end",
+                        o.id
+                    ));
+                }
+                *keys.entry(node).or_default() += 1;
+                if loc != preserved::ZERO {
+                    data.push(loc);
+                }
+            });
+            if let Err(e) = walk {
+                r.errors
+                    .push(format!("origin {}: snapshot data: {e}", o.id));
+            }
+            for (node, n) in keys {
+                let recorded = st.node_keys.get(&node).copied().unwrap_or(0);
+                if recorded != n {
+                    r.errors.push(format!(
+                        "origin {}: snapshot node {node} holds {n} blocks, its counter says {recorded}",
+                        o.id
+                    ));
                 }
             }
             let mut live: HashMap<u32, u32> = HashMap::new();
@@ -98,7 +122,10 @@ impl Store {
             }
             let recorded: HashMap<u32, u32> = o.live_gens.iter().map(|(k, v)| (*k, *v)).collect();
             if live != recorded {
-                r.errors.push(format!("origin {}: live generation counts {recorded:?} disagree with the snapshots {live:?}", o.id));
+                r.errors.push(format!(
+                    "origin {}: live generation counts {recorded:?} disagree with the snapshots {live:?}",
+                    o.id
+                ));
             }
             match (&o.dev, o.found_size) {
                 // Changed behind mvsnap's back: data the snapshots shared may be gone.
@@ -142,52 +169,15 @@ impl Store {
                     o.id, s.tag
                 ));
             }
-            let mut seen = std::collections::HashSet::new();
-            s.map.for_each(&mut |chunk, e| {
-                if chunk >= geo.chunks_for(o.size) || e.bits == 0 || e.bits & !geo.full_bits() != 0
-                {
-                    r.errors.push(format!(
-                        "{}@{}: mapping of chunk {chunk} is invalid",
-                        o.id, s.tag
-                    ));
-                }
-                if seen.insert(e.slot) {
-                    claim(
-                        &mut r,
-                        e.slot,
-                        Owner::Map {
-                            origin: s.origin,
-                            chunk,
-                        },
-                    );
-                } else {
-                    r.errors
-                        .push(format!("{}@{}: slot {} mapped twice", o.id, s.tag, e.slot));
-                }
-            });
-        }
-        // Every referenced slot is marked used; every used slot is referenced or quarantined.
-        let quarantined: std::collections::HashSet<u32> = st.alloc.quarantined_slots().collect();
-        for &slot in owners.keys() {
-            if !st.alloc.is_used(slot) {
-                r.errors
-                    .push(format!("slot {slot} is in use but marked free"));
+            if s.state == SnapshotState::Valid && !st.nodes.contains(s.node) {
+                r.errors.push(format!(
+                    "{}@{}: its snapshot node {} is missing",
+                    o.id, s.tag, s.node
+                ));
             }
         }
-        let mut lost = 0u64;
-        for slot in 0..st.alloc.nslots() as u32 {
-            if st.alloc.is_used(slot) && !owners.contains_key(&slot) && !quarantined.contains(&slot)
-            {
-                lost += 1;
-                if lost <= 10 {
-                    r.errors.push(format!(
-                        "slot {slot} is marked used but nothing references it (lost)"
-                    ));
-                }
-            }
-        }
-        if lost > 10 {
-            r.errors.push(format!("... {} more lost slots", lost - 10));
+        if let Err(e) = st.meta.check_working(&data) {
+            r.errors.push(format!("metadata: {e}"));
         }
         r
     }

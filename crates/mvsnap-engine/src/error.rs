@@ -20,7 +20,13 @@ pub enum Error {
     #[error("{path}: corrupt store: {what}")]
     Corrupt { path: PathBuf, what: String },
     #[error(
-        "{path}: store format version {found} is not supported (this build reads {supported})"
+        "{path}: store format version {found} is not supported (this build reads {supported}){}",
+        if *found < *supported {
+            "; a version-1 store is read by the mvsnap release that made it: copy its volumes \
+             out with that release's `mvsnap cat`, then format the store again"
+        } else {
+            "; it was made by a newer mvsnap"
+        }
     )]
     Version {
         path: PathBuf,

@@ -5,7 +5,8 @@
 
 use crate::codec::{Reader, Writer};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: metadata in a copy-on-write B+tree, space in 4 KiB blocks (docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 2;
 pub const SB_MAGIC: &[u8; 8] = b"MVSNAPSB";
 /// Metadata block size: superblocks, journal alignment.
 pub const META_BLOCK: u64 = 4096;

@@ -1,11 +1,11 @@
 //! mvsnap's engine: a crash-consistent, multi-version copy-on-write snapshot store.
 //!
-//! Layers (docs/ARCHITECTURE.md): `blockdev` (the I/O seam) < `format`, `journal`, `alloc`,
-//! `index` (the store's pieces) < `state` (metadata, changed only by journal records) <
-//! `store` (recovery, group commit, checkpoints, snapshots) and `volume` (I/O of origin and
-//! snapshots). Front ends (NBD, FUSE) see only [`Store`] and [`Volume`].
+//! Layers (docs/ARCHITECTURE.md): `blockdev` (the I/O seam) < `format`, `journal`, `pdata`
+//! (the copy-on-write B+tree, its space map and key spaces: the store's pieces) < `state`
+//! (metadata, changed only by journal records) < `store` (recovery, group commit, tree
+//! commits, snapshots) and `volume` (I/O of origin and snapshots). Front ends (NBD, FUSE) see
+//! only [`Store`] and [`Volume`].
 
-pub mod alloc;
 pub mod blockdev;
 mod check;
 mod codec;
@@ -13,7 +13,6 @@ pub mod crashsim;
 pub mod error;
 mod expiring;
 pub mod format;
-pub mod index;
 pub mod journal;
 pub mod pdata;
 mod signature;

@@ -1,27 +1,36 @@
 //! The engine's metadata state and the one function, [`State::apply`], that changes it from a
 //! journal record, so that live operations and recovery go through exactly the same code.
+//!
+//! Format v2: the index lives in the store's copy-on-write B+tree (`pdata`), read through a
+//! bounded cache; records change the tree's open transaction, and a tree commit (store.rs)
+//! makes it durable with one root flip. What stays in RAM is one row per origin, snapshot and
+//! snapshot-tree node (the *tables*, written whole at each tree commit) plus the counters that
+//! `list` reads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::alloc::Allocator;
 use crate::blockdev::BlockDev;
 use crate::codec::{Reader, Writer};
 use crate::expiring::ExpiringMap;
 use crate::format::Geometry;
-use crate::index::ZERO_SLOT;
-use crate::index::{MapEntry, PreserveIndex, VolumeMap};
 use crate::journal::Record;
+use crate::pdata::btree::{self, BlockAlloc, Txn};
+use crate::pdata::meta::Meta;
+use crate::pdata::node::Key;
+use crate::pdata::snapdata::{self, Nodes};
+use crate::pdata::{preserved, written, PdataError};
 use crate::types::{Event, EventKind, SnapshotState};
 
-/// Bytes of one preserved entry in a checkpoint: chunk u64, lo u32, hi u32, slot u32, bits u64.
-const PRESERVED_ENTRY: u64 = 28;
-/// Bytes of one snapshot mapping in a checkpoint: chunk u64, slot u32, bits u64.
-const SNAP_ENTRY: u64 = 20;
-/// How many of the newest events a checkpoint keeps.
-const CHECKPOINT_EVENTS: usize = 100;
-/// Events are cut to this many bytes, so their share of a checkpoint is bounded.
+/// How many of the newest events the tables keep.
+const TABLE_EVENTS: usize = 100;
+/// Events are cut to this many bytes, so their share of the tables is bounded.
 pub const MAX_EVENT_LEN: usize = 256;
+/// The slot of an entry whose block reads as zeroes (a hole, or zero data, in the origin when
+/// it was preserved; or a zeroed block of a writable snapshot): it owns no space.
+pub const ZERO_SLOT: u32 = u32::MAX - 1;
+/// "No parent" in the stored node table (ids are handed out downwards from u32::MAX).
+const NO_NODE: u32 = 0;
 
 pub struct Origin {
     pub no: u32,
@@ -32,7 +41,10 @@ pub struct Origin {
     pub gen: u32,
     /// Live (valid) snapshots per generation; a snapshot of a snapshot shares its generation.
     pub live_gens: BTreeMap<u32, u32>,
-    pub pindex: PreserveIndex,
+    /// Preserved blocks holding data, per generation range: the counters `list` reads.
+    pub ranges: BTreeMap<(u32, u32), u64>,
+    /// Preserved entries (data and zero).
+    pub entries: u64,
     /// Opened device, or why it could not be opened (a missing file, a changed size).
     pub dev: Result<Arc<dyn BlockDev>, String>,
     /// The size found at open when it is not the recorded one (changed behind mvsnap's back).
@@ -61,7 +73,16 @@ pub struct Snap {
     pub state: SnapshotState,
     pub reason: Option<String>,
     pub children: u32,
-    pub map: VolumeMap,
+    /// Its leaf in the snapshot-tree nodes (key space `S`); [`NO_NODE`] once released.
+    pub node: u32,
+}
+
+/// Where a snapshot finds a block of its own (written to it or to an ancestor volume).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapHit {
+    pub slot: u32,
+    /// The key is the snapshot's own: it may be overwritten in place once settled.
+    pub own: bool,
 }
 
 pub struct State {
@@ -70,9 +91,17 @@ pub struct State {
     pub snaps: BTreeMap<u64, Snap>,
     pub next_origin_no: u32,
     pub next_snap_id: u64,
-    pub alloc: Allocator,
-    /// Slots of the checkpoint the superblock points at.
-    pub ckpt_slots: Vec<u32>,
+    /// The tree, its space map and the open transaction.
+    pub meta: Meta,
+    /// The snapshot tree's nodes (writable snapshots and their descendants).
+    pub nodes: Nodes,
+    /// Keys per node, for `mappings` and space usage.
+    pub node_keys: HashMap<u32, u64>,
+    /// Blocks of the tables the durable version points at (freed by the next tree commit).
+    pub table_blocks: Vec<u64>,
+    /// Data blocks records released since the last tree commit: freed in the space map at
+    /// that commit, never before (a crash goes back to a version that may still use them).
+    pub deferred_frees: Vec<u64>,
     /// Slots that records not yet settled point at, with the newest such record: their data
     /// must not change in place (recovery may verify it).
     pub unsettled_slots: ExpiringMap<u32>,
@@ -84,24 +113,81 @@ pub struct State {
     /// every later one that skips a copy-out because the snapshot is invalid or gone now (a
     /// crash would bring the snapshot back, valid, over new data).
     pub release_seq: BTreeMap<u32, u64>,
+    /// Nothing is journaled or committed (an ephemeral store): frees are reusable at once.
+    pub ephemeral: bool,
+    /// Data blocks handed out whose record is not logged yet (a copy being written): a tree
+    /// commit meanwhile must not make them used in the durable version (nothing there points
+    /// at them), nor hand them to anyone else.
+    pub unlogged: Vec<u32>,
 }
 
-/// Why a record could not be applied: the journal or checkpoint contradicts the state.
+/// Why a record could not be applied: the journal or tables contradict the state.
 pub type ApplyError = String;
 
+fn perr(e: PdataError) -> ApplyError {
+    e.to_string()
+}
+
+fn loc_of(slot: u32) -> u64 {
+    if slot == ZERO_SLOT {
+        preserved::ZERO
+    } else {
+        slot as u64
+    }
+}
+
+fn slot_of(loc: u64) -> u32 {
+    if loc == preserved::ZERO {
+        ZERO_SLOT
+    } else {
+        loc as u32
+    }
+}
+
+/// Remove every key of `origin` in key space `space`; returns the data locations they held.
+fn drop_origin_space<A: BlockAlloc>(
+    t: &mut Txn<A>,
+    space: u8,
+    origin: u32,
+    loc: impl Fn(&[u8; 16]) -> Option<u64>,
+) -> Result<Vec<u64>, PdataError> {
+    let mut from: Key = [0; 16];
+    from[0] = space;
+    from[1..4].copy_from_slice(&origin.to_be_bytes()[1..]);
+    let mut keys = Vec::new();
+    let mut locs = Vec::new();
+    btree::for_each_from(&*t, &from, &mut |k, v| {
+        if k[..4] != from[..4] {
+            return false;
+        }
+        keys.push(*k);
+        locs.extend(loc(v));
+        true
+    })?;
+    for k in keys {
+        t.remove(&k)?;
+    }
+    Ok(locs)
+}
+
 impl State {
-    pub fn new(geo: Geometry, nslots: u64) -> State {
+    pub fn new(geo: Geometry, meta: Meta) -> State {
         State {
             geo,
             origins: BTreeMap::new(),
             snaps: BTreeMap::new(),
             next_origin_no: 1,
             next_snap_id: 1,
-            alloc: Allocator::new(nslots),
-            ckpt_slots: Vec::new(),
+            meta,
+            nodes: Nodes::new(),
+            node_keys: HashMap::new(),
+            table_blocks: Vec::new(),
+            deferred_frees: Vec::new(),
             unsettled_slots: ExpiringMap::default(),
             inflight_preserves: ExpiringMap::default(),
             release_seq: BTreeMap::new(),
+            ephemeral: false,
+            unlogged: Vec::new(),
         }
     }
 
@@ -121,37 +207,157 @@ impl State {
             .find(|s| s.origin == origin && s.tag == tag && s.state != SnapshotState::Hidden)
     }
 
+    // ----- reads of the index (the open transaction's view) -----
+
+    /// Whether an origin write to chunks `first..=last` may need a copy-out: one lookup per
+    /// 128 chunks of the newest epoch's written bitmap, usually in a cached leaf.
+    pub fn needs_preserve(&self, o: &Origin, first: u64, last: u64) -> Result<bool, PdataError> {
+        if !o.any_live(1, o.gen) {
+            return Ok(false);
+        }
+        let v = self.meta.view();
+        let mut c = first;
+        while c <= last {
+            let region = c / written::REGION;
+            let end = last.min((region + 1) * written::REGION - 1);
+            let bits = written::region_bits(&v, o.no, o.gen, region)?;
+            let (lo, n) = (c % written::REGION, end - c + 1);
+            let mask = if n == written::REGION {
+                u128::MAX
+            } else {
+                ((1u128 << n) - 1) << lo
+            };
+            if bits & mask != mask {
+                return Ok(true);
+            }
+            c = end + 1;
+        }
+        Ok(false)
+    }
+
+    /// Chunks `first..=last` need nothing more in the newest epoch (not journaled: after a
+    /// crash the first write finds it out again).
+    pub fn mark_done(&mut self, no: u32, gen: u32, chunk: u64) -> Result<(), PdataError> {
+        self.meta
+            .change(|t| written::mark(t, no, gen, chunk, 1).map(|_| ()))
+    }
+
+    /// The newest generation through which `chunk` of origin `no` is preserved (0: never).
+    pub fn preserved_through(&self, no: u32, chunk: u64) -> Result<u32, PdataError> {
+        preserved::preserved_through(&self.meta.view(), no, chunk)
+    }
+
+    /// The slot (or [`ZERO_SLOT`]) a snapshot of generation `gen` reads `chunk` from, if it
+    /// was preserved.
+    pub fn preserved_lookup(
+        &self,
+        no: u32,
+        chunk: u64,
+        gen: u32,
+    ) -> Result<Option<u32>, PdataError> {
+        Ok(preserved::lookup(&self.meta.view(), no, chunk, gen)?.map(slot_of))
+    }
+
+    /// A snapshot's own data for `chunk` (written to it or to the volume it was taken of).
+    pub fn map_get(&self, s: &Snap, chunk: u64) -> Result<Option<MapHit>, PdataError> {
+        if s.node == NO_NODE {
+            return Ok(None);
+        }
+        Ok(
+            snapdata::lookup_owner(&self.meta.view(), &self.nodes, s.origin, chunk, s.node)?.map(
+                |(node, loc)| MapHit {
+                    slot: slot_of(loc),
+                    own: node == s.node,
+                },
+            ),
+        )
+    }
+
+    /// Whether any node on the snapshot's path holds keys: if not, its reads skip key space
+    /// `S` (a read-only snapshot of the origin never has any).
+    pub fn has_own_data(&self, s: &Snap) -> bool {
+        let mut cur = Some(s.node).filter(|&n| n != NO_NODE);
+        while let Some(x) = cur {
+            if self.node_keys.get(&x).is_some_and(|&n| n > 0) {
+                return true;
+            }
+            cur = self.nodes.parent_of(x);
+        }
+        false
+    }
+
+    // ----- space -----
+
+    /// A free data block (4 KiB), or None when none may be handed out now.
+    pub fn alloc_block(&mut self) -> Result<Option<u32>, PdataError> {
+        let b = self.meta.alloc_block()?.map(|b| b as u32);
+        self.unlogged.extend(b);
+        Ok(b)
+    }
+
+    /// Give back a block that no record names (a copy-out that failed): free at once.
+    pub fn free_unlogged(&mut self, slot: u32) -> Result<(), PdataError> {
+        self.logged(slot);
+        self.meta.free_block(slot as u64)
+    }
+
+    fn logged(&mut self, slot: u32) {
+        if let Some(i) = self.unlogged.iter().position(|&s| s == slot) {
+            self.unlogged.swap_remove(i);
+        }
+    }
+
     /// Claim a slot a record introduces (replay), or accept one the live path already took.
     fn take_slot(&mut self, slot: u32, live: bool) -> Result<(), ApplyError> {
-        if live {
+        if slot == ZERO_SLOT {
             return Ok(());
         }
-        if self.alloc.claim(slot) {
+        if live {
+            self.logged(slot);
+            return Ok(());
+        }
+        if self.meta.claim_block(slot as u64).map_err(perr)? {
             Ok(())
         } else {
             Err(format!(
-                "slot {slot} is used twice or lies past the end of the store ({} slots)",
-                self.alloc.nslots()
+                "block {slot} is used twice or lies past the end of the store ({} blocks)",
+                self.meta.limit()
             ))
         }
     }
 
+    fn defer_free(&mut self, loc: u64) {
+        if loc == preserved::ZERO {
+            return;
+        }
+        if self.ephemeral {
+            // No record names it on disk: it may be used again at once.
+            if let Err(e) = self.meta.free_block(loc) {
+                tracing::warn!("block {loc} not freed: {e}");
+            }
+        } else {
+            self.deferred_frees.push(loc);
+        }
+    }
+
     /// Apply one record. `seq` is its journal sequence; `live` says the slots it names were
-    /// already allocated by the live path; `quarantine` says freed slots wait for settlement.
+    /// already allocated by the live path. (`_quarantine` is kept for the callers: every
+    /// release waits for the next tree commit now.)
     pub fn apply(
         &mut self,
         rec: &Record,
         seq: u64,
         live: bool,
-        quarantine: bool,
+        _quarantine: bool,
     ) -> Result<(), ApplyError> {
-        let settle = quarantine.then_some(seq);
         match rec {
             Record::OriginAdd { no, id, path, size } => {
                 if self.origins.contains_key(no) || self.origin_by_id(id).is_some() {
                     return Err(format!("origin {id} added twice"));
                 }
-                let chunks = self.geo.chunks_for(*size);
+                if *no >= preserved::MAX_ORIGINS {
+                    return Err(format!("origin number {no} is out of range"));
+                }
                 self.origins.insert(
                     *no,
                     Origin {
@@ -161,7 +367,8 @@ impl State {
                         size: *size,
                         gen: 0,
                         live_gens: BTreeMap::new(),
-                        pindex: PreserveIndex::new(chunks),
+                        ranges: BTreeMap::new(),
+                        entries: 0,
                         dev: Err("not opened".into()),
                         found_size: None,
                         gate: Arc::new(parking_lot::RwLock::new(())),
@@ -170,18 +377,25 @@ impl State {
                 self.next_origin_no = self.next_origin_no.max(no + 1);
             }
             Record::OriginRemove { no } => {
-                let o = self
-                    .origins
+                self.origins
                     .remove(no)
                     .ok_or("remove of an unknown origin")?;
-                let mut freed = Vec::new();
-                o.pindex.for_each(|_, e| {
-                    if e.slot != ZERO_SLOT {
-                        freed.push(e.slot)
-                    }
-                });
-                for s in freed {
-                    self.alloc.decref(s, settle);
+                let no = *no;
+                let freed = self
+                    .meta
+                    .change(|t| {
+                        let mut freed = drop_origin_space(t, preserved::SPACE, no, |v| {
+                            Some(u64::from_le_bytes(v[8..16].try_into().unwrap()))
+                        })?;
+                        freed.extend(drop_origin_space(t, snapdata::SPACE, no, |v| {
+                            Some(u64::from_le_bytes(v[..8].try_into().unwrap()))
+                        })?);
+                        drop_origin_space(t, written::SPACE, no, |_| None)?;
+                        Ok(freed)
+                    })
+                    .map_err(perr)?;
+                for l in freed {
+                    self.defer_free(l);
                 }
             }
             Record::SnapshotCreate { time, snaps } => {
@@ -190,12 +404,12 @@ impl State {
                         .origins
                         .get_mut(&ns.origin)
                         .ok_or("snapshot of an unknown origin")?;
-                    let map = if ns.parent == 0 {
+                    let node = if ns.parent == 0 {
                         if ns.gen != o.gen + 1 {
                             return Err(format!("snapshot generation {} after {}", ns.gen, o.gen));
                         }
                         o.gen = ns.gen;
-                        VolumeMap::new(self.geo.chunks_for(o.size))
+                        self.nodes.root()
                     } else {
                         let p = self
                             .snaps
@@ -204,8 +418,14 @@ impl State {
                         if p.gen != ns.gen || p.origin != ns.origin {
                             return Err("snapshot of a snapshot with a different generation".into());
                         }
+                        if p.node == NO_NODE {
+                            return Err("snapshot of a released snapshot".into());
+                        }
+                        // The parent's leaf freezes; both go on from new leaves under it.
+                        let (keep, child) = self.nodes.fork(p.node);
+                        p.node = keep;
                         p.children += 1;
-                        p.map.clone()
+                        child
                     };
                     *o.live_gens.entry(ns.gen).or_insert(0) += 1;
                     self.snaps.insert(
@@ -222,7 +442,7 @@ impl State {
                             state: SnapshotState::Valid,
                             reason: None,
                             children: 0,
-                            map,
+                            node,
                         },
                     );
                     self.next_snap_id = self.next_snap_id.max(ns.id + 1);
@@ -239,11 +459,10 @@ impl State {
                 let was_valid = s.state == SnapshotState::Valid;
                 s.state = SnapshotState::Hidden;
                 let (origin, gen) = (s.origin, s.gen);
-                let map = std::mem::replace(&mut s.map, VolumeMap::new(0));
                 if was_valid {
                     self.unlive(origin, gen);
                 }
-                self.release_map(map, seq, live, settle);
+                self.release_node(*id)?;
                 self.drop_hidden(*id);
             }
             Record::Preserve {
@@ -259,51 +478,60 @@ impl State {
                     .origins
                     .get(origin)
                     .ok_or("preserve for an unknown origin")?;
-                let existing = o.pindex.find(*chunk, *lo, *hi);
-                match existing {
-                    // A zero entry becomes a real one when a later block of it holds data.
-                    Some(e) if e.slot == ZERO_SLOT && *slot != ZERO_SLOT => {
-                        self.take_slot(*slot, live)?
-                    }
-                    Some(e) if e.slot != *slot => return Err("preserve into a second slot".into()),
-                    Some(_) => {}
-                    None if *slot == ZERO_SLOT => {}
-                    None => self.take_slot(*slot, live)?,
+                if *bits != self.geo.full_bits() || *chunk >= self.geo.chunks_for(o.size) {
+                    return Err(format!(
+                        "preserve of chunk {chunk} bits {bits:#x} is out of range"
+                    ));
                 }
+                self.take_slot(*slot, live)?;
+                let (no, c, lo, hi, loc) = (*origin, *chunk, *lo, *hi, loc_of(*slot));
+                self.meta
+                    .change(|t| {
+                        preserved::add(t, no, c, lo, hi, loc)?;
+                        written::mark(t, no, hi, c, 1).map(|_| ())
+                    })
+                    .map_err(perr)?;
                 let o = self.origins.get_mut(origin).unwrap();
-                o.pindex.add(*chunk, *lo, *hi, *slot, *bits);
-                if live && *slot != ZERO_SLOT {
-                    self.unsettled_slots.insert(*slot, seq);
+                o.entries += 1;
+                if *slot != ZERO_SLOT {
+                    *o.ranges.entry((lo, hi)).or_default() += 1;
+                    if live {
+                        self.unsettled_slots.insert(*slot, seq);
+                    }
                 }
             }
             Record::MapWrite {
-                snap,
-                chunk,
-                slot,
-                bits,
-                ..
+                snap, chunk, slot, ..
             } => {
                 let s = self.snaps.get(snap).ok_or("write to an unknown snapshot")?;
-                let old = s.map.get(*chunk);
-                if old.map(|e| e.slot) != Some(*slot) {
+                if s.node == NO_NODE {
+                    return Err("write to a released snapshot".into());
+                }
+                let size = self.origins.get(&s.origin).map_or(0, |o| o.size);
+                if *chunk >= self.geo.chunks_for(size) {
+                    return Err(format!("write to chunk {chunk} past the volume's end"));
+                }
+                let old = self.map_get(s, *chunk).map_err(perr)?;
+                if old
+                    != Some(MapHit {
+                        slot: *slot,
+                        own: true,
+                    })
+                {
                     self.take_slot(*slot, live)?;
                 }
-                let s = self.snaps.get_mut(snap).unwrap();
-                let alloc = &mut self.alloc;
-                let prev = s.map.set(
-                    *chunk,
-                    MapEntry {
-                        slot: *slot,
-                        bits: *bits,
-                    },
-                    &mut |sl| alloc.incref(sl),
-                );
-                if let Some(p) = prev {
-                    if p.slot != *slot {
-                        self.drop_ref(p.slot, seq, live, settle);
-                    }
+                let s = &self.snaps[snap];
+                let (origin, node, c, loc) = (s.origin, s.node, *chunk, loc_of(*slot));
+                let replaced = self
+                    .meta
+                    .change(|t| snapdata::write(t, origin, c, node, loc))
+                    .map_err(perr)?;
+                match replaced {
+                    Some(prev) if prev != loc => self.defer_free(prev),
+                    Some(_) => {}
+                    None => *self.node_keys.entry(node).or_default() += 1,
                 }
-                if live {
+                if live && *slot != ZERO_SLOT {
                     self.unsettled_slots.insert(*slot, seq);
                 }
             }
@@ -319,9 +547,8 @@ impl State {
                     s.state = SnapshotState::Invalid;
                     s.reason = Some(reason.clone());
                     let (origin, gen) = (s.origin, s.gen);
-                    let map = std::mem::replace(&mut s.map, VolumeMap::new(0));
                     self.unlive(origin, gen);
-                    self.release_map(map, seq, live, settle);
+                    self.release_node(*id)?;
                 }
             }
             Record::Reclaim { origin } => {
@@ -329,32 +556,40 @@ impl State {
                     .origins
                     .get_mut(origin)
                     .ok_or("reclaim of an unknown origin")?;
-                let live = &o.live_gens;
-                let mut freed = Vec::new();
-                o.pindex.retain(
-                    |_, e| live.range(e.lo..=e.hi).next().is_some(),
-                    |_, slot| {
-                        if slot != ZERO_SLOT {
-                            freed.push(slot)
+                let no = *origin;
+                let live = o.live_gens.clone();
+                let mut dropped: Vec<(u32, u32, u64)> = Vec::new();
+                let (freed, _) = self
+                    .meta
+                    .change(|t| {
+                        preserved::retain(t, no, 0, u64::MAX, &mut |lo, hi, loc| {
+                            if live.range(lo..=hi).next().is_some() {
+                                Some((lo, hi))
+                            } else {
+                                dropped.push((lo, hi, loc));
+                                None
+                            }
+                        })
+                    })
+                    .map_err(perr)?;
+                let o = self.origins.get_mut(origin).unwrap();
+                for (lo, hi, loc) in dropped {
+                    o.entries -= 1;
+                    if loc != preserved::ZERO {
+                        if let Some(n) = o.ranges.get_mut(&(lo, hi)) {
+                            *n -= 1;
+                            if *n == 0 {
+                                o.ranges.remove(&(lo, hi));
+                            }
                         }
-                    },
-                );
-                for s in freed {
-                    self.alloc.decref(s, settle);
+                    }
+                }
+                for l in freed {
+                    self.defer_free(l);
                 }
             }
         }
         Ok(())
-    }
-
-    /// Drop one reference to `slot`. A slot still referenced elsewhere may now look exclusive to
-    /// its other owner; until this record settles, a crash could bring our reference back, so
-    /// the slot counts as unsettled and is not overwritten in place.
-    fn drop_ref(&mut self, slot: u32, seq: u64, live: bool, settle: Option<u64>) {
-        if live && self.alloc.refcount(slot) > 1 {
-            self.unsettled_slots.insert(slot, seq);
-        }
-        self.alloc.decref(slot, settle);
     }
 
     fn unlive(&mut self, origin: u32, gen: u32) {
@@ -368,12 +603,26 @@ impl State {
         }
     }
 
-    fn release_map(&mut self, map: VolumeMap, seq: u64, live: bool, settle: Option<u64>) {
-        let mut released = Vec::new();
-        map.release(&mut |slot| released.push(slot));
-        for slot in released {
-            self.drop_ref(slot, seq, live, settle);
+    /// A snapshot goes (deleted or invalid): drop its leaf's keys, then every frozen node
+    /// above it that no leaf sees any more.
+    fn release_node(&mut self, id: u64) -> Result<(), ApplyError> {
+        let s = self.snaps.get_mut(&id).expect("caller checked");
+        let (origin, leaf) = (s.origin, std::mem::replace(&mut s.node, NO_NODE));
+        let mut cur = Some(leaf).filter(|&n| n != NO_NODE && self.nodes.contains(n));
+        while let Some(x) = cur {
+            let parent = self.nodes.parent_of(x);
+            let freed = self
+                .meta
+                .change(|t| snapdata::drop_node(t, origin, x))
+                .map_err(perr)?;
+            for l in freed {
+                self.defer_free(l);
+            }
+            self.node_keys.remove(&x);
+            self.nodes.remove(x);
+            cur = parent.filter(|&p| !self.nodes.has_children(p));
         }
+        Ok(())
     }
 
     /// Forget hidden snapshots without children, walking up their ancestry.
@@ -394,16 +643,14 @@ impl State {
         }
     }
 
-    /// Total mappings (volume map entries plus preserved entries), for info and sizing.
+    /// Total mappings (preserved entries plus snapshot keys), for info and sizing.
     pub fn mappings(&self) -> u64 {
-        self.origins.values().map(|o| o.pindex.len()).sum::<u64>()
-            + self.snaps.values().map(|s| s.map.len()).sum::<u64>()
+        self.origins.values().map(|o| o.entries).sum::<u64>() + self.node_keys.values().sum::<u64>()
     }
 
-    /// An upper bound of `serialize`'s length, byte for byte from its layout (an estimate
-    /// that undercounts lets metadata fill the space its own checkpoint needs: the store then
-    /// cannot commit anything, not even a delete).
-    pub fn checkpoint_bound(&self) -> u64 {
+    /// An upper bound of the tables' length without the events, byte for byte from their
+    /// layout (see [`State::events_bytes`]).
+    pub fn tables_bound(&self) -> u64 {
         const STR: u64 = 4;
         let origins: u64 = self
             .origins
@@ -416,7 +663,8 @@ impl State {
                     + 8
                     + 4
                     + 8
-                    + PRESERVED_ENTRY * o.pindex.len()
+                    + 4
+                    + 16 * o.ranges.len() as u64
             })
             .sum();
         let snaps: u64 = self
@@ -436,18 +684,25 @@ impl State {
                     + STR
                     + s.reason.as_ref().map_or(0, |r| r.len() as u64)
                     + 4
-                    + 8
-                    + SNAP_ENTRY * s.map.len()
+                    + 4
             })
             .sum();
-        let events = CHECKPOINT_EVENTS as u64 * (8 + 1 + STR + MAX_EVENT_LEN as u64);
-        8 + 4 + 8 + 4 + origins + 4 + snaps + 4 + events
+        let nodes = 8 + 16 * self.nodes.len() as u64;
+        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4
     }
 
-    /// Serialize the whole index for a checkpoint.
-    pub fn serialize(&self, events: &[Event]) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64 + self.mappings() as usize * 24);
-        w.bytes(b"MVCKPT01");
+    /// The tables' bytes for `events` (the newest [`TABLE_EVENTS`] of them are kept).
+    pub fn events_bytes(events: &[Event]) -> u64 {
+        events[events.len().saturating_sub(TABLE_EVENTS)..]
+            .iter()
+            .map(|e| 8 + 1 + 4 + e.message.len() as u64)
+            .sum()
+    }
+
+    /// The tables (everything but the index) for a tree commit.
+    pub fn serialize_tables(&self, events: &[Event]) -> Vec<u8> {
+        let mut w = Writer::with_capacity(4096);
+        w.bytes(b"MVTBL002");
         w.u32(self.next_origin_no);
         w.u64(self.next_snap_id);
         w.u32(self.origins.len() as u32);
@@ -457,14 +712,13 @@ impl State {
             w.str(&o.path);
             w.u64(o.size);
             w.u32(o.gen);
-            w.u64(o.pindex.len());
-            o.pindex.for_each(|chunk, e| {
-                w.u64(chunk);
-                w.u32(e.lo);
-                w.u32(e.hi);
-                w.u32(e.slot);
-                w.u64(e.bits);
-            });
+            w.u64(o.entries);
+            w.u32(o.ranges.len() as u32);
+            for (&(lo, hi), &n) in &o.ranges {
+                w.u32(lo);
+                w.u32(hi);
+                w.u64(n);
+            }
         }
         w.u32(self.snaps.len() as u32);
         for s in self.snaps.values() {
@@ -483,15 +737,18 @@ impl State {
             });
             w.str(s.reason.as_deref().unwrap_or(""));
             w.u32(s.children);
-            w.u64(s.map.len());
-            s.map.for_each(&mut |chunk, e| {
-                w.u64(chunk);
-                w.u32(e.slot);
-                w.u64(e.bits);
-            });
+            w.u32(s.node);
+        }
+        let rows = self.nodes.rows();
+        w.u32(self.nodes.next_id());
+        w.u32(rows.len() as u32);
+        for (id, parent) in rows {
+            w.u32(id);
+            w.u32(parent.unwrap_or(NO_NODE));
+            w.u64(self.node_keys.get(&id).copied().unwrap_or(0));
         }
         // The newest events, so `info` shows them in later sessions too.
-        let recent = &events[events.len().saturating_sub(CHECKPOINT_EVENTS)..];
+        let recent = &events[events.len().saturating_sub(TABLE_EVENTS)..];
         w.u32(recent.len() as u32);
         for e in recent {
             w.u64(e.time);
@@ -501,17 +758,17 @@ impl State {
         w.into_inner()
     }
 
-    /// Rebuild the index from a checkpoint, claiming every slot it references.
-    pub fn deserialize(
+    /// The state a durable version's tables describe, over its tree.
+    pub fn deserialize_tables(
         geo: Geometry,
-        nslots: u64,
+        meta: Meta,
         buf: &[u8],
     ) -> Result<(State, Vec<Event>), ApplyError> {
-        let mut st = State::new(geo, nslots);
+        let mut st = State::new(geo, meta);
         let mut r = Reader::new(buf);
-        let short = || "checkpoint truncated".to_string();
-        if r.bytes(8).ok_or_else(short)? != b"MVCKPT01" {
-            return Err("checkpoint magic mismatch".into());
+        let short = || "tables truncated".to_string();
+        if r.bytes(8).ok_or_else(short)? != b"MVTBL002" {
+            return Err("tables magic mismatch".into());
         }
         st.next_origin_no = r.u32().ok_or_else(short)?;
         st.next_snap_id = r.u64().ok_or_else(short)?;
@@ -524,33 +781,18 @@ impl State {
             st.apply(&Record::OriginAdd { no, id, path, size }, 0, false, false)?;
             let o = st.origins.get_mut(&no).unwrap();
             o.gen = r.u32().ok_or_else(short)?;
-            let n = r.u64().ok_or_else(short)?;
-            let chunks = geo.chunks_for(size);
+            o.entries = r.u64().ok_or_else(short)?;
+            let n = r.u32().ok_or_else(short)?;
             for _ in 0..n {
-                let chunk = r.u64().ok_or_else(short)?;
-                let (lo, hi, slot, bits) = (
-                    r.u32().ok_or_else(short)?,
+                let (lo, hi, cnt) = (
                     r.u32().ok_or_else(short)?,
                     r.u32().ok_or_else(short)?,
                     r.u64().ok_or_else(short)?,
                 );
-                if chunk >= chunks || lo > hi || bits & !geo.full_bits() != 0 {
-                    return Err(format!("preserved entry for chunk {chunk} is out of range"));
-                }
-                if slot != ZERO_SLOT && !st.alloc.claim(slot) {
-                    return Err(format!(
-                        "slot {slot} is used twice or lies past the end of the store"
-                    ));
-                }
-                st.origins
-                    .get_mut(&no)
-                    .unwrap()
-                    .pindex
-                    .add(chunk, lo, hi, slot, bits);
+                o.ranges.insert((lo, hi), cnt);
             }
         }
         let nsnaps = r.u32().ok_or_else(short)?;
-        let mut slot_refs: HashMap<u32, (u64, u64)> = HashMap::new();
         for _ in 0..nsnaps {
             let id = r.u64().ok_or_else(short)?;
             let origin = r.u32().ok_or_else(short)?;
@@ -568,43 +810,16 @@ impl State {
             };
             let reason = r.str().ok_or_else(short)?;
             let children = r.u32().ok_or_else(short)?;
+            let node = r.u32().ok_or_else(short)?;
             let o = st
                 .origins
                 .get_mut(&origin)
                 .ok_or("snapshot of an unknown origin")?;
-            let chunks = geo.chunks_for(o.size);
+            if gen == 0 || gen > o.gen {
+                return Err(format!("snapshot {tag}: generation {gen} out of range"));
+            }
             if state == SnapshotState::Valid {
                 *o.live_gens.entry(gen).or_insert(0) += 1;
-            }
-            let mut map = VolumeMap::new(chunks);
-            let n = r.u64().ok_or_else(short)?;
-            for _ in 0..n {
-                let chunk = r.u64().ok_or_else(short)?;
-                let slot = r.u32().ok_or_else(short)?;
-                let bits = r.u64().ok_or_else(short)?;
-                if chunk >= chunks || bits & !geo.full_bits() != 0 {
-                    return Err(format!(
-                        "snapshot {tag}: mapping for chunk {chunk} is out of range"
-                    ));
-                }
-                // A slot shared by several snapshots' maps is always the same chunk of one origin.
-                match slot_refs.get(&slot) {
-                    Some(&(o2, c2)) => {
-                        if (o2, c2) != (origin as u64, chunk) {
-                            return Err(format!("slot {slot} mapped by two different chunks"));
-                        }
-                        st.alloc.incref(slot);
-                    }
-                    None => {
-                        if !st.alloc.claim(slot) {
-                            return Err(format!(
-                                "slot {slot} is used twice or lies past the end of the store"
-                            ));
-                        }
-                        slot_refs.insert(slot, (origin as u64, chunk));
-                    }
-                }
-                map.set(chunk, MapEntry { slot, bits }, &mut |_| {});
             }
             st.snaps.insert(
                 id,
@@ -620,9 +835,33 @@ impl State {
                     state,
                     reason: (!reason.is_empty()).then_some(reason),
                     children,
-                    map,
+                    node,
                 },
             );
+        }
+        let next = r.u32().ok_or_else(short)?;
+        let nnodes = r.u32().ok_or_else(short)?;
+        let mut rows = Vec::with_capacity(nnodes as usize);
+        for _ in 0..nnodes {
+            let id = r.u32().ok_or_else(short)?;
+            let parent = r.u32().ok_or_else(short)?;
+            let keys = r.u64().ok_or_else(short)?;
+            if id == NO_NODE || id <= next {
+                return Err(format!("snapshot node {id} out of range"));
+            }
+            rows.push((id, (parent != NO_NODE).then_some(parent)));
+            if keys > 0 {
+                st.node_keys.insert(id, keys);
+            }
+        }
+        st.nodes = Nodes::from_parts(next, rows);
+        for s in st.snaps.values() {
+            if s.node != NO_NODE && !st.nodes.contains(s.node) {
+                return Err(format!(
+                    "snapshot {} names an unknown node {}",
+                    s.tag, s.node
+                ));
+            }
         }
         let nevents = r.u32().ok_or_else(short)?;
         let mut events = Vec::new();
@@ -641,7 +880,7 @@ impl State {
             });
         }
         if r.remaining() != 0 {
-            return Err("checkpoint has trailing bytes".into());
+            return Err("tables have trailing bytes".into());
         }
         Ok((st, events))
     }

@@ -13,8 +13,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::blockdev::{try_lock, BlockDev, DeviceOpener, FileDev, FileOpener};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, CheckpointRef, Geometry, Superblock, FORMAT_VERSION, JOURNAL_OFFSET, META_BLOCK, NO_SLOT,
-    SB_OFFSETS,
+    self, Geometry, Superblock, FORMAT_VERSION, JOURNAL_OFFSET, META_BLOCK, NO_SLOT, SB_OFFSETS,
 };
 use crate::journal::{self, JournalWriter, NewSnap, Record};
 use crate::state::State;
@@ -24,7 +23,11 @@ use crate::writeback::Writeback;
 /// The most data slots a store can have: slot numbers are u32 and the top values are reserved.
 pub(crate) const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
 
-const CK_MAGIC: u32 = 0x4b43_564d; // "MVCK"
+const CK_MAGIC: u32 = 0x4c42_564d; // "MVBL": a block of the tables
+/// Every unit of space (data and metadata) in format v2.
+const BLOCK: u32 = 4096;
+/// The node cache's budget when none is given (`--cache-size`).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const CK_HEADER: usize = 32;
 
 pub(crate) struct CommitState {
@@ -63,6 +66,8 @@ pub(crate) struct Inner {
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Origin writes waiting for their copy-out to be durable (see `writeback`).
     pub writeback: Arc<Writeback>,
+    /// The node cache's budget in nodes (`--cache-size`).
+    pub cache_nodes: u64,
     /// Per origin, the first write-back or sync failure. Sticky until the store is reopened:
     /// after a failed fsync Linux drops the dirty pages, so a later sync that succeeds proves
     /// nothing about the data that was lost.
@@ -305,7 +310,9 @@ impl Inner {
             return Err(Error::ReadOnly("store opened read-only".into()));
         }
         if !self.ephemeral && !self.epoch_fresh.load(Ordering::Acquire) {
-            self.new_epoch(st)?;
+            // A new journal epoch, so no record a crashed writer left behind can ever
+            // validate after ours: a tree commit (cheap: nothing changed yet).
+            self.checkpoint_locked(st)?;
         }
         // A record the journal can never hold is refused before anything changes (it used to
         // overflow the journal and poison the store); callers bound their inputs far below.
@@ -319,7 +326,10 @@ impl Inner {
         self.dirty.store(true, Ordering::Release);
         let seq = {
             let mut j = self.journal.lock();
-            if !self.ephemeral && j.nearly_full(need + 4096) {
+            if !self.ephemeral
+                && (j.nearly_full(need + 4096)
+                    || st.meta.dirty_nodes() as u64 >= self.dirty_limit(st))
+            {
                 drop(j);
                 self.checkpoint_locked(st)?;
                 j = self.journal.lock();
@@ -338,19 +348,6 @@ impl Inner {
             self.poison("apply", &e)
         })?;
         Ok(seq)
-    }
-
-    /// Start a new journal epoch, so no record a crashed writer left behind can ever validate
-    /// after ours. The caller holds the state write lock and nothing is pending.
-    fn new_epoch(&self, st: &State) -> Result<()> {
-        let mut sb = self.sb.lock().clone();
-        sb.epoch += 1;
-        sb.journal_seq = self.journal.lock().next_seq;
-        self.write_superblock(&mut sb, st)?;
-        self.journal.lock().reset(sb.epoch);
-        *self.sb.lock() = sb;
-        self.epoch_fresh.store(true, Ordering::Release);
-        Ok(())
     }
 
     /// Highest sequence number appended so far.
@@ -456,83 +453,98 @@ impl Inner {
         result.map(|_| ())
     }
 
+    /// A tree commit: the open transaction's dirty nodes and the tables go to fresh blocks,
+    /// then one header flip makes them the durable version with a new, empty journal epoch.
+    /// What records freed is free from then on (and given back to the host).
     fn write_checkpoint(&self, st: &mut State) -> Result<u64> {
-        let stream = st.serialize(&self.events.lock());
-        let payload = self.geo.chunk_size as usize - CK_HEADER;
-        let nslots = stream.len().div_ceil(payload).max(1);
-        // The old checkpoint stays valid until the superblock moves, so take fresh slots.
-        let mut slots = Vec::with_capacity(nslots);
-        for _ in 0..nslots {
-            match st.alloc.alloc().or_else(|| {
-                self.try_grow(st);
-                st.alloc.alloc()
-            }) {
-                Some(s) => slots.push(s),
-                None => {
-                    for s in slots {
-                        st.alloc.decref(s, None);
+        let meta_err = |what: &str, e: crate::pdata::PdataError| {
+            self.poison(what, &std::io::Error::other(e.to_string()))
+        };
+        // The new tables first, in blocks no version uses: the old ones and what records
+        // released are freed below, held until this commit is durable.
+        let stream = st.serialize_tables(&self.events.lock());
+        let payload = META_BLOCK as usize - CK_HEADER;
+        let nblocks = stream.len().div_ceil(payload).max(1);
+        let mut blocks = Vec::with_capacity(nblocks);
+        for _ in 0..nblocks {
+            match st.meta.alloc_block() {
+                Ok(Some(b)) => blocks.push(b),
+                Ok(None) => {
+                    for b in blocks {
+                        let _ = st.meta.free_block(b);
                     }
                     return Err(Error::NoSpace(
-                        "no room left for a metadata checkpoint".into(),
+                        "no room left for the metadata tables".into(),
                     ));
                 }
+                Err(e) => return Err(meta_err("allocate the tables", e)),
             }
         }
         let epoch = self.sb.lock().epoch + 1;
         for (i, piece) in stream.chunks(payload).enumerate() {
-            let next = slots.get(i + 1).copied().unwrap_or(NO_SLOT);
-            let mut buf = Vec::with_capacity(CK_HEADER + piece.len());
-            buf.extend_from_slice(&CK_MAGIC.to_le_bytes());
-            buf.extend_from_slice(&[0; 4]);
-            buf.extend_from_slice(&epoch.to_le_bytes());
-            buf.extend_from_slice(&(i as u32).to_le_bytes());
-            buf.extend_from_slice(&next.to_le_bytes());
-            buf.extend_from_slice(&(piece.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&[0; 4]);
-            buf.extend_from_slice(piece);
-            let c = format::crc(format::SALT_CHECKPOINT, &buf[8..]);
-            buf[4..8].copy_from_slice(&c.to_le_bytes());
-            self.store_write(&buf, self.geo.slot_offset(slots[i]))?;
+            let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
+            self.store_write(
+                &table_block(epoch, i, next, piece),
+                self.geo.slot_offset(blocks[i] as u32),
+            )?;
         }
-        if stream.is_empty() {
-            unreachable!("a serialized state always has its magic");
+        let freed = std::mem::take(&mut st.deferred_frees);
+        for &b in freed.iter().chain(st.table_blocks.iter()) {
+            st.meta
+                .release_block(b)
+                .map_err(|e| meta_err("free a block", e))?;
         }
-        self.store_sync()?;
+        // Copies being written whose record comes after this commit: free in the durable
+        // version, taken again right after it, and nobody else's meanwhile.
+        let unlogged = st.unlogged.clone();
+        for &b in &unlogged {
+            st.meta
+                .release_block(b as u64)
+                .map_err(|e| meta_err("set a block aside", e))?;
+        }
         let last = {
             let mut j = self.journal.lock();
             let last = j.next_seq.saturating_sub(1);
             j.reset(epoch);
             last
         };
-        let mut sb = self.sb.lock().clone();
-        sb.epoch = epoch;
-        sb.journal_seq = last + 1;
-        sb.checkpoint = Some(CheckpointRef {
-            first_slot: slots[0],
-            len: stream.len() as u64,
-            crc: format::crc(format::SALT_CHECKPOINT, &stream),
-        });
-        self.write_superblock(&mut sb, st)?;
-        *self.sb.lock() = sb;
+        let user = [
+            epoch,
+            last + 1,
+            blocks[0],
+            stream.len() as u64,
+            format::crc(format::SALT_CHECKPOINT, &stream) as u64,
+            self.geo.slot_offset(0) + st.meta.limit() * META_BLOCK,
+            0,
+            0,
+        ];
+        let stats = st
+            .meta
+            .commit(user)
+            .map_err(|e| meta_err("commit the metadata tree", e))?;
+        {
+            let mut sb = self.sb.lock();
+            sb.epoch = epoch;
+            sb.journal_seq = last + 1;
+        }
+        st.table_blocks = blocks;
+        for &b in &unlogged {
+            if !st.meta.claim_block(b as u64).unwrap_or(false) {
+                let e = std::io::Error::other(format!("block {b} could not be taken back"));
+                return Err(self.poison("commit the metadata tree", &e));
+            }
+        }
         self.epoch_fresh.store(true, Ordering::Release);
         self.dirty.store(false, Ordering::Release);
-        // The new checkpoint holds everything: the old one and all quarantined slots are free.
-        for s in std::mem::replace(&mut st.ckpt_slots, slots) {
-            st.alloc.free_keeping_bytes(s);
-        }
-        st.alloc.settle_all();
-        self.punch_freed(st);
-        tracing::debug!(bytes = stream.len(), epoch, "checkpoint written");
+        self.punch_blocks(freed);
+        tracing::debug!(
+            nodes = stats.nodes,
+            bitmaps = stats.bitmaps,
+            tables = stream.len(),
+            epoch,
+            "tree commit"
+        );
         Ok(last)
-    }
-
-    /// Write the superblock into the copy not holding the current one, and sync.
-    pub fn write_superblock(&self, sb: &mut Superblock, st: &State) -> Result<()> {
-        sb.sb_seq += 1;
-        sb.store_len = self.geo.data_start + st.alloc.nslots() * self.geo.chunk_size as u64;
-        let off = SB_OFFSETS[(sb.sb_seq % 2) as usize];
-        self.store_write(&sb.encode(), off)?;
-        self.store_sync()
     }
 
     /// Grow a file-backed store towards its maximum size; returns whether it grew.
@@ -541,24 +553,23 @@ impl Inner {
         if self.read_only || !self.dev.can_grow() || max == 0 {
             return false;
         }
-        let cur_len = self.geo.data_start + st.alloc.nslots() * self.geo.chunk_size as u64;
-        if cur_len >= max {
+        let cur_len = self.geo.slot_offset(0) + st.meta.limit() * META_BLOCK;
+        if cur_len >= max || st.meta.limit() >= st.meta.blocks() {
             return false;
         }
         // An eighth at a time, within bounds: a 1 TiB fallocate would stall every writer.
         let step = (cur_len / 8).clamp(64 << 20, 1 << 30);
         let new_len = (cur_len + step).min(max);
-        // Slot numbers are u32 (the top values are reserved): never grow past them.
-        let new_slots = self.geo.slots_for_len(new_len).min(MAX_SLOTS);
-        if new_slots <= st.alloc.nslots() {
+        let new_blocks = self.geo.slots_for_len(new_len).min(st.meta.blocks());
+        if new_blocks <= st.meta.limit() {
             return false;
         }
-        let target = self.geo.data_start + new_slots * self.geo.chunk_size as u64;
+        let target = self.geo.slot_offset(0) + new_blocks * META_BLOCK;
         if let Err(e) = self.dev.grow(target) {
             tracing::warn!("could not grow {} to {target}: {e}", self.path.display());
             return false;
         }
-        // The new size must be durable before anything (a copy, a record, a superblock) points
+        // The new size must be durable before anything (a copy, a record, a header) points
         // past the old end: a power cut may keep those writes and lose the size change.
         if let Err(e) = self.store_sync() {
             tracing::error!(
@@ -567,7 +578,7 @@ impl Inner {
             );
             return false;
         }
-        st.alloc.grow(new_slots);
+        st.meta.set_limit(new_blocks);
         self.event(
             EventKind::Grown,
             format!("store grown to {target} bytes (max {max})"),
@@ -575,77 +586,85 @@ impl Inner {
         true
     }
 
-    /// Commit what is pending, then an empty group after it: everything appended so far is
-    /// settled and its quarantined slots can be reused. Needs no state lock.
-    fn force_settle(&self) -> Result<()> {
-        self.wait_durable(self.appended_seq())?;
-        let seq = {
-            let mut j = self.journal.lock();
-            if j.nearly_full(2 * META_BLOCK as usize) {
-                return Ok(()); // the next record checkpoints, which frees everything
-            }
-            j.append_empty_group()
-        };
-        self.wait_durable(seq)
-    }
-
-    /// Give the host back the space of slots freed since the last call: punch them out of a
-    /// file store (under the state lock, so none is handed out again before). Best effort: a
-    /// file system that cannot punch keeps the space, and tracking stops.
-    pub fn punch_freed(&self, st: &mut State) {
-        let freed = st.alloc.take_freed();
-        let cs = self.geo.chunk_size as u64;
+    /// Give the host back the space of blocks the last tree commit freed: punch them out of
+    /// a file store (under the state lock, so none is handed out again before). Best effort:
+    /// a file system that cannot punch keeps the space.
+    fn punch_blocks(&self, mut freed: Vec<u64>) {
+        if !self.dev.can_punch() || self.ephemeral || freed.is_empty() {
+            return;
+        }
+        freed.sort_unstable();
+        freed.dedup();
         let mut i = 0;
         while i < freed.len() {
             let mut j = i + 1;
             while j < freed.len() && freed[j] == freed[j - 1] + 1 {
                 j += 1;
             }
-            let (off, len) = (self.geo.slot_offset(freed[i]), (j - i) as u64 * cs);
+            let (off, len) = (
+                self.geo.slot_offset(freed[i] as u32),
+                (j - i) as u64 * META_BLOCK,
+            );
             if let Err(e) = self.dev.punch(off, len) {
                 tracing::warn!(
                     "{}: cannot give freed space back to the host ({e}); it stays allocated",
                     self.path.display()
                 );
-                st.alloc.track_freed(false);
                 return;
             }
             i = j;
         }
     }
 
-    /// After a delete or reclaim: settle what it freed and give the space back now, rather
-    /// than at the next allocation or checkpoint.
+    /// After a delete or reclaim: commit the tree, so what it freed can be used again and
+    /// its space goes back to the host now.
     fn release_freed_space(&self) -> Result<()> {
         if self.ephemeral || self.read_only {
             return Ok(());
         }
-        self.force_settle()?;
         let mut st = self.state.write();
-        st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
-        self.punch_freed(&mut st);
-        Ok(())
-    }
-
-    /// Slots kept back for the next checkpoint, so metadata can always be written.
-    pub fn reserve_slots(&self, st: &State) -> u64 {
-        self.reserve_for(st.checkpoint_bound())
-    }
-
-    fn reserve_for(&self, checkpoint_bytes: u64) -> u64 {
-        if self.ephemeral {
-            return 0;
+        if st.deferred_frees.is_empty() {
+            return Ok(());
         }
-        checkpoint_bytes.div_ceil(self.geo.chunk_size as u64 - CK_HEADER as u64) + 2
+        self.checkpoint_locked(&mut st)
     }
 
-    /// Refuse new metadata of about `extra` checkpoint bytes unless the space its checkpoint
-    /// needs is there (growing the store if it may): what is already there must always be able
-    /// to commit, free and close, so only growth is refused.
+    /// Dirty tree nodes at which a tree commit runs: a quarter of the cache (they are pinned
+    /// in RAM until it), and a small share of a small store.
+    pub fn dirty_limit(&self, st: &State) -> u64 {
+        (self.cache_nodes / 4).min(st.meta.limit() / 64).max(8)
+    }
+
+    /// Blocks kept back for the metadata: the nodes the open transaction may still dirty
+    /// before its commit, the tables, and room for the commit's own space-map entries.
+    pub fn reserve_blocks(&self, st: &State) -> u64 {
+        self.reserve_for(st, st.tables_bound())
+    }
+
+    fn reserve_for(&self, st: &State, tables_bytes: u64) -> u64 {
+        if self.ephemeral {
+            return 16;
+        }
+        // An event is added after the check: room for one more of the longest.
+        let events =
+            State::events_bytes(&self.events.lock()) + 16 + crate::state::MAX_EVENT_LEN as u64;
+        self.dirty_limit(st) + (tables_bytes + events).div_ceil(META_BLOCK - CK_HEADER as u64) + 16
+    }
+
+    /// Refuse new metadata of about `extra` table bytes unless the space its commit needs is
+    /// there (growing the store if it may): what is already there must always be able to
+    /// commit, free and close, so only growth is refused.
     pub fn ensure_meta_room(&self, st: &mut State, extra: u64) -> Result<()> {
         loop {
-            if st.alloc.free() >= self.reserve_for(st.checkpoint_bound() + extra) {
+            if st.meta.usable_free_blocks() >= self.reserve_for(st, st.tables_bound() + extra) {
                 return Ok(());
+            }
+            if !st.deferred_frees.is_empty() && !self.ephemeral {
+                // What records freed comes back with a commit.
+                self.checkpoint_locked(st)?;
+                if st.meta.usable_free_blocks() >= self.reserve_for(st, st.tables_bound() + extra) {
+                    return Ok(());
+                }
             }
             if !self.try_grow(st) {
                 return Err(Error::NoSpace(format!(
@@ -657,28 +676,29 @@ impl Inner {
         }
     }
 
-    /// Allocate a data slot, growing the store if it can; None when the store is full.
+    /// Allocate a 4 KiB data block, growing the store if it can; None when the store is full.
     pub fn alloc_data_slot(&self, st: &mut State) -> Option<u32> {
-        st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
-        self.punch_freed(st);
-        let reserve = self.reserve_slots(st);
-        let quarantined = st.alloc.quarantined() as u64;
-        if !self.ephemeral
-            && quarantined > 0
-            && (st.alloc.free() <= reserve || quarantined * 4 > st.alloc.free())
-        {
-            // Rewrites free slots faster than the background flusher settles them: settle now.
-            if let Err(e) = self.force_settle() {
-                tracing::warn!("could not settle freed slots: {e}");
-            }
-            st.alloc.settle(self.settled_seq.load(Ordering::Acquire));
-            self.punch_freed(st);
-        }
         loop {
-            if st.alloc.free() > self.reserve_slots(st) {
-                let s = st.alloc.alloc();
+            if st.meta.usable_free_blocks() > self.reserve_blocks(st) {
+                let s = match st.alloc_block() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.poison("allocate a block", &std::io::Error::other(e.to_string()));
+                        None
+                    }
+                };
                 self.check_low_space(st);
                 return s;
+            }
+            // Freed blocks come back with a tree commit.
+            if !st.deferred_frees.is_empty() && !self.ephemeral && self.check_poison().is_ok() {
+                let before = st.meta.usable_free_blocks();
+                if let Err(e) = self.checkpoint_locked(st) {
+                    tracing::warn!("could not commit to free space: {e}");
+                }
+                if st.meta.usable_free_blocks() > before {
+                    continue;
+                }
             }
             if !self.try_grow(st) {
                 self.check_low_space(st);
@@ -689,23 +709,19 @@ impl Inner {
 
     fn check_low_space(&self, st: &State) {
         let pct = self.sb.lock().low_space_percent as u64;
-        let max = self.sb.lock().max_size;
-        let max_slots = if max > 0 {
-            self.geo.slots_for_len(max).max(st.alloc.nslots())
-        } else {
-            st.alloc.nslots()
-        };
-        // The checkpoint's reserve is not free for data: it is what is left when a copy fails.
-        let free = st.alloc.free().saturating_sub(self.reserve_slots(st))
-            + (max_slots - st.alloc.nslots());
-        let low = free * 100 < max_slots * pct;
+        let total = st.meta.blocks();
+        // The metadata reserve is not free for data: it is what is left when a copy fails.
+        let free = (st.meta.usable_free_blocks() + st.deferred_frees.len() as u64)
+            .saturating_sub(self.reserve_blocks(st))
+            + (total - st.meta.limit());
+        let low = free * 100 < total * pct;
         if low && !self.low_space_raised.swap(true, Ordering::AcqRel) {
             self.event(
                 EventKind::LowSpace,
                 format!(
                     "COW store low on space: {} of {} bytes free (threshold {pct}%)",
-                    free * self.geo.chunk_size as u64,
-                    max_slots * self.geo.chunk_size as u64
+                    free * META_BLOCK,
+                    total * META_BLOCK
                 ),
             );
         } else if !low {
@@ -788,7 +804,6 @@ fn read_superblocks_checked(
 impl Store {
     /// Create a new, empty store on a file (created or resized) or a block device.
     pub fn format(path: &Path, opts: &FormatOptions) -> Result<()> {
-        Geometry::new(opts.chunk_size, 0).map_err(Error::InvalidArgument)?;
         if let Some(size) = opts
             .size
             .filter(|&s| opts.max_size != 0 && opts.max_size < s)
@@ -799,6 +814,10 @@ impl Store {
             )));
         }
         let exists = path.exists();
+        if let Some(size) = opts.size {
+            // Refused before anything is created or changed.
+            Self::format_geometry(size, size.max(opts.max_size))?;
+        }
         if !exists {
             File::create(path).map_err(|e| Error::io("create", path, e))?;
         }
@@ -841,25 +860,12 @@ impl Store {
         } else {
             dev.len().map_err(|e| Error::io("stat", path, e))?
         };
-        let geo = Geometry::new(opts.chunk_size, Geometry::default_journal_len(size))
-            .map_err(Error::InvalidArgument)?;
-        for (what, len) in [("size", size), ("--max-size", opts.max_size)] {
-            if geo.slots_for_len(len) > MAX_SLOTS {
-                return Err(Error::InvalidArgument(format!(
-                    "store {what} {len} is too big for chunk size {}: at most {} chunks \
-                     ({} bytes); use a bigger --chunk-size",
-                    opts.chunk_size,
-                    MAX_SLOTS,
-                    geo.data_start + MAX_SLOTS * opts.chunk_size as u64
-                )));
-            }
-        }
-        if geo.slots_for_len(size) < 16 {
-            return Err(Error::InvalidArgument(format!(
-                "store size {size} is too small: it needs at least {} bytes",
-                geo.data_start + 16 * geo.chunk_size as u64
-            )));
-        }
+        let max_len = if dev.can_grow() {
+            size.max(opts.max_size)
+        } else {
+            size
+        };
+        let (geo, max_blocks) = Self::format_geometry(size, max_len)?;
         // Wipe the first journal block so nothing of an old store can ever look valid.
         dev.write_at(&vec![0u8; META_BLOCK as usize], JOURNAL_OFFSET)
             .map_err(|e| Error::io("write", path, e))?;
@@ -881,14 +887,92 @@ impl Store {
             checkpoint: None,
             store_len: size,
         };
+        // The metadata: an empty tree and space map, and empty tables.
+        let epoch = sb.epoch;
+        let shared: Arc<dyn BlockDev> = Arc::new(dev);
+        let ioerr = |e: crate::pdata::PdataError| {
+            Error::io(
+                "write the metadata of",
+                path,
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let mut meta = crate::pdata::meta::Meta::format_at(
+            shared.clone(),
+            geo.data_start,
+            max_blocks,
+            1 << 20,
+            [epoch, 1, u64::MAX, 0, 0, 0, 0, 0],
+        )
+        .map_err(ioerr)?;
+        meta.set_limit(geo.slots_for_len(size));
+        let mut st = State::new(geo, meta);
+        let stream = st.serialize_tables(&[]);
+        let payload = META_BLOCK as usize - CK_HEADER;
+        let mut blocks = Vec::new();
+        for _ in 0..stream.len().div_ceil(payload) {
+            blocks.push(
+                st.meta
+                    .alloc_block()
+                    .map_err(ioerr)?
+                    .ok_or_else(|| Error::InvalidArgument("store too small".into()))?,
+            );
+        }
+        for (i, piece) in stream.chunks(payload).enumerate() {
+            let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
+            shared
+                .write_at(
+                    &table_block(epoch, i, next, piece),
+                    geo.slot_offset(blocks[i] as u32),
+                )
+                .map_err(|e| Error::io("write", path, e))?;
+        }
+        st.meta
+            .commit([
+                epoch,
+                1,
+                blocks[0],
+                stream.len() as u64,
+                format::crc(format::SALT_CHECKPOINT, &stream) as u64,
+                0,
+                0,
+                0,
+            ])
+            .map_err(ioerr)?;
         // Both copies, so a stale copy of an older store can never win.
         for _ in 0..2 {
             sb.sb_seq += 1;
-            dev.write_at(&sb.encode(), SB_OFFSETS[(sb.sb_seq % 2) as usize])
+            shared
+                .write_at(&sb.encode(), SB_OFFSETS[(sb.sb_seq % 2) as usize])
                 .map_err(|e| Error::io("write", path, e))?;
         }
-        dev.sync().map_err(|e| Error::io("sync", path, e))?;
+        shared.sync().map_err(|e| Error::io("sync", path, e))?;
         Ok(())
+    }
+
+    /// The geometry of a store of `size` bytes that may grow to `max_len`, and the blocks its
+    /// space map covers; refused if it is too small or too big. Format v2 allocates 4 KiB
+    /// blocks, data and metadata alike.
+    fn format_geometry(size: u64, max_len: u64) -> Result<(Geometry, u64)> {
+        let geo = Geometry::new(BLOCK, Geometry::default_journal_len(size))
+            .map_err(Error::InvalidArgument)?;
+        for (what, len) in [("size", size), ("--max-size", max_len)] {
+            if geo.slots_for_len(len) > MAX_SLOTS {
+                return Err(Error::InvalidArgument(format!(
+                    "store {what} {len} is too big: at most {} bytes",
+                    geo.data_start + MAX_SLOTS * BLOCK as u64
+                )));
+            }
+        }
+        let max_blocks = geo.slots_for_len(max_len);
+        let fixed = crate::pdata::meta::Meta::fixed_blocks(max_blocks);
+        if geo.slots_for_len(size) < fixed + 32 {
+            return Err(Error::InvalidArgument(format!(
+                "store size {size} is too small: it needs at least {} bytes",
+                geo.data_start + (fixed + 32) * BLOCK as u64
+            )));
+        }
+        Ok((geo, max_blocks))
     }
 
     /// Open a store file or device, recovering from the journal.
@@ -929,21 +1013,32 @@ impl Store {
                 ),
             ));
         }
-        let mut usable = len;
-        if sb.max_size > 0 {
-            usable = usable.min(sb.max_size.max(geo.data_start + geo.chunk_size as u64));
+        // 1. The tree's newest durable version, and the tables it points at.
+        let cache_bytes = opts.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES).max(1 << 20);
+        let mut meta = crate::pdata::meta::Meta::open_at(dev.clone(), geo.data_start, cache_bytes)
+            .map_err(|e| {
+                if len < sb.store_len {
+                    Error::corrupt(
+                        &path,
+                        format!(
+                            "store is truncated: {len} bytes, it had {}: metadata: {e}",
+                            sb.store_len
+                        ),
+                    )
+                } else {
+                    Error::corrupt(&path, format!("metadata: {e}"))
+                }
+            })?;
+        if opts.ephemeral {
+            meta.set_sync(false);
         }
-        let nslots = geo.slots_for_len(usable).min(MAX_SLOTS);
-
-        // 1. The checkpoint.
-        if len < sb.store_len {
-            // A growth whose size change a power cut lost (the file system may persist the
-            // writes and the new size in either order). Harmless unless something refers past
-            // the end: the checkpoint and replay refuse any slot past it as corruption, and
-            // the journal's last group stops at data that is not there.
-        }
+        // Blocks past the end of a file not grown that far are never handed out.
+        meta.set_limit(geo.slots_for_len(len));
+        let user = meta.user();
+        let (epoch, journal_seq, first_table, table_len, table_crc) =
+            (user[0], user[1], user[2], user[3], user[4] as u32);
         // What refers past the end of a shorter file says first that the store is truncated.
-        let store_len = sb.store_len;
+        let store_len = sb.store_len.max(user[5]);
         let truncated = |e: Error| match e {
             Error::Corrupt { path, what } if len < store_len => Error::Corrupt {
                 path,
@@ -951,27 +1046,16 @@ impl Store {
             },
             e => e,
         };
-        let mut events = Vec::new();
-        let (mut st, ckpt_slots) = match sb.checkpoint {
-            None => (State::new(geo, nslots), Vec::new()),
-            Some(ck) => {
-                let (stream, slots) =
-                    read_checkpoint(&*dev, &path, geo, nslots, ck, sb.epoch).map_err(truncated)?;
-                let (mut st, evs) = State::deserialize(geo, nslots, &stream)
-                    .map_err(|e| truncated(Error::corrupt(&path, format!("checkpoint: {e}"))))?;
-                events = evs;
-                for &s in &slots {
-                    if !st.alloc.claim(s) {
-                        return Err(Error::corrupt(
-                            &path,
-                            format!("checkpoint slot {s} is also used by data"),
-                        ));
-                    }
-                }
-                (st, slots)
-            }
-        };
-        st.ckpt_slots = ckpt_slots;
+        let (stream, table_blocks) =
+            read_tables(&*dev, &path, geo, &meta, first_table, table_len, table_crc)
+                .map_err(truncated)?;
+        let (mut st, events) = State::deserialize_tables(geo, meta, &stream)
+            .map_err(|e| truncated(Error::corrupt(&path, format!("tables: {e}"))))?;
+        st.table_blocks = table_blocks;
+        st.ephemeral = opts.ephemeral;
+        let mut sb = sb;
+        sb.epoch = epoch;
+        sb.journal_seq = journal_seq;
 
         // 2. The journal.
         let (groups, next_seq) = journal::scan(
@@ -984,17 +1068,35 @@ impl Store {
         let ngroups = groups.len();
         let mut replayed = 0u64;
         let mut last_seq = sb.journal_seq - 1;
-        let mut group_ends: Vec<u64> = Vec::new();
+        // Every data block the records name is taken first: replay's own tree changes allocate
+        // nodes, and must not land on a block a later record names. The blocks of records not
+        // replayed (a torn tail) are given back after.
+        let mut named: Vec<(u64, u32)> = Vec::new();
+        for g in &groups {
+            for (seq, rec) in &g.records {
+                if let Record::Preserve { slot, .. } | Record::MapWrite { slot, .. } = rec {
+                    if *slot != crate::state::ZERO_SLOT {
+                        let ok = st
+                            .meta
+                            .claim_block(*slot as u64)
+                            .map_err(|e| Error::corrupt(&path, format!("metadata: {e}")))?;
+                        if !ok {
+                            return Err(truncated(Error::corrupt(
+                                &path,
+                                format!(
+                                    "journal record {seq}: block {slot} is used twice or lies \
+                                     past the end of the store"
+                                ),
+                            )));
+                        }
+                        named.push((*seq, *slot));
+                    }
+                }
+            }
+        }
         'replay: for (gi, g) in groups.into_iter().enumerate() {
             // Only the last group may be one whose sync never completed: verify its data.
             let verify = gi + 1 == ngroups;
-            // As live: when a record of this group was appended, groups up to two back were
-            // settled and their frees reusable.
-            if gi >= 2 {
-                st.alloc.settle(group_ends[gi - 2]);
-            }
-            let prev_end = group_ends.last().copied().unwrap_or(0);
-            group_ends.push(g.records.last().map(|r| r.0).unwrap_or(prev_end));
             for (seq, rec) in g.records {
                 if verify && !data_intact(&*dev, geo, &rec)? {
                     tracing::info!(
@@ -1003,13 +1105,19 @@ impl Store {
                     );
                     break 'replay;
                 }
-                // Frees stay quarantined: the recovery checkpoint must not overwrite data that a
-                // second recovery (after a crash during this one) would verify again.
-                st.apply(&rec, seq, false, true).map_err(|e| {
+                // As live: the record's blocks are taken already.
+                st.apply(&rec, seq, true, true).map_err(|e| {
                     truncated(Error::corrupt(&path, format!("journal record {seq}: {e}")))
                 })?;
                 replayed += 1;
                 last_seq = seq;
+            }
+        }
+        for (seq, slot) in named {
+            if seq > last_seq {
+                st.meta
+                    .free_block(slot as u64)
+                    .map_err(|e| Error::corrupt(&path, format!("metadata: {e}")))?;
             }
         }
         let _ = next_seq;
@@ -1062,6 +1170,7 @@ impl Store {
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
             writeback: Writeback::new(),
+            cache_nodes: cache_bytes / META_BLOCK,
         });
         inner.events.lock().extend(events);
         inner.report_superblock_damage(&sb_damage, !opts.read_only && !opts.ephemeral)?;
@@ -1075,8 +1184,6 @@ impl Store {
                 inner.checkpoint_locked(&mut st)?;
             }
             // Otherwise the new epoch starts with the first record (`log`).
-            // From now on freed slots go back to the host (a file store that can punch).
-            st.alloc.track_freed(inner.dev.can_punch());
         }
         if !opts.read_only && !opts.ephemeral {
             spawn_flusher(&inner);
@@ -1408,16 +1515,10 @@ impl Store {
             });
         }
         let ids: Vec<u64> = snaps.iter().map(|s| s.id).collect();
-        // A snapshot of a snapshot starts with a copy of its parent's map.
+        // A row in the tables (and two node rows); nothing is copied, at any depth.
         let extra: u64 = snaps
             .iter()
-            .map(|n| {
-                let inherited = match n.parent {
-                    0 => 0,
-                    p => st.snaps[&p].map.len(),
-                };
-                128 + n.tag.len() as u64 + n.memo.len() as u64 + 20 * inherited
-            })
+            .map(|n| 128 + n.tag.len() as u64 + n.memo.len() as u64)
             .sum();
         self.inner.ensure_meta_room(&mut st, extra)?;
         let seq = self
@@ -1513,24 +1614,28 @@ impl Store {
         let st = self.inner.state.read();
         let geo = self.inner.geo;
         let sb = self.inner.sb.lock().clone();
-        let cs = geo.chunk_size as u64;
-        let meta = st.ckpt_slots.len() as u64 * cs;
+        let cs = META_BLOCK;
+        let meta = (st.table_blocks.len() as u64 + st.meta.blocks().min(1)) * cs;
+        let cache = st.meta.cache_stats();
+        let usable = st.meta.usable_free_blocks();
         StoreInfo {
             path: self.inner.path.display().to_string(),
             uuid: format::uuid_string(&sb.uuid),
             chunk_size: geo.chunk_size,
             block_size: geo.sub_size,
             journal_bytes: geo.journal_len,
-            data_bytes: st.alloc.nslots() * cs,
+            data_bytes: st.meta.limit() * cs,
             max_bytes: if sb.max_size > 0 {
                 sb.max_size
             } else {
-                geo.data_start + st.alloc.nslots() * cs
+                geo.data_start + st.meta.limit() * cs
             },
-            used_bytes: st.alloc.used() * cs,
-            free_bytes: st.alloc.free() * cs,
+            used_bytes: (st.meta.limit() - usable) * cs,
+            free_bytes: usable * cs,
             metadata_bytes: meta + geo.journal_len + JOURNAL_OFFSET,
             mappings: st.mappings(),
+            cache_bytes: cache.capacity_bytes,
+            cache_used_bytes: cache.used_bytes,
             ephemeral: self.inner.ephemeral,
             low_space: self.inner.is_low_space(),
             origins,
@@ -1540,15 +1645,14 @@ impl Store {
     }
 }
 
-/// Exclusive and shared bytes per snapshot. A preserved entry for generations `lo..=hi` is
-/// exclusive to a snapshot when it is the only valid one in that range, else shared by all of
-/// them: counted with binary searches and a difference array over the sorted generations, so
-/// a call costs O(entries x log snapshots + snapshots), not O(entries x snapshots) (1,000
-/// snapshots made `list` walk every entry a thousand times).
+/// Exclusive and shared bytes per snapshot, from the counters (never a walk of the index):
+/// preserved blocks of a generation range are exclusive to a snapshot when it is the only
+/// valid one in that range, else shared by all of them (binary searches and a difference
+/// array over the sorted generations: O(ranges x log snapshots + snapshots)).
 fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64, u64)> {
     use std::collections::HashMap;
     let mut out: HashMap<u64, (u64, u64)> = HashMap::new();
-    let sub = geo.sub_size as u64;
+    let bs = geo.chunk_size as u64;
     for o in st.origins.values() {
         let gens: Vec<(u32, Vec<u64>)> = valid_snaps_by_gen(st, o.no).into_iter().collect();
         // Snapshots in gens[..i].
@@ -1557,10 +1661,10 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
             before[i + 1] = before[i] + ids.len();
         }
         let mut shared = vec![0i128; gens.len() + 1];
-        o.pindex.for_each(|_, e| {
-            let a = gens.partition_point(|(g, _)| *g < e.lo);
-            let b = gens.partition_point(|(g, _)| *g <= e.hi);
-            let bytes = e.bits.count_ones() as u64 * sub;
+        for (&(lo, hi), &n) in &o.ranges {
+            let a = gens.partition_point(|(g, _)| *g < lo);
+            let b = gens.partition_point(|(g, _)| *g <= hi);
+            let bytes = n * bs;
             match before[b] - before[a] {
                 0 => {}
                 1 => out.entry(gens[a].1[0]).or_default().0 += bytes,
@@ -1569,7 +1673,7 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
                     shared[b] -= bytes as i128;
                 }
             }
-        });
+        }
         let mut run = 0i128;
         for (i, (_, ids)) in gens.iter().enumerate() {
             run += shared[i];
@@ -1580,7 +1684,21 @@ fn space_usage(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64
             }
         }
     }
-    add_map_usage(st, sub, &mut out);
+    // Writable snapshots' own blocks are exclusive; what their frozen ancestors hold is shared
+    // with the other volumes under them.
+    for s in st
+        .snaps
+        .values()
+        .filter(|s| s.state == SnapshotState::Valid)
+    {
+        let ent = out.entry(s.id).or_default();
+        ent.0 += st.node_keys.get(&s.node).copied().unwrap_or(0) * bs;
+        let mut cur = st.nodes.parent_of(s.node);
+        while let Some(x) = cur {
+            ent.1 += st.node_keys.get(&x).copied().unwrap_or(0) * bs;
+            cur = st.nodes.parent_of(x);
+        }
+    }
     out
 }
 
@@ -1595,51 +1713,6 @@ fn valid_snaps_by_gen(st: &State, no: u32) -> std::collections::BTreeMap<u32, Ve
         by_gen.entry(s.gen).or_default().push(s.id);
     }
     by_gen
-}
-
-/// Writable snapshots' own blocks: exclusive unless a child shares the slot.
-fn add_map_usage(st: &State, sub: u64, out: &mut std::collections::HashMap<u64, (u64, u64)>) {
-    for s in st.snaps.values() {
-        s.map.for_each(&mut |_, e| {
-            let bytes = e.bits.count_ones() as u64 * sub;
-            let ent = out.entry(s.id).or_default();
-            if st.alloc.refcount(e.slot) > 1 {
-                ent.1 += bytes;
-            } else {
-                ent.0 += bytes;
-            }
-        });
-    }
-}
-
-/// The first version, kept as the tests' oracle: every entry walks its generations.
-#[cfg(test)]
-fn space_usage_by_walking(st: &State, geo: Geometry) -> std::collections::HashMap<u64, (u64, u64)> {
-    use std::collections::HashMap;
-    let mut out: HashMap<u64, (u64, u64)> = HashMap::new();
-    let sub = geo.sub_size as u64;
-    // Preserved entries: exclusive when one live snapshot's generation uses them.
-    for o in st.origins.values() {
-        let by_gen = valid_snaps_by_gen(st, o.no);
-        o.pindex.for_each(|_, e| {
-            let users: Vec<u64> = o
-                .live_gens
-                .range(e.lo..=e.hi)
-                .flat_map(|(g, _)| by_gen.get(g).cloned().unwrap_or_default())
-                .collect();
-            let bytes = e.bits.count_ones() as u64 * sub;
-            for u in &users {
-                let ent = out.entry(*u).or_default();
-                if users.len() == 1 {
-                    ent.0 += bytes;
-                } else {
-                    ent.1 += bytes;
-                }
-            }
-        });
-    }
-    add_map_usage(st, sub, &mut out);
-    out
 }
 
 /// Marks an origin file with the UUID of the store it is bound to, so a second store refuses
@@ -1737,32 +1810,51 @@ fn open_origin(
     Ok(dev)
 }
 
-fn read_checkpoint(
+/// One block of the tables' chain: a header (magic, checksum, commit epoch, index, next
+/// block, payload length) and its piece of the stream.
+fn table_block(epoch: u64, index: usize, next: u32, piece: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(CK_HEADER + piece.len());
+    buf.extend_from_slice(&CK_MAGIC.to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&epoch.to_le_bytes());
+    buf.extend_from_slice(&(index as u32).to_le_bytes());
+    buf.extend_from_slice(&next.to_le_bytes());
+    buf.extend_from_slice(&(piece.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(piece);
+    let c = format::crc(format::SALT_CHECKPOINT, &buf[8..]);
+    buf[4..8].copy_from_slice(&c.to_le_bytes());
+    buf
+}
+
+/// The tables of the durable version: a chain of blocks, each with its own checksum, and
+/// one over the whole stream in the metadata header.
+fn read_tables(
     dev: &dyn BlockDev,
     path: &Path,
     geo: Geometry,
-    nslots: u64,
-    ck: CheckpointRef,
-    epoch: u64,
-) -> Result<(Vec<u8>, Vec<u32>)> {
-    let _ = epoch;
-    let mut stream = Vec::with_capacity(ck.len as usize);
-    let mut slots = Vec::new();
-    let mut slot = ck.first_slot;
-    let payload = geo.chunk_size as usize - CK_HEADER;
-    let mut buf = vec![0u8; geo.chunk_size as usize];
-    let mut ck_epoch = None;
-    while (stream.len() as u64) < ck.len {
-        if slot as u64 >= nslots || slots.len() as u64 > nslots {
+    meta: &crate::pdata::meta::Meta,
+    first: u64,
+    len: u64,
+    crc: u32,
+) -> Result<(Vec<u8>, Vec<u64>)> {
+    let mut stream = Vec::with_capacity(len as usize);
+    let mut blocks = Vec::new();
+    let mut block = first;
+    let payload = META_BLOCK as usize - CK_HEADER;
+    let mut buf = vec![0u8; META_BLOCK as usize];
+    let mut tab_epoch = None;
+    while (stream.len() as u64) < len || blocks.is_empty() {
+        if block >= meta.limit() || blocks.len() as u64 > meta.limit() {
             return Err(Error::corrupt(
                 path,
-                format!("checkpoint slot {slot} lies past the end of the store"),
+                format!("tables block {block} lies past the end of the store"),
             ));
         }
-        let want = (ck.len as usize - stream.len()).min(payload);
+        let want = (len as usize - stream.len()).min(payload);
         let blk = &mut buf[..CK_HEADER + want];
-        dev.read_at(blk, geo.slot_offset(slot))
-            .map_err(|e| Error::io("read checkpoint", path, e))?;
+        dev.read_at(blk, geo.slot_offset(block as u32))
+            .map_err(|e| Error::io("read the tables of", path, e))?;
         let magic = u32::from_le_bytes(blk[0..4].try_into().unwrap());
         let c = u32::from_le_bytes(blk[4..8].try_into().unwrap());
         let e = u64::from_le_bytes(blk[8..16].try_into().unwrap());
@@ -1771,28 +1863,25 @@ fn read_checkpoint(
         let plen = u32::from_le_bytes(blk[24..28].try_into().unwrap()) as usize;
         if magic != CK_MAGIC
             || plen != want
-            || idx as usize != slots.len()
+            || idx as usize != blocks.len()
             || format::crc(format::SALT_CHECKPOINT, &blk[8..]) != c
         {
             return Err(Error::corrupt(
                 path,
-                format!("checkpoint block in slot {slot} is damaged (checksum or header mismatch)"),
+                format!("tables block {block} is damaged (checksum or header mismatch)"),
             ));
         }
-        if *ck_epoch.get_or_insert(e) != e {
-            return Err(Error::corrupt(
-                path,
-                "checkpoint blocks of different epochs",
-            ));
+        if *tab_epoch.get_or_insert(e) != e {
+            return Err(Error::corrupt(path, "tables blocks of different commits"));
         }
         stream.extend_from_slice(&blk[CK_HEADER..]);
-        slots.push(slot);
-        slot = next;
+        blocks.push(block);
+        block = next as u64;
     }
-    if format::crc(format::SALT_CHECKPOINT, &stream) != ck.crc {
-        return Err(Error::corrupt(path, "checkpoint checksum mismatch"));
+    if format::crc(format::SALT_CHECKPOINT, &stream) != crc {
+        return Err(Error::corrupt(path, "tables checksum mismatch"));
     }
-    Ok((stream, slots))
+    Ok((stream, blocks))
 }
 
 /// For a record of the last journal group: is the data it vouches for really on disk?
@@ -1809,7 +1898,7 @@ fn data_intact(dev: &dyn BlockDev, geo: Geometry, rec: &Record) -> Result<bool> 
         } => (*slot, *data_bits, *crc),
         _ => return Ok(true),
     };
-    if slot == crate::index::ZERO_SLOT {
+    if slot == crate::state::ZERO_SLOT {
         return Ok(true); // nothing was written: the blocks read as zeroes
     }
     if (slot as u64) >= geo.slots_for_len(dev.len().unwrap_or(0)) {
@@ -1818,93 +1907,4 @@ fn data_intact(dev: &dyn BlockDev, geo: Geometry, rec: &Record) -> Result<bool> 
     Ok(crate::volume::blocks_crc(dev, geo, slot, bits)
         .map(|c| c == crc)
         .unwrap_or(false))
-}
-
-#[cfg(test)]
-mod space_usage_tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    /// The counted usage equals the walked one, whatever the mix of snapshots (of snapshots,
-    /// writable, deleted, several per generation) and preserved ranges.
-    #[test]
-    fn counted_space_usage_equals_the_walk() {
-        for seed in 0..4 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let dir = tempfile::tempdir().unwrap();
-            let store = dir.path().join("store");
-            let origin = dir.path().join("o0");
-            std::fs::write(&origin, vec![7u8; 1 << 20]).unwrap();
-            Store::format(
-                &store,
-                &FormatOptions {
-                    size: Some(64 << 20),
-                    chunk_size: 16384,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let s = Store::open(&store, &OpenOptions::default()).unwrap();
-            s.add_origin(&origin, Some("o0")).unwrap();
-            let o = s.volume("o0").unwrap();
-            let mut names: Vec<String> = Vec::new();
-            let (mut saw_exclusive, mut saw_shared) = (false, false);
-            for step in 0..400 {
-                match rng.random_range(0..10) {
-                    0 | 1 => {
-                        let src = if !names.is_empty() && rng.random_bool(0.3) {
-                            names[rng.random_range(0..names.len())].clone()
-                        } else {
-                            "o0".to_string()
-                        };
-                        let tag = format!("t{step}");
-                        let w = rng.random_bool(0.3);
-                        s.create_snapshot(&[&src], Some(&tag), "", w).unwrap();
-                        names.push(format!("o0@{tag}"));
-                    }
-                    2 if !names.is_empty() => {
-                        let n = names.remove(rng.random_range(0..names.len()));
-                        s.delete_snapshot(&n).unwrap();
-                    }
-                    _ => {
-                        let off = rng.random_range(0..(1u64 << 20) - 8192);
-                        let len = rng.random_range(1..8192);
-                        let target = if !names.is_empty() && rng.random_bool(0.2) {
-                            names[rng.random_range(0..names.len())].clone()
-                        } else {
-                            "o0".to_string()
-                        };
-                        let v = s.volume(&target).unwrap();
-                        if !v.read_only() {
-                            v.write_at(off, &vec![step as u8; len as usize], false)
-                                .unwrap();
-                        }
-                    }
-                }
-                if step % 50 == 49 {
-                    let st = s.inner.state.read();
-                    let fast = space_usage(&st, s.inner.geo);
-                    let slow = space_usage_by_walking(&st, s.inner.geo);
-                    let nonzero = |m: &std::collections::HashMap<u64, (u64, u64)>| {
-                        let mut v: Vec<_> = m
-                            .iter()
-                            .filter(|(_, u)| **u != (0, 0))
-                            .map(|(k, u)| (*k, *u))
-                            .collect();
-                        v.sort_unstable();
-                        v
-                    };
-                    assert_eq!(nonzero(&fast), nonzero(&slow), "seed {seed} step {step}");
-                    saw_exclusive |= fast.values().any(|u| u.0 > 0);
-                    saw_shared |= fast.values().any(|u| u.1 > 0);
-                }
-            }
-            assert!(
-                saw_exclusive && saw_shared,
-                "seed {seed}: both kinds were counted"
-            );
-            drop(o);
-            s.close().unwrap();
-        }
-    }
 }

@@ -11,8 +11,6 @@ pub struct FormatOptions {
     pub size: Option<u64>,
     /// A file-backed store grows on demand up to this size (0: never grows past `size`).
     pub max_size: u64,
-    /// Chunk size, a power of two from 4 KiB to 1 MiB.
-    pub chunk_size: u32,
     /// Overwrite an existing mvsnap store, or a file or device that holds data.
     pub force: bool,
     /// Free-space fraction (percent) under which a low-space event is raised.
@@ -29,7 +27,6 @@ impl Default for FormatOptions {
         FormatOptions {
             size: None,
             max_size: 0,
-            chunk_size: 64 * 1024,
             force: false,
             low_space_percent: 10,
         }
@@ -44,6 +41,8 @@ pub struct OpenOptions {
     pub ephemeral: bool,
     /// Open without taking the write lock and without replaying into the store (check, info).
     pub read_only: bool,
+    /// Bytes of RAM for metadata nodes (`--cache-size`; None: 64 MiB).
+    pub cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -118,6 +117,11 @@ pub struct StoreInfo {
     pub free_bytes: u64,
     pub metadata_bytes: u64,
     pub mappings: u64,
+    /// The metadata node cache: its budget and what it holds now.
+    #[serde(default)]
+    pub cache_bytes: u64,
+    #[serde(default)]
+    pub cache_used_bytes: u64,
     pub ephemeral: bool,
     pub low_space: bool,
     pub origins: Vec<OriginInfo>,

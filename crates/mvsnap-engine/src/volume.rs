@@ -8,8 +8,8 @@ use parking_lot::RwLock;
 use crate::blockdev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::Geometry;
-use crate::index::ZERO_SLOT;
 use crate::journal::Record;
+use crate::state::ZERO_SLOT;
 use crate::state::{Origin, Snap, State};
 use crate::store::{resolve_name, Handles, Inner, Store};
 use crate::types::{EventKind, Extent, SnapshotState};
@@ -46,6 +46,18 @@ enum Src {
     /// A preserved zero entry: nothing to read.
     Zero,
 }
+
+/// A copy-out decided: origin block `block`, for generations `lo..=` the newest, into `slot`
+/// (or [`ZERO_SLOT`]).
+struct Copy {
+    block: u64,
+    lo: u32,
+    slot: u32,
+}
+
+/// Copies written and journaled together at most (a bound on the unlogged blocks a tree commit
+/// must set aside meanwhile).
+const COPY_BATCH: usize = 256;
 
 struct Piece {
     src: Src,
@@ -124,40 +136,6 @@ pub(crate) fn blocks_crc(
     Ok(c)
 }
 
-fn crc_of(chunkbuf: &[u8], sub: usize, bits: u64) -> u32 {
-    let mut c = 0u32;
-    let mut b = bits;
-    while b != 0 {
-        let i = b.trailing_zeros() as usize;
-        c = crc32c::crc32c_append(c, &chunkbuf[i * sub..(i + 1) * sub]);
-        b &= b - 1;
-    }
-    c
-}
-
-/// Runs of consecutive set bits: (first block, count).
-fn runs(bits: u64) -> impl Iterator<Item = (u32, u32)> {
-    let mut b = bits;
-    std::iter::from_fn(move || {
-        if b == 0 {
-            return None;
-        }
-        let start = b.trailing_zeros();
-        let len = (!(b >> start)).trailing_zeros();
-        b &= !(if len == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << len) - 1) << start
-        });
-        Some((start, len))
-    })
-}
-
-fn mask(first: u32, last: u32) -> u64 {
-    let n = last - first + 1;
-    (if n == 64 { u64::MAX } else { (1u64 << n) - 1 }) << first
-}
-
 impl Volume {
     pub fn name(&self) -> &str {
         &self.name
@@ -223,10 +201,20 @@ impl Volume {
                 // guards cannot start) while a read that resolved to the origin is running.
                 let st = self.inner.state.read();
                 let (snap, origin) = self.snap(&st, *id)?;
-                let pieces = plan_read(self.inner.geo, snap, origin, offset, buf.len());
+                let pieces = plan_read(&st, snap, origin, offset, buf.len())
+                    .map_err(|e| self.meta_error(e))?;
                 self.run_pieces(origin, &pieces, buf)
             }
         }
+    }
+
+    /// The index could not be read (an I/O error, a damaged node): this request fails.
+    fn meta_error(&self, e: crate::pdata::PdataError) -> Error {
+        Error::io(
+            "read the metadata of",
+            &self.name,
+            std::io::Error::other(e.to_string()),
+        )
     }
 
     fn snap<'a>(&self, st: &'a State, id: u64) -> Result<(&'a Snap, &'a Origin)> {
@@ -291,11 +279,11 @@ impl Volume {
     }
 
     /// Whether `zero_range` with `may_trim` writes no data: an origin whose device punches
-    /// holes (a snapshot's zeros are written to the store).
+    /// holes, or a writable snapshot (its whole blocks become zero entries).
     pub fn can_zero_fast(&self) -> bool {
         match &self.kind {
             Kind::Origin { dev, .. } => !self.read_only() && dev.can_punch(),
-            Kind::Snapshot { .. } => false,
+            Kind::Snapshot { .. } => !self.read_only(),
         }
     }
 
@@ -310,8 +298,9 @@ impl Volume {
     pub fn zero_range(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let Kind::Origin { no, dev, gate } = &self.kind else {
-            return self.write_zeroes(offset, len, fua);
+        let (no, dev, gate) = match &self.kind {
+            Kind::Origin { no, dev, gate } => (no, dev, gate),
+            Kind::Snapshot { id, .. } => return self.zero_snapshot(*id, offset, len, fua),
         };
         if !may_trim || len == 0 {
             return self.write_zeroes(offset, len, fua);
@@ -330,8 +319,11 @@ impl Volume {
                     .origins
                     .get(no)
                     .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
-                let mut wait = if (first..=last).any(|c| needs_preserve(o, c)) {
-                    self.preserve(&mut st, *no, dev, pos, n)?
+                let slow = st
+                    .needs_preserve(o, first, last)
+                    .map_err(|e| self.meta_error(e))?;
+                let mut wait = if slow {
+                    self.preserve(&mut st, *no, dev, pos, n, true)?
                 } else {
                     self.inner.check_poison()?;
                     0
@@ -432,7 +424,13 @@ impl Volume {
         while pos < offset + len {
             let c = pos / cs;
             let chunk_end = ((c + 1) * cs).min(offset + len);
-            let own = s.map.get(c).is_some() || origin.pindex.entries(c).next().is_some();
+            let own = match st.map_get(s, c).map_err(|e| self.meta_error(e))? {
+                Some(hit) => hit.slot != ZERO_SLOT,
+                None => st
+                    .preserved_lookup(origin_no, c, s.gen)
+                    .map_err(|e| self.meta_error(e))?
+                    .is_some_and(|slot| slot != ZERO_SLOT),
+            };
             let mut n = chunk_end - pos;
             // Walk the origin extents across this chunk.
             while n > 0 {
@@ -476,7 +474,9 @@ impl Volume {
                 .origins
                 .get(&no)
                 .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
-            let slow = (first..=last).any(|c| needs_preserve(o, c));
+            let slow = st
+                .needs_preserve(o, first, last)
+                .map_err(|e| self.meta_error(e))?;
             wait_seq = st.release_barrier(no);
             if !slow && !st.inflight_preserves.is_empty() {
                 for c in first..=last {
@@ -489,7 +489,7 @@ impl Volume {
         };
         if slow {
             let mut st = self.inner.state.write();
-            wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64)?;
+            wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64, false)?;
             wait_seq = wait_seq.max(st.release_barrier(no));
         }
         // Invariant 2: the old data and its mapping are durable before the origin changes. A
@@ -516,7 +516,10 @@ impl Volume {
     }
 
     /// Copy out every block of `[offset, offset+len)` that some live snapshot still needs.
-    /// Returns the journal sequence the origin write must wait for.
+    /// `zeroing`: the range is about to read as zeroes (TRIM, WRITE_ZEROES), so a block that
+    /// reads as zeroes now does not change and needs nothing (not even a zero entry; a later
+    /// write to it preserves it then). Returns the journal sequence the origin write must wait
+    /// for.
     fn preserve(
         &self,
         st: &mut State,
@@ -524,11 +527,12 @@ impl Volume {
         dev: &Arc<dyn BlockDev>,
         offset: u64,
         len: u64,
+        zeroing: bool,
     ) -> Result<u64> {
         // Neither a copy nor an invalidation can be made durable any more.
         self.inner.check_poison()?;
         let geo = self.inner.geo;
-        let (cs, sub) = (geo.chunk_size as u64, geo.sub_size as u64);
+        let bs = geo.chunk_size as u64;
         let settled = self
             .inner
             .settled_seq
@@ -537,120 +541,154 @@ impl Volume {
         st.inflight_preserves.expire(durable);
         st.unsettled_slots.expire(settled);
         let end = offset + len;
+        let (first, last) = (offset / bs, (end - 1) / bs);
         let mut wait_seq = 0;
-        let mut chunkbuf: Vec<u8> = Vec::new();
-        for c in offset / cs..=(end - 1) / cs {
+        // The old data of the whole range in one read, block-aligned (read only if needed).
+        let mut old: Option<Vec<u8>> = None;
+        // Copies decided but not written yet: neighbouring blocks get neighbouring store
+        // blocks, so a run goes out as one write, then each gets its record.
+        let mut batch: Vec<Copy> = Vec::new();
+        let merr = |e: crate::pdata::PdataError| self.meta_error(e);
+        for c in first..=last {
             let o = &st.origins[&no];
             let gen = o.gen;
-            let osize = o.size;
-            if needs_preserve(o, c) {
-                let lo_b = (offset.max(c * cs) - c * cs) / sub;
-                let hi_b = (end.min((c + 1) * cs) - 1 - c * cs) / sub;
-                // Blocks to copy, grouped by the first generation that still needs them.
-                let mut groups: Vec<(u32, u64)> = Vec::new();
-                for b in lo_b as u32..=hi_b as u32 {
-                    let pt = o.pindex.preserved_through(c, b);
-                    if pt >= gen || !o.any_live(pt + 1, gen) {
-                        continue;
-                    }
-                    match groups.iter_mut().find(|g| g.0 == pt + 1) {
-                        Some(g) => g.1 |= 1 << b,
-                        None => groups.push((pt + 1, 1 << b)),
-                    }
-                }
-                for (lo, bits) in groups {
-                    // Read the blocks first: whether they read as zeroes decides where they go.
-                    chunkbuf.clear();
-                    chunkbuf.resize(cs as usize, 0);
-                    for (b0, n) in runs(bits) {
-                        let (boff, blen) = (b0 as u64 * sub, n as u64 * sub);
-                        let src = c * cs + boff;
-                        let avail = osize.saturating_sub(src).min(blen) as usize;
-                        let at = boff as usize;
-                        dev.read_at(&mut chunkbuf[at..at + avail], src)
-                            .map_err(|e| Error::io("read", dev.path(), e))?;
-                    }
-                    let zero = chunkbuf.iter().all(|&b| b == 0);
-                    let existing = st.origins[&no].pindex.find(c, lo, gen);
-                    let (slot, all_bits) = match existing {
-                        // Zeroes (a hole, or zero data) need no copy: a zero entry records them.
-                        None if zero => (ZERO_SLOT, bits),
-                        Some(e) if e.slot == ZERO_SLOT && zero => (ZERO_SLOT, bits),
-                        Some(e) if e.slot != ZERO_SLOT => (e.slot, bits),
-                        // New data, or data joining a zero entry (its blocks are written as the
-                        // zeroes they are): a fresh slot.
-                        _ => match self.inner.alloc_data_slot(st) {
-                            Some(s) => (s, bits | existing.map_or(0, |e| e.bits)),
-                            None => {
-                                let reason =
-                                    format!("COW store full: could not preserve chunk {c}");
-                                let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
-                                wait_seq = wait_seq.max(seq);
-                                continue;
-                            }
-                        },
+            if st.needs_preserve(o, c, c).map_err(merr)? {
+                let pt = st.preserved_through(no, c).map_err(merr)?;
+                if pt >= gen || !o.any_live(pt + 1, gen) {
+                    // Nothing live needs this block's old data: done for this epoch.
+                    st.mark_done(no, gen, c).map_err(merr)?;
+                } else {
+                    let lo = pt + 1;
+                    let osize = o.size;
+                    let buf = match &mut old {
+                        Some(b) => b,
+                        None => {
+                            let mut b = vec![0u8; ((last - first + 1) * bs) as usize];
+                            let src = first * bs;
+                            let avail = osize.saturating_sub(src).min(b.len() as u64) as usize;
+                            dev.read_at(&mut b[..avail], src)
+                                .map_err(|e| Error::io("read", dev.path(), e))?;
+                            old.insert(b)
+                        }
                     };
-                    let fresh = slot != ZERO_SLOT && existing.is_none_or(|e| e.slot == ZERO_SLOT);
-                    // The CRC runs over the blocks in order, as `crc_of` would compute it.
-                    let mut crc = 0u32;
-                    let mut failed = None;
-                    if slot != ZERO_SLOT {
-                        for (b0, n) in runs(all_bits) {
-                            let (at, len) = ((b0 as u64 * sub) as usize, (n as u64 * sub) as usize);
-                            let piece = &chunkbuf[at..at + len];
-                            if let Err(e) = self
-                                .inner
-                                .store_write_data(piece, geo.slot_offset(slot) + at as u64)
-                            {
-                                failed = Some(e);
-                                break;
-                            }
-                            crc = crc32c::crc32c_append(crc, piece);
-                        }
-                    }
-                    if let Some(e) = failed {
-                        // ENOSPC of a sparse store on a full file system, EIO: the origin stays
-                        // writable, as with a full store (dm-snapshot does the same).
-                        if fresh {
-                            st.alloc.decref(slot, None);
-                        }
-                        let reason =
-                            format!("COW store write failed ({e}): could not preserve chunk {c}");
-                        let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
-                        wait_seq = wait_seq.max(seq);
+                    let at = ((c - first) * bs) as usize;
+                    // Zeroes (a hole, or zero data) need no copy: a zero entry records them.
+                    let zero = buf[at..at + bs as usize].iter().all(|&b| b == 0);
+                    if zero && zeroing {
                         continue;
                     }
-                    let seq = self.inner.log(
-                        st,
-                        Record::Preserve {
-                            origin: no,
-                            chunk: c,
-                            lo,
-                            hi: gen,
-                            slot,
-                            bits: all_bits,
-                            crc,
-                        },
-                    )?;
-                    st.inflight_preserves.insert((no, c), seq);
-                }
-                // Cache "nothing left to do for this chunk" for the O(1) hot-path test.
-                let o = &st.origins[&no];
-                let done = (0..geo.subs_per_chunk()).all(|b| {
-                    let pt = o.pindex.preserved_through(c, b);
-                    pt >= gen || !o.any_live(pt + 1, gen)
-                });
-                if done {
-                    st.origins
-                        .get_mut(&no)
-                        .unwrap()
-                        .pindex
-                        .set_done_through(c, gen);
+                    let slot = if zero {
+                        Some(ZERO_SLOT)
+                    } else {
+                        self.inner.alloc_data_slot(st)
+                    };
+                    match slot {
+                        Some(slot) => batch.push(Copy { block: c, lo, slot }),
+                        None => {
+                            let buf = old.as_deref().expect("read above");
+                            let seq = self.write_copies(st, no, gen, first, buf, &mut batch)?;
+                            wait_seq = wait_seq.max(seq);
+                            let reason = format!("COW store full: could not preserve block {c}");
+                            let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
+                            wait_seq = wait_seq.max(seq);
+                            continue;
+                        }
+                    }
+                    if batch.len() >= COPY_BATCH {
+                        let buf = old.as_deref().expect("read above");
+                        let seq = self.write_copies(st, no, gen, first, buf, &mut batch)?;
+                        wait_seq = wait_seq.max(seq);
+                    }
                 }
             }
             if let Some(s) = st.inflight_preserves.get(&(no, c)) {
                 wait_seq = wait_seq.max(s);
             }
+        }
+        if let Some(buf) = old.as_deref() {
+            let gen = st.origins[&no].gen;
+            let seq = self.write_copies(st, no, gen, first, buf, &mut batch)?;
+            wait_seq = wait_seq.max(seq);
+        }
+        Ok(wait_seq)
+    }
+
+    /// Write the batch's copies (`old` holds the origin's blocks from `first` on), a run of
+    /// neighbouring blocks into neighbouring store blocks as one write, then append each one's
+    /// `Preserve` record. A run whose write fails gives its blocks back and invalidates the
+    /// snapshots that needed it. Returns the newest record's sequence.
+    fn write_copies(
+        &self,
+        st: &mut State,
+        no: u32,
+        gen: u32,
+        first: u64,
+        old: &[u8],
+        batch: &mut Vec<Copy>,
+    ) -> Result<u64> {
+        let geo = self.inner.geo;
+        let bs = geo.chunk_size as usize;
+        let at = |c: &Copy| (c.block - first) as usize * bs;
+        let mut failed = vec![false; batch.len()];
+        let mut wait_seq = 0;
+        let mut i = 0;
+        while i < batch.len() {
+            if batch[i].slot == ZERO_SLOT {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < batch.len()
+                && batch[j].slot == batch[j - 1].slot.wrapping_add(1)
+                && batch[j].block == batch[j - 1].block + 1
+            {
+                j += 1;
+            }
+            let run = &old[at(&batch[i])..at(&batch[j - 1]) + bs];
+            if let Err(e) = self
+                .inner
+                .store_write_data(run, geo.slot_offset(batch[i].slot))
+            {
+                // ENOSPC of a sparse store on a full file system, EIO: the origin stays
+                // writable, as with a full store (dm-snapshot does the same).
+                for (k, copy) in batch.iter().enumerate().take(j).skip(i) {
+                    st.free_unlogged(copy.slot)
+                        .map_err(|e| self.meta_error(e))?;
+                    failed[k] = true;
+                }
+                let lo = batch[i..j].iter().map(|c| c.lo).min().expect("a run");
+                let reason = format!(
+                    "COW store write failed ({e}): could not preserve block {}",
+                    batch[i].block
+                );
+                let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
+                wait_seq = wait_seq.max(seq);
+            }
+            i = j;
+        }
+        for (k, copy) in std::mem::take(batch).into_iter().enumerate() {
+            if failed[k] {
+                continue;
+            }
+            let crc = if copy.slot == ZERO_SLOT {
+                0
+            } else {
+                crc32c::crc32c(&old[at(&copy)..at(&copy) + bs])
+            };
+            let seq = self.inner.log(
+                st,
+                Record::Preserve {
+                    origin: no,
+                    chunk: copy.block,
+                    lo: copy.lo,
+                    hi: gen,
+                    slot: copy.slot,
+                    bits: 1,
+                    crc,
+                },
+            )?;
+            st.inflight_preserves.insert((no, copy.block), seq);
+            wait_seq = wait_seq.max(seq);
         }
         Ok(wait_seq)
     }
@@ -702,7 +740,7 @@ impl Volume {
 
     fn write_snapshot(&self, id: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let geo = self.inner.geo;
-        let (cs, sub) = (geo.chunk_size as u64, geo.sub_size as usize);
+        let bs = geo.chunk_size as usize;
         let mut st = self.inner.state.write();
         self.inner.check_poison()?;
         let settled = self
@@ -711,78 +749,55 @@ impl Volume {
             .load(std::sync::atomic::Ordering::Acquire);
         st.unsettled_slots.expire(settled);
         let end = offset + data.len() as u64;
-        let mut chunkbuf = vec![0u8; cs as usize];
+        let mut blockbuf = vec![0u8; bs];
         let mut pos = offset;
         while pos < end {
-            let c = pos / cs;
-            let cend = ((c + 1) * cs).min(end);
-            let (in0, in1) = ((pos - c * cs) as usize, (cend - c * cs) as usize);
-            let (b0, b1) = ((in0 / sub) as u32, ((in1 - 1) / sub) as u32);
-            let touched = mask(b0, b1);
+            let c = pos / bs as u64;
+            let cend = ((c + 1) * bs as u64).min(end);
+            let (in0, in1) = (
+                (pos - c * bs as u64) as usize,
+                (cend - c * bs as u64) as usize,
+            );
             let (snap, _) = self.snap(&st, id)?;
-            let entry = snap.map.get(c);
+            let entry = st.map_get(snap, c).map_err(|e| self.meta_error(e))?;
+            // Its own block, whose record recovery will not verify again: written in place.
             let exclusive = entry.is_some_and(|e| {
-                st.alloc.refcount(e.slot) == 1
-                    && !snap.map.path_shared(c)
-                    && !st.unsettled_slots.contains_key(&e.slot)
+                e.own && e.slot != ZERO_SLOT && !st.unsettled_slots.contains_key(&e.slot)
             });
-            // The edges of an unaligned write keep the rest of their block.
-            for b in [b0, b1] {
-                let (bs, be) = (b as usize * sub, (b as usize + 1) * sub);
-                if in0 > bs || in1 < be {
-                    let mut tmp = vec![0u8; sub];
-                    self.read_block(&st, id, c, b, &mut tmp)?;
-                    chunkbuf[bs..be].copy_from_slice(&tmp);
-                }
+            // An unaligned write keeps the rest of its block.
+            if in0 > 0 || in1 < bs {
+                self.read_block(&st, id, c, 0, &mut blockbuf)?;
             }
-            chunkbuf[in0..in1]
+            blockbuf[in0..in1]
                 .copy_from_slice(&data[(pos - offset) as usize..(cend - offset) as usize]);
-            let (slot, copy_bits) = match entry {
-                Some(e) if exclusive => (e.slot, 0),
-                _ => {
-                    let slot = self.inner.alloc_data_slot(&mut st).ok_or_else(|| {
-                        Error::NoSpace(format!("no room for a write to {}", self.name))
-                    })?;
-                    // A shared or unsettled slot is left to whoever needs it; ours is new.
-                    (slot, entry.map(|e| e.bits & !touched).unwrap_or(0))
-                }
+            let slot = match entry {
+                Some(e) if exclusive => e.slot,
+                _ => self.inner.alloc_data_slot(&mut st).ok_or_else(|| {
+                    Error::NoSpace(format!("no room for a write to {}", self.name))
+                })?,
             };
-            if let (Some(e), true) = (entry, copy_bits != 0) {
-                for (r0, n) in runs(copy_bits) {
-                    let (o0, l) = (r0 as usize * sub, n as usize * sub);
-                    self.inner.store_read(
-                        &mut chunkbuf[o0..o0 + l],
-                        geo.slot_offset(e.slot) + o0 as u64,
-                    )?;
+            if let Err(e) = self
+                .inner
+                .store_write_data(&blockbuf, geo.slot_offset(slot))
+            {
+                // Only this write fails: a new block goes back, an owned one keeps its old
+                // mapping (the range's content is undefined, as after any failed write).
+                if !exclusive {
+                    st.free_unlogged(slot).map_err(|e| self.meta_error(e))?;
                 }
+                return Err(Error::io("write to the COW store for", &self.name, e));
             }
-            let data_bits = touched | copy_bits;
-            for (r0, n) in runs(data_bits) {
-                let (o0, l) = (r0 as usize * sub, n as usize * sub);
-                if let Err(e) = self
-                    .inner
-                    .store_write_data(&chunkbuf[o0..o0 + l], geo.slot_offset(slot) + o0 as u64)
-                {
-                    // Only this write fails: a new slot goes back, an owned one keeps its old
-                    // mapping (the range's content is undefined, as after any failed write).
-                    if !exclusive {
-                        st.alloc.decref(slot, None);
-                    }
-                    return Err(Error::io("write to the COW store for", &self.name, e));
-                }
-            }
-            let old_bits = entry.map(|e| e.bits).unwrap_or(0);
-            // An in-place overwrite of valid blocks changes no metadata: no record.
-            if !exclusive || touched & !old_bits != 0 {
-                let crc = crc_of(&chunkbuf, sub, data_bits);
+            // An in-place overwrite changes no metadata: no record.
+            if !exclusive {
+                let crc = crc32c::crc32c(&blockbuf);
                 self.inner.log(
                     &mut st,
                     Record::MapWrite {
                         snap: id,
                         chunk: c,
                         slot,
-                        bits: old_bits | touched,
-                        data_bits,
+                        bits: 1,
+                        data_bits: 1,
                         crc,
                     },
                 )?;
@@ -790,6 +805,49 @@ impl Volume {
             pos = cend;
         }
         drop(st);
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// TRIM/WRITE_ZEROES on a writable snapshot: whole blocks become zero entries (no data,
+    /// and what the snapshot owned there is freed); partial blocks at the edges get zeros.
+    fn zero_snapshot(&self, id: u64, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let bs = self.inner.geo.chunk_size as u64;
+        let end = offset + len;
+        let (first_full, end_full) = (offset.div_ceil(bs), end / bs);
+        if first_full >= end_full {
+            return self.write_zeroes(offset, len, fua);
+        }
+        if offset < first_full * bs {
+            self.write_zeroes(offset, first_full * bs - offset, false)?;
+        }
+        {
+            let mut st = self.inner.state.write();
+            self.inner.check_poison()?;
+            for c in first_full..end_full {
+                let (snap, _) = self.snap(&st, id)?;
+                let hit = st.map_get(snap, c).map_err(|e| self.meta_error(e))?;
+                if hit.is_some_and(|h| h.own && h.slot == ZERO_SLOT) {
+                    continue;
+                }
+                self.inner.log(
+                    &mut st,
+                    Record::MapWrite {
+                        snap: id,
+                        chunk: c,
+                        slot: ZERO_SLOT,
+                        bits: 1,
+                        data_bits: 0,
+                        crc: 0,
+                    },
+                )?;
+            }
+        }
+        if end > end_full * bs {
+            self.write_zeroes(end_full * bs, end - end_full * bs, false)?;
+        }
         if fua {
             self.flush()?;
         }
@@ -810,53 +868,51 @@ impl Volume {
         let off = chunk * geo.chunk_size as u64 + block as u64 * geo.sub_size as u64;
         let avail = self.size.saturating_sub(off).min(out.len() as u64) as usize;
         out[avail..].fill(0);
-        let pieces = plan_read(geo, snap, origin, off, avail);
+        let pieces = plan_read(st, snap, origin, off, avail).map_err(|e| self.meta_error(e))?;
         self.run_pieces(origin, &pieces, &mut out[..avail])
     }
 }
 
-/// Whether an origin write to `chunk` may need a copy-out: the O(1), allocation-free test.
-#[inline]
-fn needs_preserve(o: &Origin, chunk: u64) -> bool {
-    let done = o.pindex.done_through(chunk);
-    done < o.gen && o.any_live(done + 1, o.gen)
-}
-
-/// Resolve every block of a snapshot read: own map, else the origin's preserved entry for the
-/// snapshot's generation, else the origin. Adjacent pieces on one device are merged.
-fn plan_read(geo: Geometry, snap: &Snap, origin: &Origin, offset: u64, len: usize) -> Vec<Piece> {
-    let (cs, sub) = (geo.chunk_size as u64, geo.sub_size as u64);
+/// Resolve every block of a snapshot read: its own data (or an ancestor volume's), else the
+/// origin's preserved copy for the snapshot's generation, else the origin. Adjacent pieces on
+/// one device are merged. Each block is one seek in each key space it may be in.
+fn plan_read(
+    st: &State,
+    snap: &Snap,
+    origin: &Origin,
+    offset: u64,
+    len: usize,
+) -> std::result::Result<Vec<Piece>, crate::pdata::PdataError> {
+    let geo = st.geo;
+    let bs = geo.chunk_size as u64;
     let mut pieces: Vec<Piece> = Vec::new();
     let end = offset + len as u64;
+    let own_data = st.has_own_data(snap);
+    let preserved = origin.entries > 0;
     let mut pos = offset;
-    let mut cur_chunk = u64::MAX;
-    let mut entry = None;
-    let mut has_preserved = false;
     while pos < end {
-        let c = pos / cs;
-        if c != cur_chunk {
-            cur_chunk = c;
-            entry = snap.map.get(c);
-            has_preserved = origin.pindex.entries(c).next().is_some();
-        }
-        let in_chunk = pos - c * cs;
-        let b = (in_chunk / sub) as u32;
-        let piece_end = ((pos / sub + 1) * sub).min(end);
-        let (src, dev_off) = match entry {
-            Some(e) if e.bits & (1 << b) != 0 => (Src::Store, geo.slot_offset(e.slot) + in_chunk),
-            _ => match has_preserved
-                .then(|| origin.pindex.lookup(c, snap.gen, b))
-                .flatten()
-            {
-                Some(ZERO_SLOT) => (Src::Zero, pos),
-                Some(slot) => (Src::Store, geo.slot_offset(slot) + in_chunk),
-                None => (Src::Origin, pos),
-            },
+        let c = pos / bs;
+        let in_block = pos - c * bs;
+        let piece_end = ((c + 1) * bs).min(end);
+        let hit = if own_data { st.map_get(snap, c)? } else { None };
+        let slot = match hit {
+            Some(h) => Some(h.slot),
+            None if preserved => st.preserved_lookup(origin.no, c, snap.gen)?,
+            None => None,
+        };
+        let (src, dev_off) = match slot {
+            Some(ZERO_SLOT) => (Src::Zero, pos),
+            Some(slot) => (Src::Store, geo.slot_offset(slot) + in_block),
+            None => (Src::Origin, pos),
         };
         let n = (piece_end - pos) as usize;
         let buf_off = (pos - offset) as usize;
         match pieces.last_mut() {
-            Some(p) if p.src == src && p.dev_off + p.len as u64 == dev_off => p.len += n,
+            Some(p)
+                if p.src == src && (src == Src::Zero || p.dev_off + p.len as u64 == dev_off) =>
+            {
+                p.len += n
+            }
             _ => pieces.push(Piece {
                 src,
                 dev_off,
@@ -866,18 +922,5 @@ fn plan_read(geo: Geometry, snap: &Snap, origin: &Origin, offset: u64, len: usiz
         }
         pos = piece_end;
     }
-    pieces
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_and_masks() {
-        assert_eq!(runs(0b1110_0110).collect::<Vec<_>>(), vec![(1, 2), (5, 3)]);
-        assert_eq!(runs(u64::MAX).collect::<Vec<_>>(), vec![(0, 64)]);
-        assert_eq!(mask(0, 63), u64::MAX);
-        assert_eq!(mask(2, 3), 0b1100);
-    }
+    Ok(pieces)
 }

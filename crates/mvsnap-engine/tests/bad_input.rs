@@ -285,36 +285,55 @@ fn corrupt_journal_record_stops_replay() {
     }
 }
 
+/// Byte offsets of the newest metadata header's tree root and first tables block
+/// (docs/FORMAT.md: the header pair at the start of the data area).
+fn meta_offsets(p: &Path) -> (u64, u64) {
+    let all = bytes(p);
+    let (sb, _) = current_superblock(p);
+    let base = sb.geo.data_start;
+    let word = |at: u64| u64::from_le_bytes(all[at as usize..at as usize + 8].try_into().unwrap());
+    let hdr = (0..2)
+        .map(|i| base + i * META_BLOCK)
+        .filter(|&h| &all[h as usize..h as usize + 4] == b"MVMH")
+        .max_by_key(|&h| word(h + 8))
+        .expect("a metadata header");
+    (
+        base + word(hdr + 24) * META_BLOCK,
+        base + word(hdr + 80) * META_BLOCK,
+    )
+}
+
 #[test]
-fn corrupt_checkpoint_block() {
+fn corrupt_metadata_block() {
     let f = fixture(65536);
-    let (sb, _) = current_superblock(&f.store);
-    let ck = sb.checkpoint.expect("a closed store has a checkpoint");
-    let off = sb.geo.slot_offset(ck.first_slot);
-    flip(&f.store, off + 100);
-    let before = bytes(&f.store);
-    for ro in [false, true] {
-        let r = if ro {
-            open_ro(&f.store)
-        } else {
-            open(&f.store)
-        };
-        match r {
-            Err(e @ Error::Corrupt { .. }) => {
-                let msg = e.to_string();
-                assert!(msg.contains("checkpoint"), "{msg}");
+    let (root, tables) = meta_offsets(&f.store);
+    for (off, what) in [(tables + 100, "tables"), (root + 100, "metadata")] {
+        let f = fixture(65536);
+        flip(&f.store, off);
+        let before = bytes(&f.store);
+        for ro in [false, true] {
+            let r = if ro {
+                open_ro(&f.store)
+            } else {
+                open(&f.store)
+            };
+            match r {
+                Err(e @ Error::Corrupt { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(what), "{msg}");
+                }
+                Err(e) => panic!("{e:?}, expected Corrupt"),
+                Ok(_) => panic!("a store with a damaged {what} block opened"),
             }
-            Err(e) => panic!("{e:?}, expected Corrupt"),
-            Ok(_) => panic!("a store with a damaged checkpoint opened"),
+            assert_unchanged(&f.store, &before, "store");
         }
-        assert_unchanged(&f.store, &before, "store");
     }
-    // Damage in the checkpoint's header (its magic) is caught the same way.
-    let f = fixture(4096);
-    let (sb, _) = current_superblock(&f.store);
-    let off = sb.geo.slot_offset(sb.checkpoint.unwrap().first_slot);
-    flip(&f.store, off);
-    assert!(matches!(open(&f.store), Err(Error::Corrupt { .. })));
+    // Damage in the tables' header (its magic) is caught the same way.
+    let f2 = fixture(4096);
+    let (_, tables) = meta_offsets(&f2.store);
+    flip(&f2.store, tables);
+    assert!(matches!(open(&f2.store), Err(Error::Corrupt { .. })));
+    let _ = f;
 }
 
 #[test]
@@ -436,14 +455,23 @@ fn origin_size_changed() {
 fn invalid_format_options() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("store");
-    for chunk in [0u32, 512, 2048, 3000, 4097, 24576, 2 << 20, u32::MAX] {
-        match Store::format(&p, &format_opts(16 << 20, chunk)) {
+    // Too small, too big: refused before anything is created.
+    for (size, max, what) in [
+        (64 << 10, 0, "too small"),
+        (1 << 20, 0, "too small"),
+        (16 << 20, 1 << 62, "too big"),
+    ] {
+        let opts = FormatOptions {
+            size: Some(size),
+            max_size: max,
+            ..Default::default()
+        };
+        match Store::format(&p, &opts) {
             Err(e @ Error::InvalidArgument(_)) => {
                 let msg = e.to_string();
-                assert!(msg.contains("chunk size"), "{chunk}: {msg}");
-                assert!(msg.contains(&chunk.to_string()), "{chunk}: {msg}");
+                assert!(msg.contains(what), "{size}/{max}: {msg}");
             }
-            other => panic!("chunk size {chunk}: {other:?}"),
+            other => panic!("size {size}, max {max}: {other:?}"),
         }
         assert!(!p.exists(), "a refused format created {}", p.display());
     }
@@ -451,7 +479,7 @@ fn invalid_format_options() {
     let content = pattern(3, 100_000);
     std::fs::write(&p, &content).unwrap();
     for opts in [
-        format_opts(16 << 20, 3000),
+        format_opts(64 << 10, 4096),
         FormatOptions {
             size: Some(32 << 20),
             max_size: 16 << 20,
@@ -800,7 +828,6 @@ fn file_store_grows_up_to_max_size() {
         &FormatOptions {
             size: Some(size),
             max_size: 256 << 20,
-            chunk_size: chunk,
             ..Default::default()
         },
     )

@@ -145,8 +145,9 @@ impl Case {
         let faults = !full && rng.random_bool(0.25);
         let store_size = if full {
             let journal = mvsnap_engine::format::Geometry::default_journal_len(STORE_SIZE);
-            let geo = mvsnap_engine::format::Geometry::new(chunk, journal).unwrap();
-            geo.data_start + rng.random_range(24..64) * chunk as u64
+            // Format v2 allocates 4 KiB blocks: a few dozen past the metadata's own.
+            let geo = mvsnap_engine::format::Geometry::new(4096, journal).unwrap();
+            geo.data_start + (40 + rng.random_range(24..64)) * 4096
         } else {
             STORE_SIZE
         };

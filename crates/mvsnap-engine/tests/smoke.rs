@@ -10,7 +10,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn setup(dir: &Path, origin_size: u64, chunk: u32) -> (std::path::PathBuf, std::path::PathBuf) {
+fn setup(dir: &Path, origin_size: u64) -> (std::path::PathBuf, std::path::PathBuf) {
     let origin = dir.join("disk0");
     std::fs::write(&origin, pattern(origin_size as usize, 1)).unwrap();
     let store = dir.join("store");
@@ -18,7 +18,6 @@ fn setup(dir: &Path, origin_size: u64, chunk: u32) -> (std::path::PathBuf, std::
         &store,
         &FormatOptions {
             size: Some(64 << 20),
-            chunk_size: chunk,
             ..Default::default()
         },
     )
@@ -36,7 +35,7 @@ fn read_all(s: &Store, name: &str) -> Vec<u8> {
 #[test]
 fn snapshots_keep_content_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let (origin, store) = setup(dir.path(), 4 << 20, 65536);
+    let (origin, store) = setup(dir.path(), 4 << 20);
     let s = Store::open(&store, &OpenOptions::default()).unwrap();
     s.add_origin(&origin, None).unwrap();
     let v0 = read_all(&s, "disk0");
@@ -89,7 +88,7 @@ fn snapshots_keep_content_across_reopen() {
 fn one_copy_for_many_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let size = 8u64 << 20;
-    let (origin, store) = setup(dir.path(), size, 65536);
+    let (origin, store) = setup(dir.path(), size);
     let s = Store::open(&store, &OpenOptions::default()).unwrap();
     s.add_origin(&origin, None).unwrap();
     let v0 = read_all(&s, "disk0");
@@ -118,7 +117,7 @@ fn one_copy_for_many_snapshots() {
 #[test]
 fn small_write_copies_one_block() {
     let dir = tempfile::tempdir().unwrap();
-    let (origin, store) = setup(dir.path(), 4 << 20, 65536);
+    let (origin, store) = setup(dir.path(), 4 << 20);
     let s = Store::open(&store, &OpenOptions::default()).unwrap();
     s.add_origin(&origin, None).unwrap();
     s.create_snapshot(&["disk0"], None, "", false).unwrap();

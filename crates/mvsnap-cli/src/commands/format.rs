@@ -14,14 +14,15 @@ use crate::size::parse_size;
 const EXAMPLES: &str = "\
 Examples:
   mvsnap format store.img --size 10G
-  mvsnap format store.img --size 1G --max-size 50G --chunk-size 128K
+  mvsnap format store.img --size 1G --max-size 50G
   mvsnap format /dev/sdc --force
   MVSNAP_STORE=store.img mvsnap format --size 4G
 
 A new file is created with --size (default 1G); an existing file keeps its size or grows to
 --size, and is never shrunk. A block device keeps its own size. A file or device that holds
 data (a filesystem or partition signature, or anything non-zero in its first MiB) or an
-existing mvsnap store is only overwritten with --force.";
+existing mvsnap store is only overwritten with --force. Space is allocated in 4 KiB blocks
+(format version 2): a 4 KiB first write after a snapshot costs 4 KiB of store.";
 
 /// Format a COW store (an image file or a block device).
 #[derive(Debug, Args)]
@@ -40,10 +41,6 @@ pub struct FormatArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_size: Option<u64>,
 
-    /// Chunk size: a power of two from 4K to 1M.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
-    chunk_size: u64,
-
     /// Overwrite an existing mvsnap store or a file or device that holds data.
     #[arg(long)]
     force: bool,
@@ -60,13 +57,6 @@ impl FormatArgs {
             (Some(p), _) | (None, Some(p)) => p.clone(),
             (None, None) => bail!("no store given: mvsnap format STORE"),
         };
-        let cs = self.chunk_size;
-        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) {
-            bail!(
-                "invalid chunk size {cs} bytes: it must be a power of two from 4K to 1M \
-                 (4096..1048576)"
-            );
-        }
         let max_size = self.max_size.unwrap_or(0);
         if let Some(size) = self.size.filter(|&s| max_size != 0 && max_size < s) {
             bail!(
@@ -78,7 +68,6 @@ impl FormatArgs {
         let opts = FormatOptions {
             size: self.size,
             max_size,
-            chunk_size: cs as u32,
             force: self.force,
             low_space_percent: self.low_space_percent,
         };
@@ -95,7 +84,7 @@ impl FormatArgs {
         let info = store.info();
         store.close()?;
         outln!(
-            "formatted {}: store size {}, data area {}, chunk size {}, uuid {}",
+            "formatted {}: store size {}, data area {}, block size {}, uuid {}",
             path.display(),
             super::info::store_size(&info),
             human_size(info.data_bytes),

@@ -73,6 +73,14 @@ impl InfoArgs {
         t.row(vec!["metadata".into(), human_size(info.metadata_bytes)]);
         t.row(vec!["mappings".into(), info.mappings.to_string()]);
         t.row(vec![
+            "cache".into(),
+            format!(
+                "{} of {}",
+                human_size(info.cache_used_bytes),
+                human_size(info.cache_bytes)
+            ),
+        ]);
+        t.row(vec![
             "mode".into(),
             if info.ephemeral {
                 "ephemeral"

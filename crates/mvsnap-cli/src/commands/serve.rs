@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// Start in the background; return once it serves (the readiness line is printed).
     #[arg(long)]
     detach: bool,
+
+    /// RAM for metadata nodes: the index stays on disk and RAM does not grow with it
+    /// beyond this [default: 64MiB].
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    cache_size: Option<u64>,
 }
 
 impl ServeArgs {
@@ -52,6 +57,7 @@ impl ServeArgs {
             nbd_socket: self.nbd_socket,
             listen: self.listen,
             ephemeral: global.ephemeral,
+            cache_bytes: self.cache_size,
         })
     }
 }

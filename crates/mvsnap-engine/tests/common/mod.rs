@@ -77,10 +77,11 @@ pub fn assert_clean(s: &Store, when: &str) {
     );
 }
 
-pub fn format_opts(size: u64, chunk: u32) -> FormatOptions {
+/// A store of `size` bytes. `_io_unit` is the tests' request granularity (format v1 made it
+/// the chunk size; v2 allocates 4 KiB blocks whatever the requests).
+pub fn format_opts(size: u64, _io_unit: u32) -> FormatOptions {
     FormatOptions {
         size: Some(size),
-        chunk_size: chunk,
         ..Default::default()
     }
 }
