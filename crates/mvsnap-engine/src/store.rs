@@ -26,6 +26,9 @@ pub(crate) const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
 const CK_MAGIC: u32 = 0x4c42_564d; // "MVBL": a block of the tables
 /// Every unit of space (data and metadata) in format v2.
 const BLOCK: u32 = 4096;
+/// Dirty nodes that trigger a tree commit at most: 4 MiB of nodes, about 30 ms of writes and
+/// syncs here (docs/BENCHMARKS.md: with 4,096, writers stalled 150 ms at each commit).
+const MAX_DIRTY_NODES: u64 = 1024;
 /// The node cache's budget when none is given (`--cache-size`).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const CK_HEADER: usize = 32;
@@ -629,10 +632,15 @@ impl Inner {
         self.checkpoint_locked(&mut st)
     }
 
-    /// Dirty tree nodes at which a tree commit runs: a quarter of the cache (they are pinned
-    /// in RAM until it), and a small share of a small store.
+    /// Dirty tree nodes at which a tree commit runs: at most [`MAX_DIRTY_NODES`] (a commit
+    /// runs under the state lock and its cost is its nodes: this bounds the longest stall of a
+    /// writer), at most a quarter of the cache (they are pinned in RAM until it), and a small
+    /// share of a small store.
     pub fn dirty_limit(&self, st: &State) -> u64 {
-        (self.cache_nodes / 4).min(st.meta.limit() / 64).max(8)
+        (self.cache_nodes / 4)
+            .min(MAX_DIRTY_NODES)
+            .min(st.meta.limit() / 64)
+            .max(8)
     }
 
     /// Blocks kept back for the metadata: the nodes the open transaction may still dirty
