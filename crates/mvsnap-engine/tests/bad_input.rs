@@ -868,3 +868,41 @@ fn file_store_grows_up_to_max_size() {
     assert_image("o0", &read_all(&s, "o0"), &v1);
     assert_clean(&s, "reopen of a grown store");
 }
+
+/// Format v2 refuses a version-1 store, saying which version it found and what to do: never a
+/// silent misreading.
+#[test]
+fn a_version_1_store_is_refused_clearly() {
+    let f = fixture(65536);
+    let (mut sb, _) = current_superblock(&f.store);
+    sb.version = 1;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.store)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    for off in SB_OFFSETS {
+        file.write_all_at(&sb.encode(), off).unwrap();
+    }
+    drop(file);
+    let before = bytes(&f.store);
+    for ro in [false, true] {
+        let r = if ro {
+            open_ro(&f.store)
+        } else {
+            open(&f.store)
+        };
+        match r {
+            Err(e @ Error::Version { found: 1, .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("version 1") && msg.contains("version-1 store"),
+                    "{msg}"
+                );
+            }
+            Err(e) => panic!("{e:?}, expected Version"),
+            Ok(_) => panic!("a version-1 store opened"),
+        }
+        assert_unchanged(&f.store, &before, "store");
+    }
+}

@@ -104,3 +104,158 @@ fn either_superblock_copy_alone_opens_after_space_was_given_back() {
         common::assert_image("o0@keep", &read_all(&s, "o0@keep"), &content);
     }
 }
+
+/// Store bytes in use (data and metadata), from `info`.
+fn used(s: &Store) -> u64 {
+    s.info().used_bytes
+}
+
+/// Format v2 (issue 8 item 3): a first 4 KiB write after a snapshot preserves 4 KiB, not a
+/// 64 KiB chunk: 256 scattered 4 KiB writes, each in its own 64 KiB of the origin, cost about
+/// 1 MiB of data (v1: 16 MiB) plus their share of metadata.
+#[test]
+fn a_first_4k_write_costs_4k_of_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(4, (16 * MIB) as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(64 * MIB, 65536),
+        &[("o0", content.clone())],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.checkpoint().unwrap();
+    let before = used(&s);
+    let o = s.volume("o0").unwrap();
+    let mut now = content.clone();
+    for i in 0..256u64 {
+        let off = i * 65536 + 8192;
+        o.write_at(off, &[0xee; 4096], false).unwrap();
+        now[off as usize..off as usize + 4096].fill(0xee);
+    }
+    o.flush().unwrap();
+    s.checkpoint().unwrap();
+    let grew = used(&s) - before;
+    assert!(
+        (MIB..MIB + 256 * 1024).contains(&grew),
+        "256 first 4 KiB writes used {grew} bytes of store (1 MiB of data + metadata expected)"
+    );
+    common::assert_image("o0@a", &read_all(&s, "o0@a"), &content);
+    common::assert_image("o0", &read_all(&s, "o0"), &now);
+    common::assert_clean(&s, "scattered first writes");
+}
+
+/// Issue 8 item 3: TRIM of a writable snapshot records zero entries, no data (v1: a 64 MiB trim
+/// used 64 MiB), and what the snapshot held there comes back, to the store and to the host.
+#[test]
+fn trim_of_a_writable_snapshot_records_zeroes_and_frees_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(5, (64 * MIB) as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(160 * MIB, 65536),
+        &[("o0", content.clone())],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    let w = s.volume("o0@w").unwrap();
+    s.checkpoint().unwrap();
+    let empty = used(&s);
+    // A trim of what the snapshot never wrote: zero entries only.
+    w.trim(0, 64 * MIB).unwrap();
+    w.flush().unwrap();
+    s.checkpoint().unwrap();
+    let after_trim = used(&s) - empty;
+    assert!(
+        after_trim < 2 * MIB,
+        "a 64 MiB trim used {after_trim} bytes of store"
+    );
+    common::assert_image(
+        "o0@w",
+        &read_all(&s, "o0@w"),
+        &vec![0u8; (64 * MIB) as usize],
+    );
+    // Data written, then trimmed: its space comes back.
+    let data = pattern(6, (32 * MIB) as usize);
+    w.write_at(0, &data, false).unwrap();
+    w.flush().unwrap();
+    s.checkpoint().unwrap();
+    let with_data = used(&s);
+    let host_with_data = allocated(&store);
+    assert!(with_data - empty >= 32 * MIB, "{with_data} - {empty}");
+    w.zero_range(0, 32 * MIB, true, false).unwrap();
+    w.flush().unwrap();
+    s.checkpoint().unwrap();
+    let back = with_data - used(&s);
+    assert!(
+        back >= 31 * MIB,
+        "trimming 32 MiB the snapshot owned gave back {back} bytes"
+    );
+    assert!(
+        host_with_data - allocated(&store) >= 31 * MIB,
+        "the host got back {} bytes",
+        host_with_data.saturating_sub(allocated(&store))
+    );
+    let mut want = vec![0u8; (64 * MIB) as usize];
+    common::assert_image("o0@w", &read_all(&s, "o0@w"), &want);
+    // Written again over the zeroes: exact.
+    w.write_at(4096 * 3, &data[..8192], false).unwrap();
+    want[4096 * 3..4096 * 3 + 8192].copy_from_slice(&data[..8192]);
+    common::assert_image("o0@w", &read_all(&s, "o0@w"), &want);
+    common::assert_image("o0", &read_all(&s, "o0"), &content);
+    common::assert_clean(&s, "trims of a writable snapshot");
+    drop(w);
+    s.close().unwrap();
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    common::assert_image("o0@w after reopen", &read_all(&s, "o0@w"), &want);
+    common::assert_clean(&s, "reopen");
+}
+
+/// Issue 8: 500 snapshots of a snapshot that holds 4,096 written blocks made a 39 MiB v1
+/// checkpoint (each copied its parent's map). In v2 a snapshot of a snapshot shares
+/// everything: they cost their table rows, and every one reads its parent's data.
+#[test]
+fn snapshots_of_a_snapshot_copy_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(7, (16 * MIB) as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(128 * MIB, 65536),
+        &[("o0", content.clone())],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    let w = s.volume("o0@w").unwrap();
+    let data = pattern(8, (16 * MIB) as usize);
+    w.write_at(0, &data, false).unwrap();
+    w.flush().unwrap();
+    s.checkpoint().unwrap();
+    let before = used(&s);
+    for i in 0..500 {
+        s.create_snapshot(&["o0@w"], Some(&format!("c{i}")), "", i % 2 == 0)
+            .unwrap();
+    }
+    s.checkpoint().unwrap();
+    let grew = used(&s) - before;
+    assert!(
+        grew < 2 * MIB,
+        "500 snapshots of a snapshot holding 16 MiB used {grew} bytes of store"
+    );
+    for i in [0, 1, 250, 499] {
+        common::assert_image(
+            &format!("o0@c{i}"),
+            &read_all(&s, &format!("o0@c{i}")),
+            &data,
+        );
+    }
+    // The parent goes on writing; its children keep what it held when they were taken.
+    w.write_at(0, &[9u8; 4096], false).unwrap();
+    common::assert_image("o0@c499", &read_all(&s, "o0@c499"), &data);
+    let c0 = s.volume("o0@c0").unwrap();
+    c0.write_at(8192, &[3u8; 4096], false).unwrap();
+    let mut want = data.clone();
+    want[8192..12288].fill(3);
+    common::assert_image("o0@c0", &read_all(&s, "o0@c0"), &want);
+    common::assert_image("o0@c2", &read_all(&s, "o0@c2"), &data);
+    common::assert_clean(&s, "500 snapshots of a snapshot");
+}
