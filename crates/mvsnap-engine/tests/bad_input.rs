@@ -38,6 +38,19 @@ fn assert_unchanged(p: &Path, before: &[u8], what: &str) {
     }
 }
 
+/// Opening `store` read-write and read-only both fail, `check` accepts the error, and the
+/// store's bytes stay as they were.
+fn refused_both_ways(store: &Path, what: &str, check: impl Fn(Error)) {
+    let before = bytes(store);
+    for ro in [false, true] {
+        match if ro { open_ro(store) } else { open(store) } {
+            Err(e) => check(e),
+            Ok(_) => panic!("{what} opened (read-only: {ro})"),
+        }
+        assert_unchanged(store, &before, "store");
+    }
+}
+
 /// Patch bytes of a file in place.
 fn patch(p: &Path, off: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
@@ -164,23 +177,18 @@ fn corrupt_superblock_both_copies() {
     flip(&f.store, 100);
     flip(&f.store, META_BLOCK + 100);
     let before = bytes(&f.store);
-    for ro in [false, true] {
-        let r = if ro {
-            open_ro(&f.store)
-        } else {
-            open(&f.store)
-        };
-        match r {
-            Err(e @ Error::Corrupt { .. }) => {
+    refused_both_ways(
+        &f.store,
+        "a store with two damaged superblocks",
+        |e| match e {
+            e @ Error::Corrupt { .. } => {
                 let msg = e.to_string();
                 assert!(msg.contains("superblock"), "{msg}");
                 assert!(msg.contains("checksum"), "{msg}");
             }
-            Err(e) => panic!("{e:?}, expected Corrupt"),
-            Ok(_) => panic!("a store with two damaged superblocks opened"),
-        }
-        assert_unchanged(&f.store, &before, "store");
-    }
+            e => panic!("{e:?}, expected Corrupt"),
+        },
+    );
     // Formatting over it without --force refuses (it is a damaged store, not free space).
     match Store::format(&f.store, &format_opts(16 << 20, 65536)) {
         Err(e @ Error::StoreExists { .. }) => assert!(e.to_string().contains("force"), "{e}"),
@@ -305,35 +313,23 @@ fn meta_offsets(p: &Path) -> (u64, u64) {
 
 #[test]
 fn corrupt_metadata_block() {
-    let f = fixture(65536);
-    let (root, tables) = meta_offsets(&f.store);
-    for (off, what) in [(tables + 100, "tables"), (root + 100, "metadata")] {
+    for what in ["tables", "metadata"] {
         let f = fixture(65536);
-        flip(&f.store, off);
-        let before = bytes(&f.store);
-        for ro in [false, true] {
-            let r = if ro {
-                open_ro(&f.store)
-            } else {
-                open(&f.store)
-            };
-            match r {
-                Err(e @ Error::Corrupt { .. }) => {
-                    let msg = e.to_string();
-                    assert!(msg.contains(what), "{msg}");
-                }
-                Err(e) => panic!("{e:?}, expected Corrupt"),
-                Ok(_) => panic!("a store with a damaged {what} block opened"),
+        let (root, tables) = meta_offsets(&f.store);
+        flip(&f.store, if what == "tables" { tables } else { root } + 100);
+        refused_both_ways(&f.store, what, |e| match e {
+            e @ Error::Corrupt { .. } => {
+                let msg = e.to_string();
+                assert!(msg.contains(what), "{msg}");
             }
-            assert_unchanged(&f.store, &before, "store");
-        }
+            e => panic!("{e:?}, expected Corrupt"),
+        });
     }
     // Damage in the tables' header (its magic) is caught the same way.
     let f2 = fixture(4096);
     let (_, tables) = meta_offsets(&f2.store);
     flip(&f2.store, tables);
     assert!(matches!(open(&f2.store), Err(Error::Corrupt { .. })));
-    let _ = f;
 }
 
 #[test]
@@ -885,24 +881,14 @@ fn a_version_1_store_is_refused_clearly() {
         file.write_all_at(&sb.encode(), off).unwrap();
     }
     drop(file);
-    let before = bytes(&f.store);
-    for ro in [false, true] {
-        let r = if ro {
-            open_ro(&f.store)
-        } else {
-            open(&f.store)
-        };
-        match r {
-            Err(e @ Error::Version { found: 1, .. }) => {
-                let msg = e.to_string();
-                assert!(
-                    msg.contains("version 1") && msg.contains("version-1 store"),
-                    "{msg}"
-                );
-            }
-            Err(e) => panic!("{e:?}, expected Version"),
-            Ok(_) => panic!("a version-1 store opened"),
+    refused_both_ways(&f.store, "a version-1 store", |e| match e {
+        e @ Error::Version { found: 1, .. } => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("version 1") && msg.contains("version-1 store"),
+                "{msg}"
+            );
         }
-        assert_unchanged(&f.store, &before, "store");
-    }
+        e => panic!("{e:?}, expected Version"),
+    });
 }

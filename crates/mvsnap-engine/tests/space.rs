@@ -105,6 +105,21 @@ fn either_superblock_copy_alone_opens_after_space_was_given_back() {
     }
 }
 
+/// A store of `store` bytes over one origin holding `content`, with snapshot `o0@TAG`.
+fn with_snapshot(
+    dir: &std::path::Path,
+    store: u64,
+    content: &[u8],
+    tag: &str,
+    writable: bool,
+) -> (std::path::PathBuf, Store) {
+    let (path, _) =
+        common::real_setup(dir, &format_opts(store, 65536), &[("o0", content.to_vec())]);
+    let s = Store::open(&path, &OpenOptions::default()).unwrap();
+    s.create_snapshot(&["o0"], Some(tag), "", writable).unwrap();
+    (path, s)
+}
+
 /// Store bytes in use (data and metadata), from `info`.
 fn used(s: &Store) -> u64 {
     s.info().used_bytes
@@ -117,13 +132,7 @@ fn used(s: &Store) -> u64 {
 fn a_first_4k_write_costs_4k_of_store() {
     let dir = tempfile::tempdir().unwrap();
     let content = pattern(4, (16 * MIB) as usize);
-    let (store, _) = common::real_setup(
-        dir.path(),
-        &format_opts(64 * MIB, 65536),
-        &[("o0", content.clone())],
-    );
-    let s = Store::open(&store, &OpenOptions::default()).unwrap();
-    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let (_, s) = with_snapshot(dir.path(), 64 * MIB, &content, "a", false);
     s.checkpoint().unwrap();
     let before = used(&s);
     let o = s.volume("o0").unwrap();
@@ -151,13 +160,7 @@ fn a_first_4k_write_costs_4k_of_store() {
 fn trim_of_a_writable_snapshot_records_zeroes_and_frees_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let content = pattern(5, (64 * MIB) as usize);
-    let (store, _) = common::real_setup(
-        dir.path(),
-        &format_opts(160 * MIB, 65536),
-        &[("o0", content.clone())],
-    );
-    let s = Store::open(&store, &OpenOptions::default()).unwrap();
-    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    let (store, s) = with_snapshot(dir.path(), 160 * MIB, &content, "w", true);
     let w = s.volume("o0@w").unwrap();
     s.checkpoint().unwrap();
     let empty = used(&s);
@@ -218,13 +221,7 @@ fn trim_of_a_writable_snapshot_records_zeroes_and_frees_its_data() {
 fn snapshots_of_a_snapshot_copy_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let content = pattern(7, (16 * MIB) as usize);
-    let (store, _) = common::real_setup(
-        dir.path(),
-        &format_opts(128 * MIB, 65536),
-        &[("o0", content.clone())],
-    );
-    let s = Store::open(&store, &OpenOptions::default()).unwrap();
-    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    let (_, s) = with_snapshot(dir.path(), 128 * MIB, &content, "w", true);
     let w = s.volume("o0@w").unwrap();
     let data = pattern(8, (16 * MIB) as usize);
     w.write_at(0, &data, false).unwrap();
