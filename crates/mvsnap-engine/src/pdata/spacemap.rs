@@ -198,7 +198,7 @@ impl SpaceMap {
             return Ok(false);
         }
         let d = self.make_dirty(io, i)?;
-        if get_bit(&d.working, bit) {
+        if get_bit(&d.working, bit) || d.held.as_ref().is_some_and(|h| get_bit(h, bit)) {
             return Ok(false);
         }
         set_bit(&mut d.working, bit, true);
@@ -534,6 +534,65 @@ mod tests {
         sm.write_changed(io, txn).unwrap();
         sm.commit_done();
         ch
+    }
+
+    /// What the store uses: a limit below the map's size (a file not grown yet), blocks
+    /// released and held until the commit even when this transaction allocated them (a
+    /// journal record names them), claims of given blocks for replay, the usable count.
+    #[test]
+    fn limit_release_and_claim() {
+        let io = Mem::default();
+        let blocks = BITS_PER_BITMAP + 500;
+        let mut sm = SpaceMap::format(2, blocks, 8);
+        commit(&mut sm, &io, 1);
+        sm.set_limit(40);
+        assert_eq!(sm.limit(), 40);
+        assert_eq!(sm.usable_free_blocks(), 32, "blocks 8..40");
+        let got: Vec<BlockNo> = std::iter::from_fn(|| sm.alloc(&io).unwrap()).collect();
+        assert_eq!(got, (8..40).collect::<Vec<_>>(), "nothing at or past the limit");
+        assert_eq!(sm.usable_free_blocks(), 0);
+        assert!(!sm.claim(&io, 40).unwrap(), "past the limit");
+        assert!(!sm.claim(&io, 9).unwrap(), "in use");
+        // Released in the transaction that allocated it: held, not handed out, not claimed.
+        sm.release(&io, 9).unwrap();
+        assert!(!sm.is_used(&io, 9).unwrap());
+        assert_eq!(sm.usable_free_blocks(), 0);
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(&io).unwrap(), None, "a held block is not handed out");
+        assert!(!sm.claim(&io, 9).unwrap(), "a held block is not claimed");
+        commit(&mut sm, &io, 2);
+        assert_eq!(sm.usable_free_blocks(), 1, "free once the commit is durable");
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(&io).unwrap(), Some(9));
+        commit(&mut sm, &io, 3);
+        assert_eq!(sm.usable_free_blocks(), 0);
+        // A committed block released: free in the next version only.
+        sm.release(&io, 20).unwrap();
+        assert_eq!(sm.usable_free_blocks(), 0);
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(&io).unwrap(), None);
+        assert!(!sm.claim(&io, 20).unwrap());
+        commit(&mut sm, &io, 4);
+        assert_eq!(sm.usable_free_blocks(), 1);
+        // A claim takes exactly the given free block, once.
+        assert!(sm.claim(&io, 20).unwrap());
+        assert!(!sm.claim(&io, 20).unwrap());
+        assert!(sm.is_used(&io, 20).unwrap());
+        assert_eq!(sm.usable_free_blocks(), 0);
+        assert_eq!(sm.free_blocks(), blocks - 40);
+        // The limit grows: the new blocks are usable, in order, and counted.
+        sm.set_limit(48);
+        assert_eq!(sm.usable_free_blocks(), 8);
+        sm.set_limit(blocks + 100);
+        assert_eq!(sm.limit(), blocks, "never past the map");
+        let used = sm.working_used_blocks(&io).unwrap();
+        assert_eq!(used, (0..40).collect::<Vec<_>>());
+        sm.cursor = 40;
+        assert_eq!(sm.alloc(&io).unwrap(), Some(40));
+        let used = sm.working_used_blocks(&io).unwrap();
+        assert_eq!(used.len(), 41);
+        // Committed: 20 was free in the last commit, 40 was not taken yet.
+        assert_eq!(sm.used_blocks(&io).unwrap().len(), 39);
     }
 
     #[test]
