@@ -549,7 +549,11 @@ mod tests {
         assert_eq!(sm.limit(), 40);
         assert_eq!(sm.usable_free_blocks(), 32, "blocks 8..40");
         let got: Vec<BlockNo> = std::iter::from_fn(|| sm.alloc(&io).unwrap()).collect();
-        assert_eq!(got, (8..40).collect::<Vec<_>>(), "nothing at or past the limit");
+        assert_eq!(
+            got,
+            (8..40).collect::<Vec<_>>(),
+            "nothing at or past the limit"
+        );
         assert_eq!(sm.usable_free_blocks(), 0);
         assert!(!sm.claim(&io, 40).unwrap(), "past the limit");
         assert!(!sm.claim(&io, 9).unwrap(), "in use");
@@ -558,10 +562,18 @@ mod tests {
         assert!(!sm.is_used(&io, 9).unwrap());
         assert_eq!(sm.usable_free_blocks(), 0);
         sm.cursor = 0;
-        assert_eq!(sm.alloc(&io).unwrap(), None, "a held block is not handed out");
+        assert_eq!(
+            sm.alloc(&io).unwrap(),
+            None,
+            "a held block is not handed out"
+        );
         assert!(!sm.claim(&io, 9).unwrap(), "a held block is not claimed");
         commit(&mut sm, &io, 2);
-        assert_eq!(sm.usable_free_blocks(), 1, "free once the commit is durable");
+        assert_eq!(
+            sm.usable_free_blocks(),
+            1,
+            "free once the commit is durable"
+        );
         sm.cursor = 0;
         assert_eq!(sm.alloc(&io).unwrap(), Some(9));
         commit(&mut sm, &io, 3);
