@@ -96,6 +96,9 @@ pub struct SpaceMap {
     limit: u64,
     /// Blocks freed in this transaction that the committed version still uses.
     released: u64,
+    /// Free blocks in the working version: the sum of every bitmap's free count, kept as they
+    /// change (an allocation must not walk one selector per 127 MiB of store).
+    total_free: u64,
 }
 
 impl SpaceMap {
@@ -122,6 +125,7 @@ impl SpaceMap {
             cursor: 0,
             limit: blocks,
             released: 0,
+            total_free: 0,
         };
         for i in 0..n {
             let mut bits = vec![0u8; NODE_SIZE - HEADER];
@@ -134,6 +138,7 @@ impl SpaceMap {
                 set_bit(&mut bits, (b - first) as usize, true);
             }
             let free = count_free(&bits);
+            sm.total_free += free as u64;
             // No version is durable yet: what is free now may be used at once.
             sm.dirty.insert(
                 i as u32,
@@ -163,6 +168,7 @@ impl SpaceMap {
         Ok(SpaceMap {
             region,
             blocks,
+            total_free: selectors.iter().map(|s| s.free as u64).sum(),
             selectors,
             dirty: BTreeMap::new(),
             clean: HashMap::new(),
@@ -203,14 +209,19 @@ impl SpaceMap {
         }
         set_bit(&mut d.working, bit, true);
         d.free -= 1;
+        self.total_free -= 1;
         Ok(true)
     }
 
     /// Free blocks in the working version (blocks freed in this transaction count as free).
     pub fn free_blocks(&self) -> u64 {
-        (0..self.selectors.len() as u32)
-            .map(|i| self.free_of(i) as u64)
-            .sum()
+        debug_assert_eq!(
+            self.total_free,
+            (0..self.selectors.len() as u32)
+                .map(|i| self.free_of(i) as u64)
+                .sum::<u64>()
+        );
+        self.total_free
     }
 
     fn free_of(&self, i: u32) -> u32 {
@@ -305,6 +316,7 @@ impl SpaceMap {
             let d = self.make_dirty(io, i)?;
             set_bit(&mut d.working, bit, true);
             d.free -= 1;
+            self.total_free -= 1;
             let block = i as u64 * BITS_PER_BITMAP + bit as u64;
             self.cursor = block + 1;
             return Ok(Some(block));
@@ -331,7 +343,9 @@ impl SpaceMap {
         }
         set_bit(&mut d.working, bit, false);
         d.free += 1;
-        if get_bit(&d.committed, bit) {
+        let was_committed = get_bit(&d.committed, bit);
+        self.total_free += 1;
+        if was_committed {
             self.released += 1;
         }
         Ok(())
