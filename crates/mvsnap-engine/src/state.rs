@@ -301,28 +301,10 @@ impl State {
         self.meta.free_block(slot as u64)
     }
 
+    /// The block a record names is referenced now: no longer set aside by a commit.
     fn logged(&mut self, slot: u32) {
         if let Some(i) = self.unlogged.iter().position(|&s| s == slot) {
             self.unlogged.swap_remove(i);
-        }
-    }
-
-    /// Claim a slot a record introduces (replay), or accept one the live path already took.
-    fn take_slot(&mut self, slot: u32, live: bool) -> Result<(), ApplyError> {
-        if slot == ZERO_SLOT {
-            return Ok(());
-        }
-        if live {
-            self.logged(slot);
-            return Ok(());
-        }
-        if self.meta.claim_block(slot as u64).map_err(perr)? {
-            Ok(())
-        } else {
-            Err(format!(
-                "block {slot} is used twice or lies past the end of the store ({} blocks)",
-                self.meta.limit()
-            ))
         }
     }
 
@@ -340,16 +322,10 @@ impl State {
         }
     }
 
-    /// Apply one record. `seq` is its journal sequence; `live` says the slots it names were
-    /// already allocated by the live path. (`_quarantine` is kept for the callers: every
-    /// release waits for the next tree commit now.)
-    pub fn apply(
-        &mut self,
-        rec: &Record,
-        seq: u64,
-        live: bool,
-        _quarantine: bool,
-    ) -> Result<(), ApplyError> {
+    /// Apply one record; `seq` is its journal sequence. The blocks it names are taken already:
+    /// by the live path, or, in recovery, by the replay's claim of every block the journal
+    /// names. What it releases waits for the next tree commit.
+    pub fn apply(&mut self, rec: &Record, seq: u64) -> Result<(), ApplyError> {
         match rec {
             Record::OriginAdd { no, id, path, size } => {
                 if self.origins.contains_key(no) || self.origin_by_id(id).is_some() {
@@ -483,7 +459,7 @@ impl State {
                         "preserve of chunk {chunk} bits {bits:#x} is out of range"
                     ));
                 }
-                self.take_slot(*slot, live)?;
+                self.logged(*slot);
                 let (no, c, lo, hi, loc) = (*origin, *chunk, *lo, *hi, loc_of(*slot));
                 self.meta
                     .change(|t| {
@@ -495,9 +471,7 @@ impl State {
                 o.entries += 1;
                 if *slot != ZERO_SLOT {
                     *o.ranges.entry((lo, hi)).or_default() += 1;
-                    if live {
-                        self.unsettled_slots.insert(*slot, seq);
-                    }
+                    self.unsettled_slots.insert(*slot, seq);
                 }
             }
             Record::MapWrite {
@@ -511,17 +485,8 @@ impl State {
                 if *chunk >= self.geo.chunks_for(size) {
                     return Err(format!("write to chunk {chunk} past the volume's end"));
                 }
-                let old = self.map_get(s, *chunk).map_err(perr)?;
-                if old
-                    != Some(MapHit {
-                        slot: *slot,
-                        own: true,
-                    })
-                {
-                    self.take_slot(*slot, live)?;
-                }
-                let s = &self.snaps[snap];
                 let (origin, node, c, loc) = (s.origin, s.node, *chunk, loc_of(*slot));
+                self.logged(*slot);
                 let replaced = self
                     .meta
                     .change(|t| snapdata::write(t, origin, c, node, loc))
@@ -531,7 +496,7 @@ impl State {
                     Some(_) => {}
                     None => *self.node_keys.entry(node).or_default() += 1,
                 }
-                if live && *slot != ZERO_SLOT {
+                if *slot != ZERO_SLOT {
                     self.unsettled_slots.insert(*slot, seq);
                 }
             }
@@ -778,7 +743,7 @@ impl State {
             let id = r.str().ok_or_else(short)?;
             let path = r.str().ok_or_else(short)?;
             let size = r.u64().ok_or_else(short)?;
-            st.apply(&Record::OriginAdd { no, id, path, size }, 0, false, false)?;
+            st.apply(&Record::OriginAdd { no, id, path, size }, 0)?;
             let o = st.origins.get_mut(&no).unwrap();
             o.gen = r.u32().ok_or_else(short)?;
             o.entries = r.u64().ok_or_else(short)?;

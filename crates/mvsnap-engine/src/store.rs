@@ -345,7 +345,7 @@ impl Inner {
                 j.append(&rec)
             }
         };
-        st.apply(&rec, seq, true, !self.ephemeral).map_err(|e| {
+        st.apply(&rec, seq).map_err(|e| {
             // A live record that does not apply is a bug; stop writing before it spreads.
             let e = std::io::Error::other(e);
             self.poison("apply", &e)
@@ -1113,8 +1113,7 @@ impl Store {
                     );
                     break 'replay;
                 }
-                // As live: the record's blocks are taken already.
-                st.apply(&rec, seq, true, true).map_err(|e| {
+                st.apply(&rec, seq).map_err(|e| {
                     truncated(Error::corrupt(&path, format!("journal record {seq}: {e}")))
                 })?;
                 replayed += 1;
