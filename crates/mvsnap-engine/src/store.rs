@@ -413,19 +413,21 @@ impl Inner {
     }
 
     fn write_group(&self) -> Result<Option<u64>> {
-        let group = self.journal.lock().take_group();
-        let Some(g) = group else {
-            // Nothing pending: everything appended was already taken by a checkpoint.
+        let groups = self.journal.lock().take_groups();
+        let Some(last) = groups.last().map(|g| g.last_seq) else {
+            // Nothing pending: everything appended was written, or a tree commit covers it.
             return Ok(Some(self.appended_seq()));
         };
-        if g.pos + g.bytes.len() as u64 > self.geo.journal_len {
-            // Never write past the journal into the data area.
-            let e = std::io::Error::other("journal region overflow");
-            return Err(self.poison("journal append", &e));
+        for g in &groups {
+            if g.pos + g.bytes.len() as u64 > self.geo.journal_len {
+                // Never write past the journal into the data area.
+                let e = std::io::Error::other("journal region overflow");
+                return Err(self.poison("journal append", &e));
+            }
+            self.store_write(&g.bytes, JOURNAL_OFFSET + g.pos)?;
         }
-        self.store_write(&g.bytes, JOURNAL_OFFSET + g.pos)?;
         self.store_sync()?;
-        Ok(Some(g.last_seq))
+        Ok(Some(last))
     }
 
     /// Write the whole index into fresh slots, then point the superblock at it: recovery then
@@ -1043,8 +1045,8 @@ impl Store {
         // Blocks past the end of a file not grown that far are never handed out.
         meta.set_limit(geo.slots_for_len(len));
         let user = meta.user();
-        let (epoch, journal_seq, first_table, table_len, table_crc) =
-            (user[0], user[1], user[2], user[3], user[4] as u32);
+        let (epoch, journal_seq, first_table, table_len, table_crc, journal_start) =
+            (user[0], user[1], user[2], user[3], user[4] as u32, user[6]);
         // What refers past the end of a shorter file says first that the store is truncated.
         let store_len = sb.store_len.max(user[5]);
         let truncated = |e: Error| match e {
@@ -1070,6 +1072,7 @@ impl Store {
             geo.journal_len,
             sb.epoch,
             sb.journal_seq,
+            journal_start,
             &mut |off, buf| dev.read_at(buf, JOURNAL_OFFSET + off),
         )
         .map_err(|e| Error::io("read journal", &path, e))?;
@@ -1148,7 +1151,7 @@ impl Store {
             )));
         }
 
-        let journal = JournalWriter::new(sb.epoch, last_seq + 1, geo.journal_len);
+        let journal = JournalWriter::new(sb.epoch, last_seq + 1, geo.journal_len, journal_start);
         let inner = Arc::new(Inner {
             path: path.clone(),
             dev,

@@ -53,6 +53,23 @@ pub trait View {
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>>;
 }
 
+/// The nodes of a version being written by a commit (not durable, not in the cache yet):
+/// readers and the next transaction see them as committed.
+pub type FrozenNodes = HashMap<BlockNo, Arc<Node>>;
+
+/// A node of the frozen version, or a clean one through the cache.
+fn load_base(
+    io: &dyn NodeIo,
+    cache: &NodeCache,
+    frozen: Option<&FrozenNodes>,
+    block: BlockNo,
+) -> PResult<Arc<Node>> {
+    if let Some(n) = frozen.and_then(|f| f.get(&block)) {
+        return Ok(n.clone());
+    }
+    load(io, cache, block)
+}
+
 /// Read a clean node through the cache.
 fn load(io: &dyn NodeIo, cache: &NodeCache, block: BlockNo) -> PResult<Arc<Node>> {
     if let Some(n) = cache.get(block) {
@@ -323,32 +340,35 @@ impl Pending {
         self.dirty.len()
     }
 
-    /// Write every dirty node to its block; only when all are written do they become clean
-    /// cache entries. On an error nothing changes: readers still see every change.
-    pub fn write(&mut self, io: &dyn NodeIo, cache: &NodeCache) -> PResult<Commit> {
-        let mut blocks: Vec<BlockNo> = self.dirty.keys().copied().collect();
-        // In block order: neighbouring nodes go out as neighbouring writes.
-        blocks.sort_unstable();
-        for &b in &blocks {
-            let bytes = self.dirty[&b].encode(b, self.txn);
-            io.write_block(b, &bytes[..])
-                .map_err(|source| PdataError::Io { block: b, source })?;
-        }
-        for b in &blocks {
-            let node = self.dirty.remove(b).expect("listed");
-            cache.insert(*b, Arc::new(node));
-        }
-        Ok(Commit {
-            root: self.root,
-            written: blocks.len(),
-        })
+    /// Close the transaction: its dirty nodes, to be written by a commit while the next
+    /// transaction reads (and shadows) them.
+    pub fn freeze(self) -> FrozenNodes {
+        self.dirty
+            .into_iter()
+            .map(|(b, n)| (b, Arc::new(n)))
+            .collect()
     }
 }
 
-/// Read access to a suspended transaction: its dirty nodes first, then the cache.
+/// Write a frozen version's nodes, in block order (neighbouring nodes go out as neighbouring
+/// writes), stamped with `txn`.
+pub fn write_frozen(io: &dyn NodeIo, nodes: &FrozenNodes, txn: u64) -> PResult<usize> {
+    let mut blocks: Vec<BlockNo> = nodes.keys().copied().collect();
+    blocks.sort_unstable();
+    for &b in &blocks {
+        let bytes = nodes[&b].encode(b, txn);
+        io.write_block(b, &bytes[..])
+            .map_err(|source| PdataError::Io { block: b, source })?;
+    }
+    Ok(blocks.len())
+}
+
+/// Read access to a suspended transaction: its dirty nodes first, then the frozen version's,
+/// then the cache.
 pub struct PendingView<'a> {
     pub io: &'a dyn NodeIo,
     pub cache: &'a NodeCache,
+    pub frozen: Option<&'a FrozenNodes>,
     pub pending: &'a Pending,
 }
 
@@ -359,7 +379,7 @@ impl View for PendingView<'_> {
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
         match self.pending.dirty.get(&block) {
             Some(n) => Ok(NodeRef::Dirty(n)),
-            None => load(self.io, self.cache, block).map(NodeRef::Clean),
+            None => load_base(self.io, self.cache, self.frozen, block).map(NodeRef::Clean),
         }
     }
 }
@@ -368,6 +388,8 @@ impl View for PendingView<'_> {
 pub struct Txn<'a, A: BlockAlloc> {
     io: &'a dyn NodeIo,
     cache: &'a NodeCache,
+    /// The version a commit is writing: committed as far as this transaction is concerned.
+    frozen: Option<&'a FrozenNodes>,
     alloc: &'a mut A,
     txn: u64,
     root: Option<BlockNo>,
@@ -381,7 +403,7 @@ impl<A: BlockAlloc> View for Txn<'_, A> {
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
         match self.dirty.get(&block) {
             Some(n) => Ok(NodeRef::Dirty(n)),
-            None => load(self.io, self.cache, block).map(NodeRef::Clean),
+            None => load_base(self.io, self.cache, self.frozen, block).map(NodeRef::Clean),
         }
     }
 }
@@ -398,6 +420,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         Txn {
             io,
             cache,
+            frozen: None,
             alloc,
             txn,
             root,
@@ -405,16 +428,19 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         }
     }
 
-    /// Go on with a suspended transaction.
+    /// Go on with a suspended transaction, on top of the `frozen` version if a commit is
+    /// writing one.
     pub fn resume(
         io: &'a dyn NodeIo,
         cache: &'a NodeCache,
+        frozen: Option<&'a FrozenNodes>,
         alloc: &'a mut A,
         p: Pending,
     ) -> Txn<'a, A> {
         Txn {
             io,
             cache,
+            frozen,
             alloc,
             txn: p.txn,
             root: p.root,
@@ -449,7 +475,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         if let Some(n) = self.dirty.remove(&b) {
             return Ok((b, n));
         }
-        let n = (*load(self.io, self.cache, b)?).clone();
+        let n = (*load_base(self.io, self.cache, self.frozen, b)?).clone();
         let nb = self.new_block()?;
         self.alloc.release(b);
         Ok((nb, n))
@@ -461,7 +487,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             self.alloc.free_now(b);
             return Ok(n);
         }
-        let n = (*load(self.io, self.cache, b)?).clone();
+        let n = (*load_base(self.io, self.cache, self.frozen, b)?).clone();
         self.alloc.release(b);
         Ok(n)
     }

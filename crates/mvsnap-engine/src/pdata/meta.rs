@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use super::btree::{self, Pending, PendingView, Txn};
+use super::btree::{self, FrozenNodes, Pending, PendingView, Txn};
 use super::cache::{CacheStats, NodeCache};
 use super::node::{Key, Value};
 use super::spacemap::{Selector, SpaceMap, TxnAlloc};
@@ -40,6 +40,7 @@ pub const USER_WORDS: usize = 8;
 const USER_AT: usize = 64;
 
 /// Whole blocks of a device, by number, from byte `base` on.
+#[derive(Clone)]
 pub struct DevIo(pub Arc<dyn BlockDev>, pub u64);
 
 impl NodeIo for DevIo {
@@ -103,6 +104,56 @@ impl Header {
     }
 }
 
+/// The writes of one commit, detached from the [`Meta`] that froze it so that they can run
+/// while the next transaction goes on.
+pub struct CommitJob {
+    dev: Arc<dyn BlockDev>,
+    io: DevIo,
+    nodes: Arc<FrozenNodes>,
+    bitmaps: Vec<(BlockNo, Vec<u8>)>,
+    header: Header,
+    sync: bool,
+}
+
+impl CommitJob {
+    /// Nodes and bitmaps to their blocks, sync, the header to the older header block, sync.
+    pub fn write(&self) -> PResult<CommitStats> {
+        let nodes = btree::write_frozen(&self.io, &self.nodes, self.header.txn - 1)?;
+        for (block, bytes) in &self.bitmaps {
+            self.io
+                .write_block(*block, bytes)
+                .map_err(|source| PdataError::Io {
+                    block: *block,
+                    source,
+                })?;
+        }
+        self.sync()?;
+        let at = self.header.seq % 2;
+        self.io
+            .write_block(at, &self.header.encode())
+            .map_err(|source| PdataError::Io { block: at, source })?;
+        self.sync()?;
+        Ok(CommitStats {
+            nodes,
+            bitmaps: self.bitmaps.len(),
+        })
+    }
+
+    fn sync(&self) -> PResult<()> {
+        if !self.sync {
+            return Ok(());
+        }
+        self.dev
+            .sync()
+            .map_err(|source| PdataError::Io { block: 0, source })
+    }
+
+    /// Nodes it writes.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
 /// What one commit wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
@@ -118,6 +169,8 @@ pub struct Meta {
     cache: NodeCache,
     map: SpaceMap,
     header: Header,
+    /// The version a commit is writing, with the header that will point at it.
+    frozen: Option<(Arc<FrozenNodes>, Header)>,
     pending: Pending,
     /// The first failure inside the open transaction: it can no longer commit.
     broken: Option<String>,
@@ -162,6 +215,7 @@ impl Meta {
                 blocks,
                 user,
             },
+            frozen: None,
             pending: Pending::new(None, 1),
             broken: None,
             sync: true,
@@ -232,6 +286,7 @@ impl Meta {
             io,
             cache,
             map,
+            frozen: None,
             pending: Pending::new(header.root, header.txn),
             header,
             broken: None,
@@ -281,6 +336,7 @@ impl Meta {
         PendingView {
             io: &self.io,
             cache: &self.cache,
+            frozen: self.frozen.as_ref().map(|(f, _)| &**f),
             pending: &self.pending,
         }
     }
@@ -340,7 +396,8 @@ impl Meta {
             error: None,
         };
         let pending = std::mem::take(&mut self.pending);
-        let mut t = Txn::resume(&self.io, &self.cache, &mut alloc, pending);
+        let frozen = self.frozen.as_ref().map(|(f, _)| &**f);
+        let mut t = Txn::resume(&self.io, &self.cache, frozen, &mut alloc, pending);
         let out = f(&mut t);
         self.pending = t.suspend();
         let out = match (out, alloc.error.take()) {
@@ -405,19 +462,49 @@ impl Meta {
     /// Make the open transaction durable with these user words, then open the next one.
     /// On an error nothing durable changed, and the store must reopen.
     pub fn commit(&mut self, user: [u64; USER_WORDS]) -> PResult<CommitStats> {
+        self.wait_frozen()?;
+        let job = self.freeze(user, &[])?;
+        let r = job.write();
+        self.finish(r)
+    }
+
+    /// A commit in flight: frozen, its writes not known durable yet.
+    pub fn has_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// Nothing to wait for here: a commit in flight is finished by whoever ran its job
+    /// ([`Meta::finish`]); committing again before that is a caller's error.
+    fn wait_frozen(&self) -> PResult<()> {
+        if self.frozen.is_some() {
+            return Err(PdataError::Corrupt {
+                block: 0,
+                what: "a commit was started before the previous one finished".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Close the open transaction as the version the next header (with these user words)
+    /// will point at, and open the next transaction on top of it. Returns the job that
+    /// writes it (nodes, bitmaps, sync, header, sync), to run without holding the caller's
+    /// locks; readers and writers meanwhile see the frozen version as committed. `aside`:
+    /// blocks used now that the frozen version must count free (see [`SpaceMap::freeze`]).
+    pub fn freeze(&mut self, user: [u64; USER_WORDS], aside: &[BlockNo]) -> PResult<CommitJob> {
         self.check_open()?;
-        let r = self.commit_inner(user);
+        self.wait_frozen()?;
+        let r = self.freeze_inner(user, aside);
         if let Err(e) = &r {
             self.broken = Some(e.to_string());
         }
         r
     }
 
-    fn commit_inner(&mut self, user: [u64; USER_WORDS]) -> PResult<CommitStats> {
-        let txn = self.header.txn;
+    fn freeze_inner(&mut self, user: [u64; USER_WORDS], aside: &[BlockNo]) -> PResult<CommitJob> {
+        let txn = self.pending.txn;
         // The space map's selectors into the tree, until nothing more changes.
         self.change(|t| loop {
-            let changed = t.allocator().map.changed_selectors();
+            let changed = t.allocator().map.changed_selectors(aside);
             let mut again = false;
             for (i, sel) in changed {
                 let k = selector_key(i);
@@ -431,38 +518,52 @@ impl Meta {
                 return Ok(());
             }
         })?;
-        let c = self.pending.write(&self.io, &self.cache)?;
-        let bitmaps = self.map.write_changed(&self.io, txn)?;
-        let want_sync = self.sync;
-        let sync = |dev: &Arc<dyn BlockDev>| {
-            if !want_sync {
-                return Ok(());
-            }
-            dev.sync()
-                .map_err(|source| PdataError::Io { block: 0, source })
-        };
-        sync(&self.dev)?;
+        let pending = std::mem::take(&mut self.pending);
+        let root = pending.root;
+        let nodes = Arc::new(pending.freeze());
+        let bitmaps = self.map.freeze(aside, txn);
         let header = Header {
             seq: self.header.seq + 1,
             txn: txn + 1,
-            root: c.root,
+            root,
             blocks: self.header.blocks,
             user,
         };
-        self.io
-            .write_block(header.seq % 2, &header.encode())
-            .map_err(|source| PdataError::Io {
-                block: header.seq % 2,
-                source,
-            })?;
-        sync(&self.dev)?;
-        self.header = header;
-        self.map.commit_done();
-        self.pending = Pending::new(header.root, header.txn);
-        Ok(CommitStats {
-            nodes: c.written,
+        self.frozen = Some((nodes.clone(), header));
+        self.pending = Pending::new(root, txn + 1);
+        Ok(CommitJob {
+            dev: self.dev.clone(),
+            io: self.io.clone(),
+            nodes,
             bitmaps,
+            header,
+            sync: self.sync,
         })
+    }
+
+    /// The frozen version's job ran: on success its header is durable and it becomes the
+    /// durable version (its nodes clean in the cache, what its transaction freed free). On
+    /// an error nothing more commits until a reopen.
+    pub fn finish(&mut self, written: PResult<CommitStats>) -> PResult<CommitStats> {
+        let Some((nodes, header)) = self.frozen.take() else {
+            return Err(PdataError::Corrupt {
+                block: 0,
+                what: "no commit in flight to finish".into(),
+            });
+        };
+        let stats = match written {
+            Ok(s) => s,
+            Err(e) => {
+                self.broken = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        for (&b, n) in nodes.iter() {
+            self.cache.insert(b, n.clone());
+        }
+        self.header = header;
+        self.map.frozen_durable();
+        Ok(stats)
     }
 
     /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the

@@ -10,7 +10,7 @@
 //! allocates its own blocks from itself.
 //!
 //! A block freed in a transaction is not handed out again before that transaction's commit is
-//! durable ([`SpaceMap::commit_done`]): until then a crash returns to a version that uses it.
+//! durable ([`SpaceMap::frozen_durable`]): until then a crash returns to a version that uses it.
 //! In RAM: the selectors (8 bytes per bitmap, 64 KiB for a 1 TiB store), the bitmaps this
 //! transaction changed (with their committed version) and a bounded cache of clean ones.
 //!
@@ -74,27 +74,45 @@ impl Selector {
     }
 }
 
+/// A bitmap the open transaction changed.
 struct Dirty {
-    committed: Arc<Bits>,
+    /// The version the transaction started from: the durable one, or the one being written.
+    base: Arc<Bits>,
     working: Bits,
     free: u32,
     /// Freed, but not to be handed out before the commit is durable (see [`SpaceMap::release`]).
     held: Option<Bits>,
 }
 
+/// A bitmap of the version being written (frozen, not durable yet).
+struct Frozen {
+    bits: Arc<Bits>,
+    free: u32,
+    /// Blocks not to hand out until that version is durable: those the durable version uses
+    /// (a crash goes back to it) and those its transaction held.
+    busy: Bits,
+}
+
+/// One bit per block in three versions: the durable one (`selectors`, bitmaps on disk), the
+/// one a commit is writing (`frozen`), and the open transaction's (`dirty`). A block is handed
+/// out only when it is free in all three.
 pub struct SpaceMap {
     /// First block of the two-slot region (bitmap i: slots region + 2i and region + 2i + 1).
     region: BlockNo,
     /// Blocks the map covers (the whole store).
     blocks: u64,
+    /// The durable version's selectors.
     selectors: Vec<Selector>,
+    frozen: BTreeMap<u32, Frozen>,
+    /// Blocks free in the frozen version but busy until it is durable.
+    frozen_busy: u64,
     dirty: BTreeMap<u32, Dirty>,
     clean: HashMap<u32, Arc<Bits>>,
     /// Where the next search for a free block starts: allocations stay near each other.
     cursor: BlockNo,
     /// No block at or past this is handed out (a store file not grown that far yet).
     limit: u64,
-    /// Blocks freed in this transaction that the committed version still uses.
+    /// Blocks freed in this transaction that may not be handed out before it is durable.
     released: u64,
     /// Free blocks in the working version: the sum of every bitmap's free count, kept as they
     /// change (an allocation must not walk one selector per 127 MiB of store).
@@ -111,22 +129,28 @@ impl SpaceMap {
         2 * Self::bitmaps_for(blocks)
     }
 
-    /// A new map in which the blocks below `reserved` (headers, the map's own region, the
-    /// journal) are in use and all others free. Nothing is written until the first commit;
-    /// every bitmap is dirty, so the first commit writes them all.
-    pub fn format(region: BlockNo, blocks: u64, reserved: BlockNo) -> SpaceMap {
-        let n = Self::bitmaps_for(blocks) as usize;
-        let mut sm = SpaceMap {
+    fn empty(region: BlockNo, blocks: u64, selectors: Vec<Selector>) -> SpaceMap {
+        SpaceMap {
             region,
             blocks,
-            selectors: vec![Selector { slot: 1, free: 0 }; n],
+            total_free: selectors.iter().map(|s| s.free as u64).sum(),
+            selectors,
+            frozen: BTreeMap::new(),
+            frozen_busy: 0,
             dirty: BTreeMap::new(),
             clean: HashMap::new(),
             cursor: 0,
             limit: blocks,
             released: 0,
-            total_free: 0,
-        };
+        }
+    }
+
+    /// A new map in which the blocks below `reserved` (headers, the map's own region, the
+    /// journal) are in use and all others free. Nothing is written until the first commit;
+    /// every bitmap is dirty, so the first commit writes them all.
+    pub fn format(region: BlockNo, blocks: u64, reserved: BlockNo) -> SpaceMap {
+        let n = Self::bitmaps_for(blocks) as usize;
+        let mut sm = Self::empty(region, blocks, vec![Selector { slot: 1, free: 0 }; n]);
         for i in 0..n {
             let mut bits = vec![0u8; NODE_SIZE - HEADER];
             // Bits past the end of the store are "used": never handed out.
@@ -143,7 +167,7 @@ impl SpaceMap {
             sm.dirty.insert(
                 i as u32,
                 Dirty {
-                    committed: Arc::new(bits.clone()),
+                    base: Arc::new(bits.clone()),
                     working: bits,
                     free,
                     held: None,
@@ -165,17 +189,7 @@ impl SpaceMap {
                 ),
             });
         }
-        Ok(SpaceMap {
-            region,
-            blocks,
-            total_free: selectors.iter().map(|s| s.free as u64).sum(),
-            selectors,
-            dirty: BTreeMap::new(),
-            clean: HashMap::new(),
-            cursor: 0,
-            limit: blocks,
-            released: 0,
-        })
+        Ok(Self::empty(region, blocks, selectors))
     }
 
     pub fn set_limit(&mut self, limit: u64) {
@@ -186,27 +200,37 @@ impl SpaceMap {
         self.limit
     }
 
-    /// Blocks that may be handed out now: free in both versions and below the limit.
+    /// Blocks that may be handed out now: free in every version and below the limit.
     pub fn usable_free_blocks(&self) -> u64 {
         self.free_blocks()
             .saturating_sub(self.blocks - self.limit)
             .saturating_sub(self.released)
+            .saturating_sub(self.frozen_busy)
     }
 
-    /// Take `block`, which must be free in the working and the committed version and below
-    /// the limit (replay takes the blocks the live path had allocated).
+    /// Whether `bit` of bitmap `i` may be handed out: free in the base, the working version
+    /// and the frozen one's busy set, and not held.
+    fn takeable(&self, base: &Bits, i: u32, bit: usize) -> bool {
+        let d = self.dirty.get(&i);
+        !get_bit(base, bit)
+            && d.is_none_or(|d| !get_bit(&d.working, bit))
+            && d.and_then(|d| d.held.as_ref())
+                .is_none_or(|h| !get_bit(h, bit))
+            && self.frozen.get(&i).is_none_or(|f| !get_bit(&f.busy, bit))
+    }
+
+    /// Take `block`, which must be free in every version and below the limit (replay takes
+    /// the blocks the live path had allocated).
     pub fn claim(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<bool> {
         if block >= self.limit {
             return Ok(false);
         }
         let (i, bit) = split(block);
-        if get_bit(&self.committed_bits(io, i)?, bit) {
+        let base = self.base_bits(io, i)?;
+        if !self.takeable(&base, i, bit) {
             return Ok(false);
         }
         let d = self.make_dirty(io, i)?;
-        if get_bit(&d.working, bit) || d.held.as_ref().is_some_and(|h| get_bit(h, bit)) {
-            return Ok(false);
-        }
         set_bit(&mut d.working, bit, true);
         d.free -= 1;
         self.total_free -= 1;
@@ -225,9 +249,10 @@ impl SpaceMap {
     }
 
     fn free_of(&self, i: u32) -> u32 {
-        match self.dirty.get(&i) {
-            Some(d) => d.free,
-            None => self.selectors[i as usize].free,
+        match (self.dirty.get(&i), self.frozen.get(&i)) {
+            (Some(d), _) => d.free,
+            (None, Some(f)) => f.free,
+            (None, None) => self.selectors[i as usize].free,
         }
     }
 
@@ -235,11 +260,20 @@ impl SpaceMap {
         self.region + 2 * i as u64 + slot as u64
     }
 
-    /// The committed bitmap `i`, through the clean cache.
-    fn committed_bits(&mut self, io: &dyn NodeIo, i: u32) -> PResult<Arc<Bits>> {
+    /// Bitmap `i` as the open transaction started from it: the frozen version's, or the
+    /// durable one through the clean cache.
+    fn base_bits(&mut self, io: &dyn NodeIo, i: u32) -> PResult<Arc<Bits>> {
         if let Some(d) = self.dirty.get(&i) {
-            return Ok(d.committed.clone());
+            return Ok(d.base.clone());
         }
+        if let Some(f) = self.frozen.get(&i) {
+            return Ok(f.bits.clone());
+        }
+        self.durable_bits(io, i)
+    }
+
+    /// Bitmap `i` of the durable version.
+    fn durable_bits(&mut self, io: &dyn NodeIo, i: u32) -> PResult<Arc<Bits>> {
         if let Some(b) = self.clean.get(&i) {
             return Ok(b.clone());
         }
@@ -263,14 +297,13 @@ impl SpaceMap {
 
     fn make_dirty(&mut self, io: &dyn NodeIo, i: u32) -> PResult<&mut Dirty> {
         if !self.dirty.contains_key(&i) {
-            let committed = self.committed_bits(io, i)?;
-            self.clean.remove(&i);
-            let free = self.selectors[i as usize].free;
+            let base = self.base_bits(io, i)?;
+            let free = self.free_of(i);
             self.dirty.insert(
                 i,
                 Dirty {
-                    working: (*committed).clone(),
-                    committed,
+                    working: (*base).clone(),
+                    base,
                     free,
                     held: None,
                 },
@@ -284,11 +317,11 @@ impl SpaceMap {
         let (i, bit) = split(block);
         Ok(match self.dirty.get(&i) {
             Some(d) => get_bit(&d.working, bit),
-            None => get_bit(&self.committed_bits(io, i)?, bit),
+            None => get_bit(&self.base_bits(io, i)?, bit),
         })
     }
 
-    /// A block free in the working version and in the committed one, near the cursor.
+    /// A block free in every version, near the cursor.
     pub fn alloc(&mut self, io: &dyn NodeIo) -> PResult<Option<BlockNo>> {
         let n = self.selectors.len() as u32;
         let start = split(self.cursor).0;
@@ -303,16 +336,10 @@ impl SpaceMap {
                 continue;
             }
             let to = (self.limit - first).min(BITS_PER_BITMAP) as usize;
-            let committed = self.committed_bits(io, i)?;
-            let d = self.dirty.get(&i);
-            let working = d.map(|d| &d.working);
-            let held = d.and_then(|d| d.held.as_ref());
-            let found = (from..to).find(|&b| {
-                !get_bit(&committed, b)
-                    && working.is_none_or(|w| !get_bit(w, b))
-                    && held.is_none_or(|h| !get_bit(h, b))
-            });
-            let Some(bit) = found else { continue };
+            let base = self.base_bits(io, i)?;
+            let Some(bit) = (from..to).find(|&b| self.takeable(&base, i, b)) else {
+                continue;
+            };
             let d = self.make_dirty(io, i)?;
             set_bit(&mut d.working, bit, true);
             d.free -= 1;
@@ -324,7 +351,7 @@ impl SpaceMap {
         Ok(None)
     }
 
-    /// Free a block in the working version. One the committed version uses stays taken until
+    /// Free a block in the working version. One the base version uses stays taken until
     /// the commit is durable; one allocated in this transaction is free again at once.
     pub fn free(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<()> {
         let (i, bit) = split(block);
@@ -343,22 +370,22 @@ impl SpaceMap {
         }
         set_bit(&mut d.working, bit, false);
         d.free += 1;
-        let was_committed = get_bit(&d.committed, bit);
+        let in_base = get_bit(&d.base, bit);
         self.total_free += 1;
-        if was_committed {
+        if in_base {
             self.released += 1;
         }
         Ok(())
     }
 
     /// Free a block in the working version and hold it until the commit is durable, even if
-    /// the committed version does not use it: a journal record may still name it, and a crash
+    /// the base version does not use it: a journal record may still name it, and a crash
     /// before the commit replays that record.
     pub fn release(&mut self, io: &dyn NodeIo, block: BlockNo) -> PResult<()> {
         self.free(io, block)?;
         let (i, bit) = split(block);
         let d = self.dirty.get_mut(&i).expect("made dirty by free");
-        if !get_bit(&d.committed, bit) {
+        if !get_bit(&d.base, bit) {
             let held = d.held.get_or_insert_with(|| vec![0u8; NODE_SIZE - HEADER]);
             set_bit(held, bit, true);
             self.released += 1;
@@ -366,47 +393,95 @@ impl SpaceMap {
         Ok(())
     }
 
-    /// The selectors this transaction changes: (bitmap index, its new selector). The caller
-    /// records them in the tree before the tree's commit.
-    pub fn changed_selectors(&self) -> Vec<(u32, Selector)> {
+    /// The selectors this transaction's commit will write: (bitmap index, its new selector),
+    /// with the blocks `aside` counted free (see [`SpaceMap::freeze`]). The caller records
+    /// them in the tree before the tree's commit. Only with no commit in flight.
+    pub fn changed_selectors(&self, aside: &[BlockNo]) -> Vec<(u32, Selector)> {
+        debug_assert!(self.frozen.is_empty());
         self.dirty
             .iter()
             .map(|(&i, d)| {
+                let set_aside = aside.iter().filter(|&&b| split(b).0 == i).count() as u32;
                 (
                     i,
                     Selector {
                         slot: 1 - self.selectors[i as usize].slot,
-                        free: d.free,
+                        free: d.free + set_aside,
                     },
                 )
             })
             .collect()
     }
 
-    /// Write every changed bitmap to its other slot. Before the root flip.
-    pub fn write_changed(&self, io: &dyn NodeIo, txn: u64) -> PResult<usize> {
-        for (&i, d) in &self.dirty {
+    /// Close the transaction: its bitmaps become the frozen version a commit writes (they are
+    /// returned encoded for their other slots), and a new transaction starts from them. The
+    /// blocks `aside` (used in the working version, but by nothing the frozen version points
+    /// at: copies whose records come later) are free in the frozen version and stay used in
+    /// the new one. Only with no commit in flight.
+    pub fn freeze(&mut self, aside: &[BlockNo], txn: u64) -> Vec<(BlockNo, Vec<u8>)> {
+        debug_assert!(self.frozen.is_empty());
+        let mut out = Vec::with_capacity(self.dirty.len());
+        for (i, d) in std::mem::take(&mut self.dirty) {
+            let mut bits = d.working;
+            let mut free = d.free;
+            let mine: Vec<usize> = aside
+                .iter()
+                .filter(|&&b| split(b).0 == i)
+                .map(|&b| split(b).1)
+                .collect();
+            for &bit in &mine {
+                debug_assert!(get_bit(&bits, bit) && !get_bit(&d.base, bit));
+                set_bit(&mut bits, bit, false);
+                free += 1;
+            }
             let block = self.slot_block(i, 1 - self.selectors[i as usize].slot);
-            let buf = encode_bitmap(block, i, &d.working, d.free, txn);
-            io.write_block(block, &buf)
-                .map_err(|source| PdataError::Io { block, source })?;
+            out.push((block, encode_bitmap(block, i, &bits, free, txn)));
+            let mut busy = (*d.base).clone();
+            if let Some(h) = &d.held {
+                for (b, h) in busy.iter_mut().zip(h) {
+                    *b |= h;
+                }
+            }
+            let bits = Arc::new(bits);
+            if !mine.is_empty() {
+                // The new transaction still uses them.
+                let mut working = (*bits).clone();
+                for &bit in &mine {
+                    set_bit(&mut working, bit, true);
+                }
+                self.dirty.insert(
+                    i,
+                    Dirty {
+                        base: bits.clone(),
+                        working,
+                        free: free - mine.len() as u32,
+                        held: None,
+                    },
+                );
+            }
+            self.frozen.insert(i, Frozen { bits, free, busy });
         }
-        Ok(self.dirty.len())
+        self.frozen_busy = std::mem::take(&mut self.released);
+        out
     }
 
-    /// The root flip is durable: the working version is the committed one now, and blocks
-    /// freed in the transaction may be handed out.
-    pub fn commit_done(&mut self) {
-        self.released = 0;
-        let dirty = std::mem::take(&mut self.dirty);
-        for (i, d) in dirty {
+    /// The frozen version's root flip is durable: it is the durable version now, and what its
+    /// transaction freed may be handed out.
+    pub fn frozen_durable(&mut self) {
+        for (i, f) in std::mem::take(&mut self.frozen) {
             let s = &mut self.selectors[i as usize];
             s.slot = 1 - s.slot;
-            s.free = d.free;
-            if self.clean.len() < CLEAN_CACHE {
-                self.clean.insert(i, Arc::new(d.working));
+            s.free = f.free;
+            if self.clean.len() < CLEAN_CACHE || self.clean.contains_key(&i) {
+                self.clean.insert(i, f.bits);
             }
         }
+        self.frozen_busy = 0;
+    }
+
+    /// A commit in flight (frozen, not durable yet).
+    pub fn has_frozen(&self) -> bool {
+        !self.frozen.is_empty()
     }
 
     /// Every block in use in the working version (the open transaction's), in order.
@@ -415,7 +490,7 @@ impl SpaceMap {
         for i in 0..self.selectors.len() as u32 {
             let bits = match self.dirty.get(&i) {
                 Some(d) => Arc::new(d.working.clone()),
-                None => self.committed_bits(io, i)?,
+                None => self.base_bits(io, i)?,
             };
             let first = i as u64 * BITS_PER_BITMAP;
             for b in 0..BITS_PER_BITMAP.min(self.blocks - first) {
@@ -427,11 +502,11 @@ impl SpaceMap {
         Ok(out)
     }
 
-    /// Every block in use in the committed version, in order (for `check`).
+    /// Every block in use in the durable version, in order (for `check`).
     pub fn used_blocks(&mut self, io: &dyn NodeIo) -> PResult<Vec<BlockNo>> {
         let mut out = Vec::new();
         for i in 0..self.selectors.len() as u32 {
-            let bits = self.committed_bits(io, i)?;
+            let bits = self.durable_bits(io, i)?;
             let first = i as u64 * BITS_PER_BITMAP;
             for b in 0..BITS_PER_BITMAP.min(self.blocks - first) {
                 if get_bit(&bits, b as usize) {
@@ -514,7 +589,7 @@ impl BlockAlloc for TxnAlloc<'_> {
             self.error.get_or_insert(e);
         }
     }
-    /// Free in the working version; the committed one keeps it until `commit_done`.
+    /// Free in the working version; the base one keeps it until the commit is durable.
     fn release(&mut self, block: BlockNo) {
         self.free_now(block);
     }
@@ -544,9 +619,11 @@ mod tests {
     }
 
     fn commit(sm: &mut SpaceMap, io: &Mem, txn: u64) -> Vec<(u32, Selector)> {
-        let ch = sm.changed_selectors();
-        sm.write_changed(io, txn).unwrap();
-        sm.commit_done();
+        let ch = sm.changed_selectors(&[]);
+        for (b, bytes) in sm.freeze(&[], txn) {
+            io.write_block(b, &bytes).unwrap();
+        }
+        sm.frozen_durable();
         ch
     }
 
@@ -619,6 +696,89 @@ mod tests {
         assert_eq!(used.len(), 41);
         // Committed: 20 was free in the last commit, 40 was not taken yet.
         assert_eq!(sm.used_blocks(&io).unwrap().len(), 39);
+    }
+
+    /// Three versions at once, as while a commit is being written: the durable one, the
+    /// frozen one, the working one. A block is handed out (or claimed) only when free in all
+    /// three: one the durable version uses that the frozen transaction freed, or one it held,
+    /// waits for the frozen version to be durable; blocks set aside are free in the frozen
+    /// version and used in the working one; the counts say so throughout.
+    #[test]
+    fn a_block_is_handed_out_only_when_free_in_all_three_versions() {
+        let io = Mem::default();
+        let blocks = BITS_PER_BITMAP + 100;
+        let mut sm = SpaceMap::format(2, blocks, 8);
+        commit(&mut sm, &io, 1);
+        sm.set_limit(24);
+        // Durable: 8..16 used.
+        for want in 8..16 {
+            assert_eq!(sm.alloc(&io).unwrap(), Some(want));
+        }
+        commit(&mut sm, &io, 2);
+        assert_eq!(sm.usable_free_blocks(), 8);
+        // Transaction A: frees 10 (durable uses it), takes 16 and 17, holds 17 (a record named
+        // it), sets 16 aside (its record comes after the commit).
+        sm.free(&io, 10).unwrap();
+        assert_eq!(sm.alloc(&io).unwrap(), Some(16));
+        assert_eq!(sm.alloc(&io).unwrap(), Some(17));
+        sm.release(&io, 17).unwrap();
+        assert_eq!(sm.usable_free_blocks(), 6, "18..24: 16 taken; 10, 17 busy");
+        let ch = sm.changed_selectors(&[16]);
+        let written = sm.freeze(&[16], 3);
+        assert_eq!(written.len(), ch.len());
+        assert!(sm.has_frozen());
+        // The frozen version: 10 and 17 free, 16 free (set aside); the working version: 16 used.
+        let (i, sel) = ch[0];
+        assert_eq!(i, 0);
+        assert_eq!(
+            sel.free as u64,
+            BITS_PER_BITMAP - 8 - 7,
+            "8..16 but 10, nothing else"
+        );
+        assert!(sm.is_used(&io, 16).unwrap() && !sm.is_used(&io, 10).unwrap());
+        assert_eq!(sm.usable_free_blocks(), 6);
+        // Transaction B, on top of the frozen version: 10 and 17 are not handed out yet, not
+        // even from the cursor right at them, nor claimed.
+        for at in [10, 17] {
+            sm.cursor = at;
+            let got = sm.alloc(&io).unwrap().unwrap();
+            assert!(got != 10 && got != 17, "busy block {got} handed out");
+            sm.free(&io, got).unwrap();
+            assert!(!sm.claim(&io, at).unwrap(), "busy block {at} claimed");
+        }
+        // B frees 12 (used in both earlier versions) and 16 (its record came and went).
+        sm.free(&io, 12).unwrap();
+        sm.free(&io, 16).unwrap();
+        assert!(!sm.is_used(&io, 16).unwrap());
+        assert_eq!(sm.usable_free_blocks(), 7, "16 is free at once, 12 waits");
+        // The frozen version is durable: 10 and 17 may go, 12 still waits for B.
+        for (b, bytes) in written {
+            io.write_block(b, &bytes).unwrap();
+        }
+        sm.frozen_durable();
+        assert!(!sm.has_frozen());
+        assert_eq!(sm.usable_free_blocks(), 9, "10, 16, 17, 18..24");
+        sm.cursor = 10;
+        assert_eq!(sm.alloc(&io).unwrap(), Some(10));
+        sm.cursor = 12;
+        assert_eq!(
+            sm.alloc(&io).unwrap(),
+            Some(16),
+            "12 waits for its own commit"
+        );
+        sm.cursor = 17;
+        assert_eq!(sm.alloc(&io).unwrap(), Some(17));
+        let sel = commit(&mut sm, &io, 4)[0].1;
+        assert_eq!(
+            sel.free as u64,
+            BITS_PER_BITMAP - 8 - 8 - 2 + 1,
+            "8..18 but 12"
+        );
+        let mut re = SpaceMap::open(2, blocks, sm.selectors.clone()).unwrap();
+        let used = re.used_blocks(&io).unwrap();
+        let want: Vec<BlockNo> = (0..18).filter(|&b| b != 12).collect();
+        assert_eq!(used, want);
+        assert_eq!(sm.working_used_blocks(&io).unwrap(), want);
     }
 
     #[test]
