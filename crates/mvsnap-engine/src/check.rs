@@ -14,6 +14,8 @@ impl Store {
         // The write lock: the space map's check reads bitmaps through its own cache.
         let mut guard = self.inner.state.write();
         let st = &mut *guard;
+        // The durable and working versions only: a commit being written is finished first.
+        let finished = self.inner.wait_inflight(st);
         let geo = self.inner.geo;
         let limit = st.meta.limit();
         let mut r = CheckReport {
@@ -30,6 +32,9 @@ impl Store {
         };
         r.warnings
             .extend(self.inner.superblock_damage.lock().iter().cloned());
+        if let Err(e) = finished {
+            r.errors.push(format!("the tree commit being written failed: {e}"));
+        }
         // Every block something points at: data of entries, the tables, freed-not-yet-committed.
         let mut data: Vec<u64> = Vec::new();
         data.extend(&st.table_blocks);

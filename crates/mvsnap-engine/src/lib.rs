@@ -9,6 +9,7 @@
 pub mod blockdev;
 mod check;
 mod codec;
+mod commit;
 pub mod crashsim;
 pub mod error;
 mod expiring;

@@ -31,7 +31,7 @@ const BLOCK: u32 = 4096;
 const MAX_DIRTY_NODES: u64 = 1024;
 /// The node cache's budget when none is given (`--cache-size`).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
-const CK_HEADER: usize = 32;
+pub(crate) const CK_HEADER: usize = 32;
 
 pub(crate) struct CommitState {
     pub durable_seq: u64,
@@ -61,12 +61,17 @@ pub(crate) struct Inner {
     pub closed: AtomicBool,
     /// This open already moved to a new journal epoch (done before its first record, so a
     /// command that fails before changing anything writes nothing).
-    epoch_fresh: AtomicBool,
+    pub(crate) epoch_fresh: AtomicBool,
     /// Something changed since the last checkpoint: close must write one.
-    dirty: AtomicBool,
+    pub(crate) dirty: AtomicBool,
     /// Commits records nobody waits for (unflushed writable-snapshot writes), so the window a
     /// crash can lose stays short and quarantined slots come back.
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The tree commit being written, if any (see `commit`).
+    pub(crate) inflight: Mutex<Option<Arc<crate::commit::Inflight>>>,
+    /// Wakes the committer thread when a commit is frozen.
+    pub(crate) committer_cv: Condvar,
+    pub(crate) committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Origin writes waiting for their copy-out to be durable (see `writeback`).
     pub writeback: Arc<Writeback>,
     /// The node cache's budget in nodes (`--cache-size`).
@@ -141,6 +146,13 @@ impl Inner {
         self.closed.store(true, Ordering::Release);
         if let Some(h) = self.flusher.lock().take() {
             h.thread().unpark();
+            let _ = h.join();
+        }
+        {
+            let _slot = self.inflight.lock();
+            self.committer_cv.notify_all();
+        }
+        if let Some(h) = self.committer.lock().take() {
             let _ = h.join();
         }
         self.writeback.stop();
@@ -327,16 +339,11 @@ impl Inner {
             )));
         }
         self.dirty.store(true, Ordering::Release);
+        if !self.ephemeral {
+            self.commit_if_due(st, need)?;
+        }
         let seq = {
             let mut j = self.journal.lock();
-            if !self.ephemeral
-                && (j.nearly_full(need + 4096)
-                    || st.meta.dirty_nodes() as u64 >= self.dirty_limit(st))
-            {
-                drop(j);
-                self.checkpoint_locked(st)?;
-                j = self.journal.lock();
-            }
             if self.ephemeral {
                 let s = j.next_seq;
                 j.next_seq += 1;
@@ -430,128 +437,6 @@ impl Inner {
         Ok(Some(last))
     }
 
-    /// Write the whole index into fresh slots, then point the superblock at it: recovery then
-    /// starts from here and the journal is empty. The caller holds the state write lock.
-    pub fn checkpoint_locked(&self, st: &mut State) -> Result<()> {
-        if self.ephemeral || self.read_only {
-            return Ok(());
-        }
-        self.check_poison()?;
-        // No group commit may run while the journal is reset.
-        let mut cs = self.commit.lock();
-        while cs.leader {
-            self.commit_cv.wait(&mut cs);
-        }
-        cs.leader = true;
-        drop(cs);
-        let result = self.write_checkpoint(st);
-        let mut cs = self.commit.lock();
-        cs.leader = false;
-        if let Ok(last) = result {
-            cs.durable_seq = last;
-            self.settled_seq.store(last, Ordering::Release);
-            // Fresh tables: `clear` would keep the capacity of a big replay or burst.
-            st.unsettled_slots = Default::default();
-            st.inflight_preserves = Default::default();
-        }
-        self.commit_cv.notify_all();
-        result.map(|_| ())
-    }
-
-    /// A tree commit: the open transaction's dirty nodes and the tables go to fresh blocks,
-    /// then one header flip makes them the durable version with a new, empty journal epoch.
-    /// What records freed is free from then on (and given back to the host).
-    fn write_checkpoint(&self, st: &mut State) -> Result<u64> {
-        let meta_err = |what: &str, e: crate::pdata::PdataError| {
-            self.poison(what, &std::io::Error::other(e.to_string()))
-        };
-        // The new tables first, in blocks no version uses: the old ones and what records
-        // released are freed below, held until this commit is durable.
-        let stream = st.serialize_tables(&self.events.lock());
-        let payload = META_BLOCK as usize - CK_HEADER;
-        let nblocks = stream.len().div_ceil(payload).max(1);
-        let mut blocks = Vec::with_capacity(nblocks);
-        for _ in 0..nblocks {
-            match st.meta.alloc_block() {
-                Ok(Some(b)) => blocks.push(b),
-                Ok(None) => {
-                    for b in blocks {
-                        let _ = st.meta.free_block(b);
-                    }
-                    return Err(Error::NoSpace(
-                        "no room left for the metadata tables".into(),
-                    ));
-                }
-                Err(e) => return Err(meta_err("allocate the tables", e)),
-            }
-        }
-        let epoch = self.sb.lock().epoch + 1;
-        for (i, piece) in stream.chunks(payload).enumerate() {
-            let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
-            self.store_write(
-                &table_block(epoch, i, next, piece),
-                self.geo.slot_offset(blocks[i] as u32),
-            )?;
-        }
-        let freed = std::mem::take(&mut st.deferred_frees);
-        for &b in freed.iter().chain(st.table_blocks.iter()) {
-            st.meta
-                .release_block(b)
-                .map_err(|e| meta_err("free a block", e))?;
-        }
-        // Copies being written whose record comes after this commit: free in the durable
-        // version, taken again right after it, and nobody else's meanwhile.
-        let unlogged = st.unlogged.clone();
-        for &b in &unlogged {
-            st.meta
-                .release_block(b as u64)
-                .map_err(|e| meta_err("set a block aside", e))?;
-        }
-        let last = {
-            let mut j = self.journal.lock();
-            let last = j.next_seq.saturating_sub(1);
-            j.reset(epoch);
-            last
-        };
-        let user = [
-            epoch,
-            last + 1,
-            blocks[0],
-            stream.len() as u64,
-            format::crc(format::SALT_CHECKPOINT, &stream) as u64,
-            self.geo.slot_offset(0) + st.meta.limit() * META_BLOCK,
-            0,
-            0,
-        ];
-        let stats = st
-            .meta
-            .commit(user)
-            .map_err(|e| meta_err("commit the metadata tree", e))?;
-        {
-            let mut sb = self.sb.lock();
-            sb.epoch = epoch;
-            sb.journal_seq = last + 1;
-        }
-        st.table_blocks = blocks;
-        for &b in &unlogged {
-            if !st.meta.claim_block(b as u64).unwrap_or(false) {
-                let e = std::io::Error::other(format!("block {b} could not be taken back"));
-                return Err(self.poison("commit the metadata tree", &e));
-            }
-        }
-        self.epoch_fresh.store(true, Ordering::Release);
-        self.dirty.store(false, Ordering::Release);
-        self.punch_blocks(freed);
-        tracing::debug!(
-            nodes = stats.nodes,
-            bitmaps = stats.bitmaps,
-            tables = stream.len(),
-            epoch,
-            "tree commit"
-        );
-        Ok(last)
-    }
-
     /// Grow a file-backed store towards its maximum size; returns whether it grew.
     pub fn try_grow(&self, st: &mut State) -> bool {
         let max = self.sb.lock().max_size;
@@ -594,7 +479,7 @@ impl Inner {
     /// Give the host back the space of blocks the last tree commit freed: punch them out of
     /// a file store (under the state lock, so none is handed out again before). Best effort:
     /// a file system that cannot punch keeps the space.
-    fn punch_blocks(&self, mut freed: Vec<u64>) {
+    pub(crate) fn punch_blocks(&self, mut freed: Vec<u64>) {
         if !self.dev.can_punch() || self.ephemeral || freed.is_empty() {
             return;
         }
@@ -634,10 +519,38 @@ impl Inner {
         self.checkpoint_locked(&mut st)
     }
 
-    /// Dirty tree nodes at which a tree commit runs: at most [`MAX_DIRTY_NODES`] (a commit
-    /// runs under the state lock and its cost is its nodes: this bounds the longest stall of a
-    /// writer), at most a quarter of the cache (they are pinned in RAM until it), and a small
-    /// share of a small store.
+    /// Before a record of `need` bytes: start a tree commit when the open transaction holds
+    /// [`Inner::dirty_limit`] nodes or the journal is half full; wait for the one running when
+    /// the writers outpace it (twice the limit) or the journal has no room for the record.
+    fn commit_if_due(&self, st: &mut State, need: usize) -> Result<()> {
+        let limit = self.dirty_limit(st);
+        let nodes = st.meta.dirty_nodes() as u64;
+        if self.commit_running() {
+            // A finished one is finished here; one still writing is waited for only when
+            // the writers are too far ahead of it.
+            self.finish_inflight(st)?;
+            if nodes >= 2 * limit || self.journal.lock().nearly_full(need) {
+                self.wait_inflight(st)?;
+            }
+        }
+        let (full, half) = {
+            let j = self.journal.lock();
+            (j.nearly_full(need), j.used() * 2 > j.region_len)
+        };
+        if full {
+            // Only a commit finished to the end empties the journal.
+            return self.checkpoint_locked(st);
+        }
+        if nodes >= limit || half {
+            self.start_commit(st)?;
+        }
+        Ok(())
+    }
+
+    /// Dirty tree nodes at which a tree commit starts: at most [`MAX_DIRTY_NODES`] (its
+    /// writes are what a commit costs, and what writers wait for when they outpace it), at
+    /// most a quarter of the cache (they are pinned in RAM until it), and a small share of a
+    /// small store.
     pub fn dirty_limit(&self, st: &State) -> u64 {
         (self.cache_nodes / 4)
             .min(MAX_DIRTY_NODES)
@@ -658,7 +571,10 @@ impl Inner {
         // An event is added after the check: room for one more of the longest.
         let events =
             State::events_bytes(&self.events.lock()) + 16 + crate::state::MAX_EVENT_LEN as u64;
-        self.dirty_limit(st) + (tables_bytes + events).div_ceil(META_BLOCK - CK_HEADER as u64) + 16
+        // Twice the limit: the open transaction may reach it while a commit is running.
+        2 * self.dirty_limit(st)
+            + (tables_bytes + events).div_ceil(META_BLOCK - CK_HEADER as u64)
+            + 16
     }
 
     /// Refuse new metadata of about `extra` table bytes unless the space its commit needs is
@@ -669,7 +585,7 @@ impl Inner {
             if st.meta.usable_free_blocks() >= self.reserve_for(st, st.tables_bound() + extra) {
                 return Ok(());
             }
-            if !st.deferred_frees.is_empty() && !self.ephemeral {
+            if (!st.deferred_frees.is_empty() || self.commit_running()) && !self.ephemeral {
                 // What records freed comes back with a commit.
                 self.checkpoint_locked(st)?;
                 if st.meta.usable_free_blocks() >= self.reserve_for(st, st.tables_bound() + extra) {
@@ -701,7 +617,10 @@ impl Inner {
                 return s;
             }
             // Freed blocks come back with a tree commit.
-            if !st.deferred_frees.is_empty() && !self.ephemeral && self.check_poison().is_ok() {
+            if (!st.deferred_frees.is_empty() || self.commit_running())
+                && !self.ephemeral
+                && self.check_poison().is_ok()
+            {
                 let before = st.meta.usable_free_blocks();
                 if let Err(e) = self.checkpoint_locked(st) {
                     tracing::warn!("could not commit to free space: {e}");
@@ -1179,6 +1098,9 @@ impl Store {
             superblock_damage: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
+            inflight: Mutex::new(None),
+            committer_cv: Condvar::new(),
+            committer: Mutex::new(None),
             writeback: Writeback::new(),
             cache_nodes: cache_bytes / META_BLOCK,
         });
@@ -1197,6 +1119,8 @@ impl Store {
         }
         if !opts.read_only && !opts.ephemeral {
             spawn_flusher(&inner);
+            crate::commit::spawn_committer(&inner)
+                .map_err(|e| Error::io("start the committer thread for", &path, e))?;
             inner
                 .writeback
                 .spawn_workers(Arc::downgrade(&inner))
@@ -1822,7 +1746,7 @@ fn open_origin(
 
 /// One block of the tables' chain: a header (magic, checksum, commit epoch, index, next
 /// block, payload length) and its piece of the stream.
-fn table_block(epoch: u64, index: usize, next: u32, piece: &[u8]) -> Vec<u8> {
+pub(crate) fn table_block(epoch: u64, index: usize, next: u32, piece: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(CK_HEADER + piece.len());
     buf.extend_from_slice(&CK_MAGIC.to_le_bytes());
     buf.extend_from_slice(&[0; 4]);

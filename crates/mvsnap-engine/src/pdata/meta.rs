@@ -468,6 +468,12 @@ impl Meta {
         self.finish(r)
     }
 
+    /// The sequence number the next commit's header will carry (unique per commit: a stamp
+    /// for what the caller writes with it).
+    pub fn next_commit_seq(&self) -> u64 {
+        self.header.seq + 1 + self.frozen.is_some() as u64
+    }
+
     /// A commit in flight: frozen, its writes not known durable yet.
     pub fn has_frozen(&self) -> bool {
         self.frozen.is_some()
@@ -543,21 +549,23 @@ impl Meta {
 
     /// The frozen version's job ran: on success its header is durable and it becomes the
     /// durable version (its nodes clean in the cache, what its transaction freed free). On
-    /// an error nothing more commits until a reopen.
+    /// an error nothing more commits until a reopen (readers still see every change).
     pub fn finish(&mut self, written: PResult<CommitStats>) -> PResult<CommitStats> {
-        let Some((nodes, header)) = self.frozen.take() else {
+        if self.frozen.is_none() {
             return Err(PdataError::Corrupt {
                 block: 0,
                 what: "no commit in flight to finish".into(),
             });
-        };
+        }
         let stats = match written {
             Ok(s) => s,
             Err(e) => {
+                // The frozen nodes stay in RAM: readers go on seeing every change.
                 self.broken = Some(e.to_string());
                 return Err(e);
             }
         };
+        let (nodes, header) = self.frozen.take().expect("checked");
         for (&b, n) in nodes.iter() {
             self.cache.insert(b, n.clone());
         }

@@ -1,0 +1,313 @@
+//! Tree commits beside the writers.
+//!
+//! A tree commit makes the open transaction (every record applied since the last one) the
+//! durable version. Under the state write lock it only *freezes*: the tables are serialized
+//! into fresh blocks, the space map's selectors go into the tree, the dirty nodes and changed
+//! bitmaps become the frozen version, the journal is sealed at the point the new header will
+//! start recovery from, and a new transaction opens on top of the frozen version. The writes
+//! (tables, nodes, bitmaps, sync, header, sync) then run on the committer thread while writers
+//! go on logging records and changing the new transaction; readers see the frozen version as
+//! committed. Whoever next holds the state lock after the writes *finishes* the commit: the
+//! frozen version is the durable one, the journal before the seal may be written over, and the
+//! blocks the commit freed are given back.
+//!
+//! Ordering (DESIGN.md): nothing the durable version uses is written before the new header is
+//! durable (the space map hands out only blocks free in the durable, frozen and working
+//! versions); the records a frozen version covers stay in the journal until its header is
+//! durable; a crash meanwhile recovers the old version and replays the journal from its start,
+//! through the sealed records and on into those logged after the seal.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::format::{self, META_BLOCK, NO_SLOT};
+use crate::journal::Mark;
+use crate::pdata::meta::{CommitJob, CommitStats};
+use crate::pdata::PdataError;
+use crate::state::State;
+use crate::store::{table_block, Inner, CK_HEADER};
+
+/// A commit frozen and being written.
+pub(crate) struct Inflight {
+    /// The writes, until someone takes them to run (the committer thread, or a thread that
+    /// must wait for the commit and holds the state lock anyway).
+    job: Mutex<Option<(CommitJob, Vec<(u64, Vec<u8>)>)>>,
+    /// Their outcome, once run.
+    result: Mutex<Option<std::result::Result<CommitStats, PdataError>>>,
+    done: Condvar,
+    /// Where recovery of the new version starts in the journal.
+    mark: Mark,
+    /// Data blocks the covered records freed: given back to the host once durable.
+    freed: Vec<u64>,
+    epoch: u64,
+    tables_len: usize,
+}
+
+impl Inflight {
+    /// Run the writes if nobody has taken them yet; true if this call ran them.
+    fn run_if_waiting(&self, inner: &Inner) -> bool {
+        let Some((job, tables)) = self.job.lock().take() else {
+            return false;
+        };
+        let r = write_tables(inner, &tables).and_then(|()| job.write());
+        *self.result.lock() = Some(r);
+        self.done.notify_all();
+        true
+    }
+
+    fn wait_done(&self) {
+        let mut r = self.result.lock();
+        while r.is_none() {
+            self.done.wait(&mut r);
+        }
+    }
+}
+
+fn write_tables(inner: &Inner, tables: &[(u64, Vec<u8>)]) -> std::result::Result<(), PdataError> {
+    for (offset, bytes) in tables {
+        inner
+            .dev
+            .write_at(bytes, *offset)
+            .map_err(|source| PdataError::Io {
+                block: (*offset - inner.geo.data_start) / META_BLOCK,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// The committer thread: runs the writes of each commit frozen, then finishes it.
+pub(crate) fn spawn_committer(inner: &Arc<Inner>) -> std::io::Result<()> {
+    let weak = Arc::downgrade(inner);
+    let h = std::thread::Builder::new()
+        .name("mvsnap-commit".into())
+        .spawn(move || loop {
+            let Some(inner) = weak.upgrade() else { break };
+            let job = {
+                let mut slot = inner.inflight.lock();
+                loop {
+                    if inner.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if let Some(j) = slot.as_ref().filter(|j| j.job.lock().is_some()) {
+                        break j.clone();
+                    }
+                    // Bounded, so a store dropped without `close` is noticed.
+                    inner
+                        .committer_cv
+                        .wait_for(&mut slot, std::time::Duration::from_millis(500));
+                }
+            };
+            if job.run_if_waiting(&inner) {
+                let mut st = inner.state.write();
+                if let Err(e) = inner.finish_inflight(&mut st) {
+                    tracing::error!("tree commit failed: {e}");
+                }
+            }
+        })?;
+    *inner.committer.lock() = Some(h);
+    Ok(())
+}
+
+impl Inner {
+    /// Freeze the open transaction into a commit (see the module comment). `new_epoch`: start
+    /// a new journal epoch at the region's start (the first commit of an open: nothing a
+    /// crashed writer left may ever validate after it); only with no group commit running and
+    /// no record logged before the commit finishes (the caller holds leadership and the lock).
+    fn freeze_commit(&self, st: &mut State, new_epoch: bool) -> Result<Arc<Inflight>> {
+        let meta_err = |what: &str, e: PdataError| {
+            self.poison(what, &std::io::Error::other(e.to_string()))
+        };
+        let stream = st.serialize_tables(&self.events.lock());
+        let payload = META_BLOCK as usize - CK_HEADER;
+        let nblocks = stream.len().div_ceil(payload).max(1);
+        let mut blocks = Vec::with_capacity(nblocks);
+        for _ in 0..nblocks {
+            match st.meta.alloc_block() {
+                Ok(Some(b)) => blocks.push(b),
+                Ok(None) => {
+                    for b in blocks {
+                        let _ = st.meta.free_block(b);
+                    }
+                    return Err(Error::NoSpace(
+                        "no room left for the metadata tables".into(),
+                    ));
+                }
+                Err(e) => return Err(meta_err("allocate the tables", e)),
+            }
+        }
+        let stamp = st.meta.next_commit_seq();
+        let tables: Vec<(u64, Vec<u8>)> = stream
+            .chunks(payload)
+            .enumerate()
+            .map(|(i, piece)| {
+                let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
+                (
+                    self.geo.slot_offset(blocks[i] as u32),
+                    table_block(stamp, i, next, piece),
+                )
+            })
+            .collect();
+        // What records freed, and the old tables: free in the new version, held until it is
+        // durable.
+        let freed = std::mem::take(&mut st.deferred_frees);
+        for &b in freed.iter().chain(st.table_blocks.iter()) {
+            st.meta
+                .release_block(b)
+                .map_err(|e| meta_err("free a block", e))?;
+        }
+        let (epoch, mark) = {
+            let mut j = self.journal.lock();
+            if new_epoch {
+                let epoch = j.epoch + 1;
+                j.reset(epoch);
+                (epoch, j.seal())
+            } else {
+                (j.epoch, j.seal())
+            }
+        };
+        let user = [
+            epoch,
+            mark.seq,
+            blocks[0],
+            stream.len() as u64,
+            format::crc(format::SALT_CHECKPOINT, &stream) as u64,
+            self.geo.slot_offset(0) + st.meta.limit() * META_BLOCK,
+            mark.pos,
+            0,
+        ];
+        // Copies being written whose records come after the seal: free in the new version
+        // (nothing there points at them), still taken in the next transaction.
+        let aside: Vec<u64> = st.unlogged.iter().map(|&b| b as u64).collect();
+        let job = st
+            .meta
+            .freeze(user, &aside)
+            .map_err(|e| meta_err("commit the metadata tree", e))?;
+        st.table_blocks = blocks;
+        self.dirty.store(false, Ordering::Release);
+        Ok(Arc::new(Inflight {
+            job: Mutex::new(Some((job, tables))),
+            result: Mutex::new(None),
+            done: Condvar::new(),
+            mark,
+            freed,
+            epoch,
+            tables_len: stream.len(),
+        }))
+    }
+
+    /// Start a tree commit whose writes run beside the writers; nothing if one is running.
+    /// Without a committer thread (opening, closing) it runs here, to the end.
+    pub(crate) fn start_commit(&self, st: &mut State) -> Result<()> {
+        if self.ephemeral || self.read_only || self.inflight.lock().is_some() {
+            return Ok(());
+        }
+        self.check_poison()?;
+        let job = self.freeze_commit(st, false)?;
+        *self.inflight.lock() = Some(job);
+        if self.committer.lock().is_some() && !self.closed.load(Ordering::Acquire) {
+            self.committer_cv.notify_all();
+            Ok(())
+        } else {
+            self.wait_inflight(st)
+        }
+    }
+
+    /// Whether a tree commit is being written.
+    pub(crate) fn commit_running(&self) -> bool {
+        self.inflight.lock().is_some()
+    }
+
+    /// Wait for the commit being written (running its writes here if the committer has not
+    /// taken them yet) and finish it.
+    pub(crate) fn wait_inflight(&self, st: &mut State) -> Result<()> {
+        let Some(job) = self.inflight.lock().clone() else {
+            return Ok(());
+        };
+        if !job.run_if_waiting(self) {
+            job.wait_done();
+        }
+        self.finish_inflight(st)
+    }
+
+    /// Finish the commit being written if its writes are done: the frozen version becomes
+    /// the durable one. The caller holds the state write lock.
+    pub(crate) fn finish_inflight(&self, st: &mut State) -> Result<()> {
+        let job = {
+            let mut slot = self.inflight.lock();
+            match slot.as_ref() {
+                Some(j) if j.result.lock().is_some() => slot.take().expect("checked"),
+                _ => return Ok(()),
+            }
+        };
+        let result = job.result.lock().take().expect("checked");
+        let stats = st.meta.finish(result).map_err(|e| {
+            self.poison(
+                "commit the metadata tree",
+                &std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let covered = job.mark.seq - 1;
+        self.journal.lock().release_to(job.mark);
+        {
+            let mut sb = self.sb.lock();
+            sb.epoch = job.epoch;
+            sb.journal_seq = job.mark.seq;
+        }
+        {
+            let mut cs = self.commit.lock();
+            cs.durable_seq = cs.durable_seq.max(covered);
+            self.settled_seq.fetch_max(covered, Ordering::AcqRel);
+            self.commit_cv.notify_all();
+        }
+        self.punch_blocks(job.freed.clone());
+        tracing::debug!(
+            nodes = stats.nodes,
+            bitmaps = stats.bitmaps,
+            tables = job.tables_len,
+            epoch = job.epoch,
+            "tree commit"
+        );
+        Ok(())
+    }
+
+    /// A tree commit now, to the end: the durable version then holds every record logged so
+    /// far. The first of an open also starts a new journal epoch. The caller holds the state
+    /// write lock.
+    pub fn checkpoint_locked(&self, st: &mut State) -> Result<()> {
+        if self.ephemeral || self.read_only {
+            return Ok(());
+        }
+        self.check_poison()?;
+        self.wait_inflight(st)?;
+        if self.epoch_fresh.load(Ordering::Acquire) {
+            let job = self.freeze_commit(st, false)?;
+            *self.inflight.lock() = Some(job);
+            return self.wait_inflight(st);
+        }
+        // A new epoch resets the journal: no group commit may run meanwhile.
+        let mut cs = self.commit.lock();
+        while cs.leader {
+            self.commit_cv.wait(&mut cs);
+        }
+        cs.leader = true;
+        drop(cs);
+        let result = self.freeze_commit(st, true).and_then(|job| {
+            *self.inflight.lock() = Some(job);
+            self.wait_inflight(st)
+        });
+        let mut cs = self.commit.lock();
+        cs.leader = false;
+        self.commit_cv.notify_all();
+        drop(cs);
+        result?;
+        self.epoch_fresh.store(true, Ordering::Release);
+        // Fresh tables: `clear` would keep the capacity of a big replay or burst.
+        st.unsettled_slots = Default::default();
+        st.inflight_preserves = Default::default();
+        Ok(())
+    }
+}
