@@ -33,7 +33,8 @@ impl Store {
         r.warnings
             .extend(self.inner.superblock_damage.lock().iter().cloned());
         if let Err(e) = finished {
-            r.errors.push(format!("the tree commit being written failed: {e}"));
+            r.errors
+                .push(format!("the tree commit being written failed: {e}"));
         }
         // Every block something points at: data of entries, the tables, freed-not-yet-committed.
         let mut data: Vec<u64> = Vec::new();

@@ -118,9 +118,8 @@ impl Inner {
     /// crashed writer left may ever validate after it); only with no group commit running and
     /// no record logged before the commit finishes (the caller holds leadership and the lock).
     fn freeze_commit(&self, st: &mut State, new_epoch: bool) -> Result<Arc<Inflight>> {
-        let meta_err = |what: &str, e: PdataError| {
-            self.poison(what, &std::io::Error::other(e.to_string()))
-        };
+        let meta_err =
+            |what: &str, e: PdataError| self.poison(what, &std::io::Error::other(e.to_string()));
         let stream = st.serialize_tables(&self.events.lock());
         let payload = META_BLOCK as usize - CK_HEADER;
         let nblocks = stream.len().div_ceil(payload).max(1);

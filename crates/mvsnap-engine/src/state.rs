@@ -119,6 +119,9 @@ pub struct State {
     /// commit meanwhile must not make them used in the durable version (nothing there points
     /// at them), nor hand them to anyone else.
     pub unlogged: Vec<u32>,
+    /// Origin blocks (origin, block) whose copy-out is being made outside the state lock: a
+    /// writer of one waits for it (`Inner::wait_copies`).
+    pub copying: std::collections::HashSet<(u32, u64)>,
 }
 
 /// Why a record could not be applied: the journal or tables contradict the state.
@@ -188,6 +191,7 @@ impl State {
             release_seq: BTreeMap::new(),
             ephemeral: false,
             unlogged: Vec::new(),
+            copying: Default::default(),
         }
     }
 

@@ -69,6 +69,10 @@ pub(crate) struct Inner {
     /// Commits records nobody waits for (unflushed writable-snapshot writes), so the window a
     /// crash can lose stays short and quarantined slots come back.
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Copy-outs finished so far (see `State::copying`), with what their waiters sleep on.
+    pub(crate) copies_done: AtomicU64,
+    copy_mx: Mutex<()>,
+    copy_cv: Condvar,
     /// The tree commit being written, if any (see `commit`).
     pub(crate) inflight: Mutex<Option<Arc<crate::commit::Inflight>>>,
     /// Wakes the committer thread when a commit is frozen.
@@ -360,6 +364,29 @@ impl Inner {
             self.poison("apply", &e)
         })?;
         Ok(seq)
+    }
+
+    /// Wait until a copy-out finishes after `seen` were (the caller read `copies_done` under
+    /// the state lock and released it).
+    pub(crate) fn wait_copies(&self, seen: u64) {
+        let mut g = self.copy_mx.lock();
+        while self.copies_done.load(Ordering::Acquire) == seen {
+            // Bounded: a poisoned store or a closed one must not leave a writer asleep.
+            if self
+                .copy_cv
+                .wait_for(&mut g, std::time::Duration::from_millis(100))
+                .timed_out()
+            {
+                return;
+            }
+        }
+    }
+
+    /// A copy-out finished (its blocks left `State::copying`): wake its waiters.
+    pub(crate) fn copies_finished(&self) {
+        self.copies_done.fetch_add(1, Ordering::AcqRel);
+        let _g = self.copy_mx.lock();
+        self.copy_cv.notify_all();
     }
 
     /// Highest sequence number appended so far.
@@ -1101,6 +1128,9 @@ impl Store {
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
             inflight: Mutex::new(None),
+            copies_done: AtomicU64::new(0),
+            copy_mx: Mutex::new(()),
+            copy_cv: Condvar::new(),
             committer_cv: Condvar::new(),
             committer: Mutex::new(None),
             writeback: Writeback::new(),

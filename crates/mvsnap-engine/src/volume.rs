@@ -1,9 +1,10 @@
 //! Volumes: the origin and its snapshots, as front ends see them (read, write, flush, trim,
 //! block status). The copy-out ordering rule (DESIGN invariant 2) is enforced here.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::blockdev::BlockDev;
 use crate::error::{Error, Result};
@@ -52,12 +53,13 @@ enum Src {
 struct Copy {
     block: u64,
     lo: u32,
-    slot: u32,
+    /// None: the store is full.
+    slot: Option<u32>,
+    /// The old data reads as zeroes: recorded, not copied.
+    zero: bool,
+    /// Writing the copy failed.
+    failed: Option<String>,
 }
-
-/// Copies written and journaled together at most (a bound on the unlogged blocks a tree commit
-/// must set aside meanwhile).
-const COPY_BATCH: usize = 256;
 
 struct Piece {
     src: Src,
@@ -520,160 +522,218 @@ impl Volume {
     /// reads as zeroes now does not change and needs nothing (not even a zero entry; a later
     /// write to it preserves it then). Returns the journal sequence the origin write must wait
     /// for.
+    ///
+    /// The copy's I/O runs without the state lock (it is what a first write costs): the
+    /// blocks are claimed under the lock (`State::copying`: a writer of the same block waits
+    /// for the copy, then finds it done), read and written unlocked, and their records logged
+    /// under the lock again. The origin cannot change meanwhile: its writers of those blocks
+    /// wait, and snapshot creation waits for the origin's gate, which the caller holds.
     fn preserve(
         &self,
-        st: &mut State,
+        st: &mut RwLockWriteGuard<'_, State>,
         no: u32,
         dev: &Arc<dyn BlockDev>,
         offset: u64,
         len: u64,
         zeroing: bool,
     ) -> Result<u64> {
-        // Neither a copy nor an invalidation can be made durable any more.
-        self.inner.check_poison()?;
-        let geo = self.inner.geo;
-        let bs = geo.chunk_size as u64;
-        let settled = self
-            .inner
-            .settled_seq
-            .load(std::sync::atomic::Ordering::Acquire);
-        let durable = self.inner.commit.lock().durable_seq;
-        st.inflight_preserves.expire(durable);
-        st.unsettled_slots.expire(settled);
+        let bs = self.inner.geo.chunk_size as u64;
         let end = offset + len;
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let mut wait_seq = 0;
-        // The old data of the whole range in one read, block-aligned (read only if needed).
-        let mut old: Option<Vec<u8>> = None;
-        // Copies decided but not written yet: neighbouring blocks get neighbouring store
-        // blocks, so a run goes out as one write, then each gets its record.
-        let mut batch: Vec<Copy> = Vec::new();
         let merr = |e: crate::pdata::PdataError| self.meta_error(e);
-        for c in first..=last {
-            let o = &st.origins[&no];
-            let gen = o.gen;
-            if st.needs_preserve(o, c, c).map_err(merr)? {
+        // 1. Under the lock: which blocks need a copy, claimed, with a block each.
+        let (copies, gen) = loop {
+            // Neither a copy nor an invalidation can be made durable any more.
+            self.inner.check_poison()?;
+            let settled = self
+                .inner
+                .settled_seq
+                .load(std::sync::atomic::Ordering::Acquire);
+            let durable = self.inner.commit.lock().durable_seq;
+            st.inflight_preserves.expire(durable);
+            st.unsettled_slots.expire(settled);
+            let mut wanted: Vec<(u64, u32)> = Vec::new();
+            let mut busy = false;
+            for c in first..=last {
+                let o = &st.origins[&no];
+                let gen = o.gen;
+                if !st.needs_preserve(o, c, c).map_err(merr)? {
+                    continue;
+                }
+                if st.copying.contains(&(no, c)) {
+                    busy = true;
+                    break;
+                }
                 let pt = st.preserved_through(no, c).map_err(merr)?;
                 if pt >= gen || !o.any_live(pt + 1, gen) {
                     // Nothing live needs this block's old data: done for this epoch.
                     st.mark_done(no, gen, c).map_err(merr)?;
                 } else {
-                    let lo = pt + 1;
-                    let osize = o.size;
-                    let buf = match &mut old {
-                        Some(b) => b,
-                        None => {
-                            let mut b = vec![0u8; ((last - first + 1) * bs) as usize];
-                            let src = first * bs;
-                            let avail = osize.saturating_sub(src).min(b.len() as u64) as usize;
-                            dev.read_at(&mut b[..avail], src)
-                                .map_err(|e| Error::io("read", dev.path(), e))?;
-                            old.insert(b)
-                        }
-                    };
-                    let at = ((c - first) * bs) as usize;
-                    // Zeroes (a hole, or zero data) need no copy: a zero entry records them.
-                    let zero = buf[at..at + bs as usize].iter().all(|&b| b == 0);
-                    if zero && zeroing {
-                        continue;
-                    }
-                    let slot = if zero {
-                        Some(ZERO_SLOT)
-                    } else {
-                        self.inner.alloc_data_slot(st)
-                    };
-                    match slot {
-                        Some(slot) => batch.push(Copy { block: c, lo, slot }),
-                        None => {
-                            let buf = old.as_deref().expect("read above");
-                            let seq = self.write_copies(st, no, gen, first, buf, &mut batch)?;
-                            wait_seq = wait_seq.max(seq);
-                            let reason = format!("COW store full: could not preserve block {c}");
-                            let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
-                            wait_seq = wait_seq.max(seq);
-                            continue;
-                        }
-                    }
-                    if batch.len() >= COPY_BATCH {
-                        let buf = old.as_deref().expect("read above");
-                        let seq = self.write_copies(st, no, gen, first, buf, &mut batch)?;
-                        wait_seq = wait_seq.max(seq);
+                    wanted.push((c, pt + 1));
+                }
+            }
+            if busy {
+                // Another writer is copying one of these blocks: wait for it, then look again.
+                let seen = self.inner.copies_done.load(Ordering::Acquire);
+                RwLockWriteGuard::unlocked(st, || self.inner.wait_copies(seen));
+                continue;
+            }
+            let gen = st.origins[&no].gen;
+            let mut copies = Vec::with_capacity(wanted.len());
+            for (c, lo) in wanted {
+                st.copying.insert((no, c));
+                // A block for every copy, zeroes or not (known only once read): a zero one
+                // gives its block back. None: the store is full.
+                let slot = self.inner.alloc_data_slot(st);
+                copies.push(Copy {
+                    block: c,
+                    lo,
+                    slot,
+                    zero: false,
+                    failed: None,
+                });
+            }
+            break (copies, gen);
+        };
+        if copies.is_empty() {
+            return Ok(self.inflight_wait(st, no, first, last));
+        }
+        // 2. Unlocked: one read of the old data, runs of neighbouring blocks written at once.
+        let (lo_block, hi_block) = (copies[0].block, copies[copies.len() - 1].block);
+        let mut copies = copies;
+        let read = RwLockWriteGuard::unlocked(st, || {
+            let mut old = vec![0u8; ((hi_block - lo_block + 1) * bs) as usize];
+            let src = lo_block * bs;
+            let osize = self.size;
+            let avail = osize.saturating_sub(src).min(old.len() as u64) as usize;
+            dev.read_at(&mut old[..avail], src)
+                .map_err(|e| Error::io("read", dev.path(), e))?;
+            self.write_copies(&old, lo_block, &mut copies);
+            Ok(old)
+        });
+        // 3. Under the lock again: a record for each copy made; the rest given back.
+        let logged = match read {
+            Ok(old) => self.log_copies(st, no, gen, &old, lo_block, &copies, zeroing),
+            Err(e) => Err(e),
+        };
+        if logged.is_err() {
+            for c in &copies {
+                if let Some(slot) = c.slot {
+                    if st.unlogged.contains(&slot) {
+                        let _ = st.free_unlogged(slot);
                     }
                 }
             }
-            if let Some(s) = st.inflight_preserves.get(&(no, c)) {
-                wait_seq = wait_seq.max(s);
-            }
         }
-        if let Some(buf) = old.as_deref() {
-            let gen = st.origins[&no].gen;
-            let seq = self.write_copies(st, no, gen, first, buf, &mut batch)?;
-            wait_seq = wait_seq.max(seq);
+        for c in &copies {
+            st.copying.remove(&(no, c.block));
         }
-        Ok(wait_seq)
+        self.inner.copies_finished();
+        let seq = logged?;
+        Ok(seq.max(self.inflight_wait(st, no, first, last)))
     }
 
-    /// Write the batch's copies (`old` holds the origin's blocks from `first` on), a run of
-    /// neighbouring blocks into neighbouring store blocks as one write, then append each one's
-    /// `Preserve` record. A run whose write fails gives its blocks back and invalidates the
-    /// snapshots that needed it. Returns the newest record's sequence.
-    fn write_copies(
+    /// The newest record a write of `first..=last` must wait for: copies of those blocks
+    /// logged but not durable yet.
+    fn inflight_wait(&self, st: &State, no: u32, first: u64, last: u64) -> u64 {
+        if st.inflight_preserves.is_empty() {
+            return 0;
+        }
+        (first..=last)
+            .filter_map(|c| st.inflight_preserves.get(&(no, c)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Write the copies (`old` holds the origin's blocks from `first` on): zero blocks are
+    /// noted, not written; a run of neighbouring blocks into neighbouring store blocks goes
+    /// out as one write. A failed write is noted on its copies.
+    fn write_copies(&self, old: &[u8], first: u64, copies: &mut [Copy]) {
+        let geo = self.inner.geo;
+        let bs = geo.chunk_size as usize;
+        let at = |c: &Copy| (c.block - first) as usize * bs;
+        for c in copies.iter_mut() {
+            c.zero = old[at(c)..at(c) + bs].iter().all(|&b| b == 0);
+        }
+        let mut i = 0;
+        while i < copies.len() {
+            let Some(slot) = copies[i].slot.filter(|_| !copies[i].zero) else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < copies.len()
+                && !copies[j].zero
+                && copies[j].slot == Some(copies[j - 1].slot.unwrap().wrapping_add(1))
+                && copies[j].block == copies[j - 1].block + 1
+            {
+                j += 1;
+            }
+            let run = &old[at(&copies[i])..at(&copies[j - 1]) + bs];
+            if let Err(e) = self.inner.store_write_data(run, geo.slot_offset(slot)) {
+                // ENOSPC of a sparse store on a full file system, EIO: the origin stays
+                // writable, as with a full store (dm-snapshot does the same).
+                for c in &mut copies[i..j] {
+                    c.failed = Some(e.to_string());
+                }
+            }
+            i = j;
+        }
+    }
+
+    /// Append each copy's `Preserve` record (a zero block's records zeroes and gives its
+    /// block back); a copy that could not be made (a full store, a failed write) invalidates
+    /// the snapshots that needed it. Returns the newest record's sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn log_copies(
         &self,
         st: &mut State,
         no: u32,
         gen: u32,
-        first: u64,
         old: &[u8],
-        batch: &mut Vec<Copy>,
+        first: u64,
+        copies: &[Copy],
+        zeroing: bool,
     ) -> Result<u64> {
-        let geo = self.inner.geo;
-        let bs = geo.chunk_size as usize;
+        let bs = self.inner.geo.chunk_size as usize;
         let at = |c: &Copy| (c.block - first) as usize * bs;
-        let mut failed = vec![false; batch.len()];
         let mut wait_seq = 0;
-        let mut i = 0;
-        while i < batch.len() {
-            if batch[i].slot == ZERO_SLOT {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < batch.len()
-                && batch[j].slot == batch[j - 1].slot.wrapping_add(1)
-                && batch[j].block == batch[j - 1].block + 1
-            {
-                j += 1;
-            }
-            let run = &old[at(&batch[i])..at(&batch[j - 1]) + bs];
-            if let Err(e) = self
-                .inner
-                .store_write_data(run, geo.slot_offset(batch[i].slot))
-            {
-                // ENOSPC of a sparse store on a full file system, EIO: the origin stays
-                // writable, as with a full store (dm-snapshot does the same).
-                for (k, copy) in batch.iter().enumerate().take(j).skip(i) {
-                    st.free_unlogged(copy.slot)
-                        .map_err(|e| self.meta_error(e))?;
-                    failed[k] = true;
+        for copy in copies {
+            if copy.zero || copy.failed.is_some() {
+                if let Some(slot) = copy.slot {
+                    st.free_unlogged(slot).map_err(|e| self.meta_error(e))?;
                 }
-                let lo = batch[i..j].iter().map(|c| c.lo).min().expect("a run");
-                let reason = format!(
-                    "COW store write failed ({e}): could not preserve block {}",
-                    batch[i].block
-                );
-                let seq = self.invalidate_needing(st, no, lo, gen, &reason)?;
-                wait_seq = wait_seq.max(seq);
             }
-            i = j;
-        }
-        for (k, copy) in std::mem::take(batch).into_iter().enumerate() {
-            if failed[k] {
+            // A snapshot deleted meanwhile may have left nothing that needs it.
+            if !st.origins[&no].any_live(copy.lo, gen) {
+                if let Some(slot) = copy.slot.filter(|_| !copy.zero && copy.failed.is_none()) {
+                    st.free_unlogged(slot).map_err(|e| self.meta_error(e))?;
+                }
                 continue;
             }
-            let crc = if copy.slot == ZERO_SLOT {
+            if copy.zero && zeroing {
+                continue;
+            }
+            let slot = match (copy.zero, copy.slot, &copy.failed) {
+                (true, _, _) => ZERO_SLOT,
+                (false, Some(slot), None) => slot,
+                (false, slot, failed) => {
+                    let reason = match (slot, failed) {
+                        (_, Some(e)) => format!(
+                            "COW store write failed ({e}): could not preserve block {}",
+                            copy.block
+                        ),
+                        _ => format!("COW store full: could not preserve block {}", copy.block),
+                    };
+                    let seq = self.invalidate_needing(st, no, copy.lo, gen, &reason)?;
+                    wait_seq = wait_seq.max(seq);
+                    continue;
+                }
+            };
+            let crc = if slot == ZERO_SLOT {
                 0
             } else {
-                crc32c::crc32c(&old[at(&copy)..at(&copy) + bs])
+                crc32c::crc32c(&old[at(copy)..at(copy) + bs])
             };
             let seq = self.inner.log(
                 st,
@@ -682,7 +742,7 @@ impl Volume {
                     chunk: copy.block,
                     lo: copy.lo,
                     hi: gen,
-                    slot: copy.slot,
+                    slot,
                     bits: 1,
                     crc,
                 },
