@@ -30,11 +30,14 @@ use crate::pdata::PdataError;
 use crate::state::State;
 use crate::store::{table_block, Inner, CK_HEADER};
 
+/// The tree's writes and the tables' (byte offset, block) writes of one commit.
+type Writes = (CommitJob, Vec<(u64, Vec<u8>)>);
+
 /// A commit frozen and being written.
 pub(crate) struct Inflight {
     /// The writes, until someone takes them to run (the committer thread, or a thread that
     /// must wait for the commit and holds the state lock anyway).
-    job: Mutex<Option<(CommitJob, Vec<(u64, Vec<u8>)>)>>,
+    job: Mutex<Option<Writes>>,
     /// Their outcome, once run.
     result: Mutex<Option<std::result::Result<CommitStats, PdataError>>>,
     done: Condvar,
