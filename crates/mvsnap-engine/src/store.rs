@@ -26,10 +26,9 @@ pub(crate) const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
 const CK_MAGIC: u32 = 0x4c42_564d; // "MVBL": a block of the tables
 /// Every unit of space (data and metadata) in format v2.
 const BLOCK: u32 = 4096;
-/// Dirty nodes that start a tree commit at most (16 MiB). Commits run beside the writers, so
-/// this no longer bounds a stall; bigger sets amortize a leaf's write over more changes to it
-/// (docs/BENCHMARKS.md, "Commits beside the writers": random first writes over 1M mappings
-/// ran ~10k/s at 1,024 and 11-14k/s at 4,096).
+/// Dirty nodes that start a tree commit at most (16 MiB; reached with a 128 MiB cache).
+/// Commits run beside the writers, so this no longer bounds a stall; bigger sets amortize a
+/// leaf's write over more changes to it (docs/BENCHMARKS.md, "Commits beside the writers").
 const MAX_DIRTY_NODES: u64 = 4096;
 /// The node cache's budget when none is given (`--cache-size`).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
@@ -578,10 +577,11 @@ impl Inner {
 
     /// Dirty tree nodes at which a tree commit starts: at most [`MAX_DIRTY_NODES`] (its
     /// writes are what a commit costs, and what writers wait for when they outpace it), at
-    /// most a quarter of the cache (they are pinned in RAM until it), and a small share of a
-    /// small store.
+    /// most an eighth of the cache (dirty and frozen nodes are pinned in RAM beside it: up to
+    /// twice the limit each, so at most half the cache again), and a small share of a small
+    /// store.
     pub fn dirty_limit(&self, st: &State) -> u64 {
-        (self.cache_nodes / 4)
+        (self.cache_nodes / 8)
             .min(MAX_DIRTY_NODES)
             .min(st.meta.limit() / 64)
             .max(8)
