@@ -311,7 +311,7 @@ echo "- load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "- $(fio --version); $(qemu-nbd --version | head -1); $(nbdkit --version | head -1); $(rustc --version)"
 echo "- mvsnap: git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' + uncommitted changes in crates/')"
 echo
-echo "Settings: image $size raw (fully written, in the page cache), store $STORE_SIZE ($FRESH_STORE_SIZE for the fresh-snapshot case; 64 KiB chunks),"
+echo "Settings: image $size raw (fully written, in the page cache), store $STORE_SIZE ($FRESH_STORE_SIZE for the fresh-snapshot case; 4 KiB blocks),"
 echo "runtime ${runtime} s after ${ramp} s ramp per line, snapshot window ${window} s (no ramp),"
 echo "$reps repetition(s), median reported. One fio job = one NBD connection; fio defaults otherwise"
 echo "(random map, randrepeat: every contender sees the same offsets). qemu-nbd, nbdkit and mvsnap"
