@@ -36,10 +36,13 @@ impl Store {
             r.errors
                 .push(format!("the tree commit being written failed: {e}"));
         }
-        // Every block something points at: data of entries, the tables, freed-not-yet-committed.
+        // Every block something points at: data of entries, the tables, freed-not-yet-committed,
+        // copies in flight.
         let mut data: Vec<u64> = Vec::new();
         data.extend(&st.table_blocks);
         data.extend(&st.deferred_frees);
+        // Copies being written outside the lock, their records not logged yet.
+        data.extend(st.unlogged.iter().map(|&b| b as u64));
         let view = st.meta.view();
         for o in st.origins.values() {
             let chunks = geo.chunks_for(o.size);
