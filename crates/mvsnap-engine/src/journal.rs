@@ -994,4 +994,45 @@ mod tests {
             assert!(j.used() > region_len / 3);
         }
     }
+
+    /// The accounting at the region's end, exactly: a group that fits up to the last byte does
+    /// not wrap; one that does not costs the rest of the region too; `used` is the live part
+    /// plus what waits for a group; `nearly_full` follows from both, one block kept spare.
+    #[test]
+    fn the_wrap_costs_the_rest_of_the_region() {
+        let b = META_BLOCK;
+        let region_len = 16 * b;
+        let mut j = JournalWriter::new(1, 1, region_len, 0);
+        j.head = 14 * b;
+        j.tail = 2 * b;
+        assert_eq!(j.used(), 12 * b);
+        let two = 2 * b as usize - HEADER;
+        let three = 3 * b as usize - HEADER;
+        assert_eq!(j.next_group_bytes(two), 2 * b, "fits exactly: no wrap");
+        assert_eq!(j.next_group_bytes(two + 1), 2 * b + 3 * b, "wraps: the rest, then 3");
+        assert_eq!(j.next_group_bytes(three), 2 * b + 3 * b);
+        assert!(!j.nearly_full(two), "12 + 2 + 1 spare of 16");
+        assert!(j.nearly_full(two + 1), "12 + 2 wasted + 3 + 1 spare > 16");
+        // A later lap: positions are taken modulo the region.
+        j.head += 3 * region_len;
+        j.tail += 3 * region_len;
+        assert_eq!(j.next_group_bytes(two + 1), 5 * b);
+        assert_eq!(j.next_group_bytes(100), b);
+        j.append(&sample()[0]);
+        let pending = j.pending.len() as u64;
+        assert_eq!(j.used(), 12 * b + pending);
+        let gs = j.take_groups();
+        assert_eq!(gs.len(), 1);
+        assert_eq!(gs[0].pos, 14 * b);
+        assert_eq!(j.used(), 13 * b);
+        // A group that does not fit: wrap record at the end, group at the start.
+        for _ in 0..3 {
+            j.append(&odd_record(500));
+        }
+        let gs = j.take_groups();
+        assert_eq!(gs.len(), 2, "a wrap record, then the group");
+        assert_eq!((gs[0].pos, gs[0].bytes.len() as u64), (15 * b, b));
+        assert_eq!(gs[1].pos, 0);
+        assert_eq!(j.used(), 14 * b + gs[1].bytes.len() as u64);
+    }
 }
