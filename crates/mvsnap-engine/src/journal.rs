@@ -1009,7 +1009,11 @@ mod tests {
         let two = 2 * b as usize - HEADER;
         let three = 3 * b as usize - HEADER;
         assert_eq!(j.next_group_bytes(two), 2 * b, "fits exactly: no wrap");
-        assert_eq!(j.next_group_bytes(two + 1), 2 * b + 3 * b, "wraps: the rest, then 3");
+        assert_eq!(
+            j.next_group_bytes(two + 1),
+            2 * b + 3 * b,
+            "wraps: the rest, then 3"
+        );
         assert_eq!(j.next_group_bytes(three), 2 * b + 3 * b);
         assert!(!j.nearly_full(two), "12 + 2 + 1 spare of 16");
         assert!(j.nearly_full(two + 1), "12 + 2 wasted + 3 + 1 spare > 16");
@@ -1034,5 +1038,39 @@ mod tests {
         assert_eq!((gs[0].pos, gs[0].bytes.len() as u64), (15 * b, b));
         assert_eq!(gs[1].pos, 0);
         assert_eq!(j.used(), 14 * b + gs[1].bytes.len() as u64);
+    }
+
+    /// A commit made durable drops the groups it covers that were never written, and only
+    /// those: groups of records after its seal stay queued for writing.
+    #[test]
+    fn release_to_drops_only_what_the_commit_covers() {
+        let mut j = JournalWriter::new(2, 1, 1 << 20, 0);
+        j.append(&sample()[0]);
+        let first = j.seal();
+        j.append(&sample()[1]);
+        let second = j.seal();
+        j.append(&sample()[2]);
+        j.release_to(first);
+        assert_eq!(j.used(), j.head - j.tail + j.pending.len() as u64);
+        assert_eq!(j.tail, first.abs);
+        let gs = j.take_groups();
+        let seqs: Vec<u64> = gs.iter().map(|g| g.last_seq).collect();
+        assert_eq!(
+            gs.len(),
+            2,
+            "the group after the first seal, and the pending one"
+        );
+        assert!(seqs.iter().all(|&s| s >= first.seq) && seqs[0] < second.seq);
+        // Written from the first mark, the journal holds every record after it.
+        let mut region = vec![0u8; 1 << 20];
+        write_groups(&mut region, &gs);
+        let got = scan_from(&region, 2, first);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1, sample()[1]);
+        assert_eq!(got[1].1, sample()[2]);
+        // A mark never moves the tail back.
+        j.release_to(second);
+        j.release_to(first);
+        assert_eq!(j.tail, second.abs);
     }
 }
