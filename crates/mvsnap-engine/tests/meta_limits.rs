@@ -51,11 +51,13 @@ fn near_full_store_with_many_mappings_can_still_delete_and_close() {
     drop(s);
     assert!(fit > 200, "the store held {fit} pieces");
 
-    // Again, one piece short of full: ~10,000 mappings of 4 KiB, nothing invalidated.
+    // Again, a few pieces short of full: ~10,000 mappings of 4 KiB, nothing invalidated. (A
+    // few, not one: commits run beside the writers, so how many metadata blocks are in flight
+    // when the store fills, and so where it fills, varies by a piece or two between runs.)
     let dir = tempfile::tempdir().unwrap();
     let (m, s) = full_setup(dir.path(), &content);
     let o = s.volume("o0").unwrap();
-    for p in 0..fit - 1 {
+    for p in 0..fit - 4 {
         let r = p * PIECE..(p + 1) * PIECE;
         o.write_at(r.start as u64, &new[r], false).unwrap();
     }
