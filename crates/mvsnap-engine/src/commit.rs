@@ -23,15 +23,15 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::format::{self, META_BLOCK, NO_SLOT};
+use crate::format::{self, META_BLOCK};
 use crate::journal::Mark;
 use crate::pdata::meta::{CommitJob, CommitStats};
 use crate::pdata::PdataError;
 use crate::state::State;
-use crate::store::{table_block, Inner, CK_HEADER};
+use crate::store::{table_blocks, Inner, TableWrites};
 
-/// The tree's writes and the tables' (byte offset, block) writes of one commit.
-type Writes = (CommitJob, Vec<(u64, Vec<u8>)>);
+/// The tree's writes and the tables' of one commit.
+type Writes = (CommitJob, TableWrites);
 
 /// A commit frozen and being written.
 pub(crate) struct Inflight {
@@ -69,7 +69,7 @@ impl Inflight {
     }
 }
 
-fn write_tables(inner: &Inner, tables: &[(u64, Vec<u8>)]) -> std::result::Result<(), PdataError> {
+fn write_tables(inner: &Inner, tables: &TableWrites) -> std::result::Result<(), PdataError> {
     for (offset, bytes) in tables {
         inner
             .dev
@@ -124,35 +124,10 @@ impl Inner {
         let meta_err =
             |what: &str, e: PdataError| self.poison(what, &std::io::Error::other(e.to_string()));
         let stream = st.serialize_tables(&self.events.lock());
-        let payload = META_BLOCK as usize - CK_HEADER;
-        let nblocks = stream.len().div_ceil(payload).max(1);
-        let mut blocks = Vec::with_capacity(nblocks);
-        for _ in 0..nblocks {
-            match st.meta.alloc_block() {
-                Ok(Some(b)) => blocks.push(b),
-                Ok(None) => {
-                    for b in blocks {
-                        let _ = st.meta.free_block(b);
-                    }
-                    return Err(Error::NoSpace(
-                        "no room left for the metadata tables".into(),
-                    ));
-                }
-                Err(e) => return Err(meta_err("allocate the tables", e)),
-            }
-        }
         let stamp = st.meta.next_commit_seq();
-        let tables: Vec<(u64, Vec<u8>)> = stream
-            .chunks(payload)
-            .enumerate()
-            .map(|(i, piece)| {
-                let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
-                (
-                    self.geo.slot_offset(blocks[i] as u32),
-                    table_block(stamp, i, next, piece),
-                )
-            })
-            .collect();
+        let (blocks, tables) = table_blocks(st, stamp, &stream)
+            .map_err(|e| meta_err("allocate the tables", e))?
+            .ok_or_else(|| Error::NoSpace("no room left for the metadata tables".into()))?;
         // What records freed, and the old tables: free in the new version, held until it is
         // durable.
         let freed = std::mem::take(&mut st.deferred_frees);
@@ -216,6 +191,13 @@ impl Inner {
         } else {
             self.wait_inflight(st)
         }
+    }
+
+    /// Freeze a commit and run it to the end here.
+    fn commit_now(&self, st: &mut State, new_epoch: bool) -> Result<()> {
+        let job = self.freeze_commit(st, new_epoch)?;
+        *self.inflight.lock() = Some(job);
+        self.wait_inflight(st)
     }
 
     /// Whether a tree commit is being written.
@@ -286,9 +268,7 @@ impl Inner {
         self.check_poison()?;
         self.wait_inflight(st)?;
         if self.epoch_fresh.load(Ordering::Acquire) {
-            let job = self.freeze_commit(st, false)?;
-            *self.inflight.lock() = Some(job);
-            return self.wait_inflight(st);
+            return self.commit_now(st, false);
         }
         // A new epoch resets the journal: no group commit may run meanwhile.
         let mut cs = self.commit.lock();
@@ -297,10 +277,7 @@ impl Inner {
         }
         cs.leader = true;
         drop(cs);
-        let result = self.freeze_commit(st, true).and_then(|job| {
-            *self.inflight.lock() = Some(job);
-            self.wait_inflight(st)
-        });
+        let result = self.commit_now(st, true);
         let mut cs = self.commit.lock();
         cs.leader = false;
         self.commit_cv.notify_all();

@@ -32,7 +32,7 @@ const BLOCK: u32 = 4096;
 const MAX_DIRTY_NODES: u64 = 4096;
 /// The node cache's budget when none is given (`--cache-size`).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
-pub(crate) const CK_HEADER: usize = 32;
+const CK_HEADER: usize = 32;
 
 pub(crate) struct CommitState {
     pub durable_seq: u64,
@@ -866,23 +866,12 @@ impl Store {
         meta.set_limit(geo.slots_for_len(size));
         let mut st = State::new(geo, meta);
         let stream = st.serialize_tables(&[]);
-        let payload = META_BLOCK as usize - CK_HEADER;
-        let mut blocks = Vec::new();
-        for _ in 0..stream.len().div_ceil(payload) {
-            blocks.push(
-                st.meta
-                    .alloc_block()
-                    .map_err(ioerr)?
-                    .ok_or_else(|| Error::InvalidArgument("store too small".into()))?,
-            );
-        }
-        for (i, piece) in stream.chunks(payload).enumerate() {
-            let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
+        let (blocks, writes) = table_blocks(&mut st, epoch, &stream)
+            .map_err(ioerr)?
+            .ok_or_else(|| Error::InvalidArgument("store too small".into()))?;
+        for (offset, bytes) in &writes {
             shared
-                .write_at(
-                    &table_block(epoch, i, next, piece),
-                    geo.slot_offset(blocks[i] as u32),
-                )
+                .write_at(bytes, *offset)
                 .map_err(|e| Error::io("write", path, e))?;
         }
         st.meta
@@ -1776,13 +1765,51 @@ fn open_origin(
     Ok(dev)
 }
 
-/// One block of the tables' chain: a header (magic, checksum, commit epoch, index, next
-/// block, payload length) and its piece of the stream.
-pub(crate) fn table_block(epoch: u64, index: usize, next: u32, piece: &[u8]) -> Vec<u8> {
+/// Writes of the tables' blocks: (byte offset in the store, block).
+pub(crate) type TableWrites = Vec<(u64, Vec<u8>)>;
+
+/// The tables' stream as a chain of fresh blocks, allocated in the open transaction: the
+/// blocks, and their writes. None: no room (nothing allocated).
+pub(crate) fn table_blocks(
+    st: &mut State,
+    stamp: u64,
+    stream: &[u8],
+) -> std::result::Result<Option<(Vec<u64>, TableWrites)>, crate::pdata::PdataError> {
+    let payload = META_BLOCK as usize - CK_HEADER;
+    let n = stream.len().div_ceil(payload).max(1);
+    let mut blocks = Vec::with_capacity(n);
+    for _ in 0..n {
+        match st.meta.alloc_block()? {
+            Some(b) => blocks.push(b),
+            None => {
+                for b in blocks {
+                    st.meta.free_block(b)?;
+                }
+                return Ok(None);
+            }
+        }
+    }
+    let writes = stream
+        .chunks(payload)
+        .enumerate()
+        .map(|(i, piece)| {
+            let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
+            (
+                st.geo.slot_offset(blocks[i] as u32),
+                table_block(stamp, i, next, piece),
+            )
+        })
+        .collect();
+    Ok(Some((blocks, writes)))
+}
+
+/// One block of the tables' chain: a header (magic, checksum, the stamp of the commit that
+/// wrote it, index, next block, payload length) and its piece of the stream.
+fn table_block(stamp: u64, index: usize, next: u32, piece: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(CK_HEADER + piece.len());
     buf.extend_from_slice(&CK_MAGIC.to_le_bytes());
     buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&epoch.to_le_bytes());
+    buf.extend_from_slice(&stamp.to_le_bytes());
     buf.extend_from_slice(&(index as u32).to_le_bytes());
     buf.extend_from_slice(&next.to_le_bytes());
     buf.extend_from_slice(&(piece.len() as u32).to_le_bytes());

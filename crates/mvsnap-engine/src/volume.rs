@@ -324,17 +324,13 @@ impl Volume {
                 let slow = st
                     .needs_preserve(o, first, last)
                     .map_err(|e| self.meta_error(e))?;
-                let mut wait = if slow {
+                // Copies of these blocks not durable yet are waited for either way.
+                let wait = if slow {
                     self.preserve(&mut st, *no, dev, pos, n, true)?
                 } else {
                     self.inner.check_poison()?;
-                    0
+                    self.inflight_wait(&st, *no, first, last)
                 };
-                for c in first..=last {
-                    if let Some(s) = st.inflight_preserves.get(&(*no, c)) {
-                        wait = wait.max(s);
-                    }
-                }
                 wait.max(st.release_barrier(*no))
             };
             // Invariant 2, as for a write; and writes acknowledged before this one go first.
@@ -480,12 +476,8 @@ impl Volume {
                 .needs_preserve(o, first, last)
                 .map_err(|e| self.meta_error(e))?;
             wait_seq = st.release_barrier(no);
-            if !slow && !st.inflight_preserves.is_empty() {
-                for c in first..=last {
-                    if let Some(s) = st.inflight_preserves.get(&(no, c)) {
-                        wait_seq = wait_seq.max(s);
-                    }
-                }
+            if !slow {
+                wait_seq = wait_seq.max(self.inflight_wait(&st, no, first, last));
             }
             slow
         };
@@ -545,10 +537,7 @@ impl Volume {
         let (copies, gen) = loop {
             // Neither a copy nor an invalidation can be made durable any more.
             self.inner.check_poison()?;
-            let settled = self
-                .inner
-                .settled_seq
-                .load(std::sync::atomic::Ordering::Acquire);
+            let settled = self.inner.settled_seq.load(Ordering::Acquire);
             let durable = self.inner.commit.lock().durable_seq;
             st.inflight_preserves.expire(durable);
             st.unsettled_slots.expire(settled);
@@ -803,10 +792,7 @@ impl Volume {
         let bs = geo.chunk_size as usize;
         let mut st = self.inner.state.write();
         self.inner.check_poison()?;
-        let settled = self
-            .inner
-            .settled_seq
-            .load(std::sync::atomic::Ordering::Acquire);
+        let settled = self.inner.settled_seq.load(Ordering::Acquire);
         st.unsettled_slots.expire(settled);
         let end = offset + data.len() as u64;
         let mut blockbuf = vec![0u8; bs];

@@ -147,11 +147,6 @@ impl CommitJob {
             .sync()
             .map_err(|source| PdataError::Io { block: 0, source })
     }
-
-    /// Nodes it writes.
-    pub fn nodes(&self) -> usize {
-        self.nodes.len()
-    }
 }
 
 /// What one commit wrote.
@@ -462,7 +457,6 @@ impl Meta {
     /// Make the open transaction durable with these user words, then open the next one.
     /// On an error nothing durable changed, and the store must reopen.
     pub fn commit(&mut self, user: [u64; USER_WORDS]) -> PResult<CommitStats> {
-        self.wait_frozen()?;
         let job = self.freeze(user, &[])?;
         let r = job.write();
         self.finish(r)
@@ -474,14 +468,9 @@ impl Meta {
         self.header.seq + 1 + self.frozen.is_some() as u64
     }
 
-    /// A commit in flight: frozen, its writes not known durable yet.
-    pub fn has_frozen(&self) -> bool {
-        self.frozen.is_some()
-    }
-
-    /// Nothing to wait for here: a commit in flight is finished by whoever ran its job
-    /// ([`Meta::finish`]); committing again before that is a caller's error.
-    fn wait_frozen(&self) -> PResult<()> {
+    /// One commit in flight at a time: it is finished by whoever ran its job
+    /// ([`Meta::finish`]); freezing again before that is a caller's error.
+    fn refuse_if_frozen(&self) -> PResult<()> {
         if self.frozen.is_some() {
             return Err(PdataError::Corrupt {
                 block: 0,
@@ -498,7 +487,7 @@ impl Meta {
     /// blocks used now that the frozen version must count free (see [`SpaceMap::freeze`]).
     pub fn freeze(&mut self, user: [u64; USER_WORDS], aside: &[BlockNo]) -> PResult<CommitJob> {
         self.check_open()?;
-        self.wait_frozen()?;
+        self.refuse_if_frozen()?;
         let r = self.freeze_inner(user, aside);
         if let Err(e) = &r {
             self.broken = Some(e.to_string());

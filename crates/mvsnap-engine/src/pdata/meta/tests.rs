@@ -69,17 +69,20 @@ fn random_change(
         .collect()
 }
 
-fn apply(m: &mut Meta, ops: &[(u64, bool)], salt: u64) -> PResult<CommitStats> {
-    m.update(|t| {
-        for &(k, insert) in ops {
-            if insert {
-                t.insert(ukey(k), uval(k, salt))?;
-            } else {
-                t.remove(&ukey(k))?;
-            }
+/// The inserts and removes of `ops` (as `random_change` made them) in a transaction.
+fn apply_ops(t: &mut Txn<TxnAlloc>, ops: &[(u64, bool)], salt: u64) -> PResult<()> {
+    for &(k, insert) in ops {
+        if insert {
+            t.insert(ukey(k), uval(k, salt))?;
+        } else {
+            t.remove(&ukey(k))?;
         }
-        Ok(())
-    })
+    }
+    Ok(())
+}
+
+fn apply(m: &mut Meta, ops: &[(u64, bool)], salt: u64) -> PResult<CommitStats> {
+    m.update(|t| apply_ops(t, ops, salt))
 }
 
 #[test]
@@ -232,13 +235,7 @@ fn a_power_cut_with_commits_in_flight_finds_a_frozen_version() {
                     dropped.push((id, b));
                 }
                 let changed = m.change(|t| {
-                    for &(k, insert) in &ops {
-                        if insert {
-                            t.insert(ukey(k), uval(k, salt))?;
-                        } else {
-                            t.remove(&ukey(k))?;
-                        }
-                    }
+                    apply_ops(t, &ops, salt)?;
                     for &(id, b) in &new_data {
                         let mut v = [0u8; 16];
                         v[..8].copy_from_slice(&b.to_le_bytes());
