@@ -1570,7 +1570,11 @@ impl Store {
         let geo = self.inner.geo;
         let sb = self.inner.sb.lock().clone();
         let cs = META_BLOCK;
-        let meta = (st.table_blocks.len() as u64 + st.meta.blocks().min(1)) * cs;
+        // The tables, the tree's nodes, and the fixed area (headers, space map bitmaps).
+        let meta = (st.table_blocks.len() as u64
+            + st.meta.nodes()
+            + crate::pdata::meta::Meta::fixed_blocks(st.meta.blocks()))
+            * cs;
         let cache = st.meta.cache_stats();
         let usable = st.meta.usable_free_blocks();
         StoreInfo {

@@ -256,3 +256,64 @@ fn snapshots_of_a_snapshot_copy_nothing() {
     common::assert_image("o0@c2", &read_all(&s, "o0@c2"), &data);
     common::assert_clean(&s, "500 snapshots of a snapshot");
 }
+
+/// `info`'s metadata size is the tree's nodes (counted in the metadata header), the tables and
+/// the fixed area: it grows with the mappings a snapshot gains, comes back when the snapshot
+/// goes, and is the same after a reopen (the count is durable, not rebuilt).
+#[test]
+fn info_counts_metadata_by_the_nodes_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(6, (32 * MIB) as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(96 * MIB, 65536),
+        &[("o0", content.clone())],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    s.checkpoint().unwrap();
+    let empty = s.info();
+    assert!(
+        empty.metadata_bytes > empty.journal_bytes,
+        "metadata {} should hold the journal {} and more",
+        empty.metadata_bytes,
+        empty.journal_bytes
+    );
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    // Every other 4 KiB block of 32 MiB: 4,096 preserved blocks, one entry each.
+    let block = pattern(7, 4096);
+    for i in (0..32 * MIB / 4096).step_by(2) {
+        o.write_at(i * 4096, &block, false).unwrap();
+    }
+    o.flush().unwrap();
+    s.checkpoint().unwrap();
+    let full = s.info();
+    let grown = full.metadata_bytes - empty.metadata_bytes;
+    let entries = 4096;
+    // An entry takes at least 16 bytes of a leaf and at most a quarter of a node.
+    assert!(
+        grown >= entries * 16 && grown <= entries * 1024,
+        "4,096 new entries grew the metadata by {grown} bytes"
+    );
+    // The store's used space grew by the 16 MiB preserved plus exactly the metadata's growth
+    // (the journal is outside the data area; a table block or two may move).
+    let used = full.used_bytes - empty.used_bytes;
+    assert!(
+        used >= 16 * MIB + grown - 2 * 4096 && used <= 16 * MIB + grown + 2 * 4096,
+        "used grew by {used} bytes for 16 MiB of data and {grown} of metadata"
+    );
+    drop(o);
+    s.close().unwrap();
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    assert_eq!(s.info().metadata_bytes, full.metadata_bytes, "after reopen");
+    common::assert_clean(&s, "reopen");
+    s.delete_snapshot("o0@a").unwrap();
+    s.checkpoint().unwrap();
+    let after = s.info().metadata_bytes;
+    assert!(
+        after <= empty.metadata_bytes + 8 * 4096,
+        "after the delete the metadata is {after} bytes, was {} before the snapshot",
+        empty.metadata_bytes
+    );
+    common::assert_clean(&s, "after delete");
+}

@@ -65,6 +65,9 @@ struct Header {
     txn: u64,
     root: Option<BlockNo>,
     blocks: u64,
+    /// Nodes in the tree this header points at (what `info` reports as metadata; `check`
+    /// verifies it).
+    nodes: u64,
     user: [u64; USER_WORDS],
 }
 
@@ -77,6 +80,7 @@ impl Header {
         b[24..32].copy_from_slice(&self.root.unwrap_or(NO_ROOT).to_le_bytes());
         b[32..40].copy_from_slice(&self.blocks.to_le_bytes());
         b[40..48].copy_from_slice(&MAP_START.to_le_bytes());
+        b[48..56].copy_from_slice(&self.nodes.to_le_bytes());
         for (i, w) in self.user.iter().enumerate() {
             b[USER_AT + 8 * i..USER_AT + 8 * i + 8].copy_from_slice(&w.to_le_bytes());
         }
@@ -99,6 +103,7 @@ impl Header {
             txn: word(16),
             root: Some(word(24)).filter(|&r| r != NO_ROOT),
             blocks: word(32),
+            nodes: word(48),
             user: std::array::from_fn(|i| word(USER_AT + 8 * i)),
         })
     }
@@ -171,6 +176,8 @@ pub struct Meta {
     broken: Option<String>,
     /// Commits sync the device (off for an ephemeral store, which nothing must survive).
     sync: bool,
+    /// Nodes in the working version's tree.
+    nodes: u64,
 }
 
 impl Meta {
@@ -208,12 +215,14 @@ impl Meta {
                 txn: 1,
                 root: None,
                 blocks,
+                nodes: 0,
                 user,
             },
             frozen: None,
             pending: Pending::new(None, 1),
             broken: None,
             sync: true,
+            nodes: 0,
         };
         m.commit(user)?;
         // Both header blocks valid, so a stale one from an earlier format can never win.
@@ -283,6 +292,7 @@ impl Meta {
             map,
             frozen: None,
             pending: Pending::new(header.root, header.txn),
+            nodes: header.nodes,
             header,
             broken: None,
             sync: true,
@@ -348,6 +358,11 @@ impl Meta {
         self.cache.stats()
     }
 
+    /// Nodes in the tree (the working version): the metadata's size beside the fixed area.
+    pub fn nodes(&self) -> u64 {
+        self.nodes
+    }
+
     /// Nodes the open transaction changed (held in RAM until the commit).
     pub fn dirty_nodes(&self) -> usize {
         self.pending.dirty_nodes()
@@ -389,12 +404,14 @@ impl Meta {
             map: &mut self.map,
             io: &self.io,
             error: None,
+            nodes: 0,
         };
         let pending = std::mem::take(&mut self.pending);
         let frozen = self.frozen.as_ref().map(|(f, _)| &**f);
         let mut t = Txn::resume(&self.io, &self.cache, frozen, &mut alloc, pending);
         let out = f(&mut t);
         self.pending = t.suspend();
+        self.nodes = self.nodes.saturating_add_signed(alloc.nodes);
         let out = match (out, alloc.error.take()) {
             (_, Some(e)) | (Err(e), None) => Err(e),
             (Ok(r), None) => Ok(r),
@@ -522,6 +539,7 @@ impl Meta {
             txn: txn + 1,
             root,
             blocks: self.header.blocks,
+            nodes: self.nodes,
             user,
         };
         self.frozen = Some((nodes.clone(), header));
@@ -565,22 +583,19 @@ impl Meta {
 
     /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the
     /// space map says so, no more (a leak) and no less (a block used twice waiting to happen).
-    /// `data` are the blocks the caller's entries point at (none for a bare tree).
-    /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the
-    /// space map says so, no more (a leak) and no less (a block used twice waiting to happen).
     /// `data` are the blocks the caller's entries point at (none for a bare tree). Runs on
     /// the durable version.
     pub fn check(&mut self, data: &[BlockNo]) -> PResult<btree::TreeReport> {
         let report = btree::check(&self.committed())?;
         let used = self.map.used_blocks(&self.io)?;
-        self.compare(report, used, data)
+        self.compare(report, used, data, self.header.nodes)
     }
 
     /// [`Meta::check`] of the working version: the durable one plus the open transaction.
     pub fn check_working(&mut self, data: &[BlockNo]) -> PResult<btree::TreeReport> {
         let report = btree::check(&self.view())?;
         let used = self.map.working_used_blocks(&self.io)?;
-        self.compare(report, used, data)
+        self.compare(report, used, data, self.nodes)
     }
 
     fn compare(
@@ -588,7 +603,17 @@ impl Meta {
         report: btree::TreeReport,
         used: Vec<BlockNo>,
         data: &[BlockNo],
+        nodes: u64,
     ) -> PResult<btree::TreeReport> {
+        if report.blocks.len() as u64 != nodes {
+            return Err(PdataError::Corrupt {
+                block: 0,
+                what: format!(
+                    "the header counts {nodes} tree nodes, the tree has {}",
+                    report.blocks.len()
+                ),
+            });
+        }
         let mut want: Vec<BlockNo> = (0..Self::fixed_blocks(self.header.blocks)).collect();
         want.extend(&report.blocks);
         want.extend(data);

@@ -572,12 +572,17 @@ pub struct TxnAlloc<'a> {
     pub io: &'a dyn NodeIo,
     /// The first error (an I/O error reading a bitmap): the transaction fails with it.
     pub error: Option<PdataError>,
+    /// Nodes allocated minus nodes dropped: the tree's size changes by this much.
+    pub nodes: i64,
 }
 
 impl BlockAlloc for TxnAlloc<'_> {
     fn alloc(&mut self) -> Option<BlockNo> {
         match self.map.alloc(self.io) {
-            Ok(b) => b,
+            Ok(b) => {
+                self.nodes += b.is_some() as i64;
+                b
+            }
             Err(e) => {
                 self.error.get_or_insert(e);
                 None
@@ -585,6 +590,7 @@ impl BlockAlloc for TxnAlloc<'_> {
         }
     }
     fn free_now(&mut self, block: BlockNo) {
+        self.nodes -= 1;
         if let Err(e) = self.map.free(self.io, block) {
             self.error.get_or_insert(e);
         }
