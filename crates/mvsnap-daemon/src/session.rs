@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mvsnap_engine::{CheckReport, OpenOptions, OriginInfo, SnapshotInfo, Store, StoreInfo};
+use mvsnap_engine::{
+    CheckReport, OpenOptions, OriginInfo, RepairReport, SnapshotInfo, Store, StoreInfo,
+};
 use serde::de::DeserializeOwned;
 
 use crate::control::{ControlClient, Request};
@@ -122,6 +124,17 @@ impl Session {
         match self {
             Session::Offline(s) => Ok(s.check()),
             Session::Daemon(c) => decode(c.call(&Request::Check)?),
+        }
+    }
+
+    /// Repair the store in place: only with the store to ourselves, as thin_repair wants its
+    /// metadata inactive (a daemon's clients would see the repair happen under them).
+    pub fn repair(&mut self) -> Result<RepairReport> {
+        match self {
+            Session::Offline(s) => Ok(s.repair()?),
+            Session::Daemon(_) => anyhow::bail!(
+                "a daemon serves this store: stop it first (a repair needs the store to itself)"
+            ),
         }
     }
 

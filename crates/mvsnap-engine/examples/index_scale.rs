@@ -176,8 +176,47 @@ fn one_size(dir: &Path, n: u64, writes: usize, cache: Option<u64>) -> R<()> {
     if !out.status.success() {
         return Err(format!("child: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
+    delete_under_load(&store, n, cache)?;
     std::fs::remove_file(&origin)?;
     std::fs::remove_file(&store)?;
+    Ok(())
+}
+
+/// Delete the snapshot holding the N mappings while a writer times its 4 KiB origin writes
+/// (blocks already preserved for the newer snapshot: no copy-outs, only the lock): how long
+/// the delete takes and how long a writer waits meanwhile.
+fn delete_under_load(store: &Path, n: u64, cache: Option<u64>) -> R<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Store::open(store, &open_opts(cache))?;
+    let stop = AtomicBool::new(false);
+    let (delete_ms, lat) = std::thread::scope(|sc| -> R<(f64, Vec<f64>)> {
+        let writer = sc.spawn(|| -> Vec<f64> {
+            let o = s.volume("o0").expect("origin");
+            let blk = vec![0x3cu8; BLOCK as usize];
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let off = rng.random_range(0..n) * BLOCK;
+                let t = Instant::now();
+                o.write_at(off, &blk, false).expect("write");
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            lat
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let t = Instant::now();
+        s.delete_snapshot("o0@a")?;
+        let delete_ms = t.elapsed().as_secs_f64() * 1e3;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        Ok((delete_ms, writer.join().expect("writer")))
+    })?;
+    let max = lat.iter().cloned().fold(0.0, f64::max);
+    s.close()?;
+    println!(
+        "delete n={n} delete_ms={delete_ms:.1} writer_writes={} writer_max_ms={max:.1}",
+        lat.len()
+    );
     Ok(())
 }
 

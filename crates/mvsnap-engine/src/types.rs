@@ -138,7 +138,7 @@ pub struct Extent {
 }
 
 /// The result of `check`: every invariant of DESIGN.md verified.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
 pub struct CheckReport {
     pub slots_total: u64,
     pub slots_used: u64,
@@ -147,6 +147,31 @@ pub struct CheckReport {
     pub snapshots: usize,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+}
+
+/// What `check --repair` found and changed, and the check that followed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Tree nodes the salvage walk reached (read or not).
+    pub nodes_read: u64,
+    /// Entries kept from the readable nodes.
+    pub entries_kept: u64,
+    /// Key ranges under damaged nodes, dropped (one line each).
+    pub lost: Vec<String>,
+    /// Whether the tree was written anew from the readable entries.
+    pub tree_rebuilt: bool,
+    /// Blocks marked used that nothing used, given back.
+    pub blocks_leaked: u64,
+    /// Blocks in use that the space map marked free, marked used.
+    pub blocks_lost: u64,
+    /// Space map bitmaps that could not be read, written anew.
+    pub bitmaps_rewritten: u64,
+    /// Whether counters kept beside the tree disagreed with it (set from the tree).
+    pub counters_fixed: bool,
+    /// Snapshots invalidated because data they needed was under a damaged node.
+    pub invalidated: Vec<String>,
+    /// `check` after the repair.
+    pub check: CheckReport,
 }
 
 impl CheckReport {

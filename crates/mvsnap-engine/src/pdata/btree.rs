@@ -309,6 +309,92 @@ fn check_node(
     Ok(())
 }
 
+/// What a walk of a damaged tree could still read ([`salvage`]).
+#[derive(Debug, Default)]
+pub struct Salvage {
+    /// Every entry of the nodes that could be read, in key order.
+    pub entries: Vec<(Key, Value)>,
+    /// Every block the tree points at, read or not (they stay in use until a rebuilt tree
+    /// replacing them is durable).
+    pub blocks: Vec<BlockNo>,
+    /// The key ranges under nodes that could not be read or were inconsistent.
+    pub lost: Vec<LostRange>,
+}
+
+/// Keys `lo..hi` (`None`: from the first / to the last key) of a subtree that is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostRange {
+    pub lo: Option<Key>,
+    pub hi: Option<Key>,
+    pub block: BlockNo,
+    pub why: String,
+}
+
+/// Walk the tree as far as it can be read, as thin_repair does: a node that does not decode,
+/// is reached twice, or whose keys leave its parent's bounds is skipped with the key range its
+/// parent gave it; everything else is kept. Never fails: a damaged root loses everything.
+pub fn salvage(v: &dyn View) -> Salvage {
+    let mut s = Salvage::default();
+    if let Some(root) = v.root() {
+        let mut seen = std::collections::HashSet::new();
+        salvage_node(v, root, None, None, 1, &mut seen, &mut s);
+    }
+    s.blocks.sort_unstable();
+    s.blocks.dedup();
+    s
+}
+
+fn salvage_node(
+    v: &dyn View,
+    b: BlockNo,
+    lo: Option<&Key>,
+    hi: Option<&Key>,
+    depth: u32,
+    seen: &mut std::collections::HashSet<BlockNo>,
+    s: &mut Salvage,
+) {
+    let lose = |s: &mut Salvage, why: String| {
+        s.lost.push(LostRange {
+            lo: lo.copied(),
+            hi: hi.copied(),
+            block: b,
+            why,
+        })
+    };
+    if depth > MAX_DEPTH {
+        return lose(s, "deeper than any real tree".into());
+    }
+    if !seen.insert(b) {
+        return lose(s, "reached twice".into());
+    }
+    s.blocks.push(b);
+    let n = match v.node(b) {
+        Ok(n) => n,
+        Err(e) => return lose(s, e.to_string()),
+    };
+    let keys = n.keys();
+    let in_bounds = keys.windows(2).all(|w| w[0] < w[1])
+        && lo.is_none_or(|lo| keys.first().is_none_or(|f| f >= lo))
+        && hi.is_none_or(|hi| keys.last().is_none_or(|l| l < hi));
+    if !in_bounds {
+        return lose(s, "keys out of order or outside the parent's bounds".into());
+    }
+    match &*n {
+        Node::Leaf { keys, vals } => {
+            s.entries
+                .extend(keys.iter().copied().zip(vals.iter().copied()));
+        }
+        Node::Internal { keys, children } => {
+            let (keys, children) = (keys.clone(), children.clone());
+            drop(n);
+            for i in 0..children.len() {
+                let child_hi = keys.get(i + 1).or(hi);
+                salvage_node(v, children[i], Some(&keys[i]), child_hi, depth + 1, seen, s);
+            }
+        }
+    }
+}
+
 /// What a commit leaves to its caller.
 #[derive(Debug)]
 pub struct Commit {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use super::btree::{self, FrozenNodes, Pending, PendingView, Txn};
 use super::cache::{CacheStats, NodeCache};
 use super::node::{Key, Value};
-use super::spacemap::{Selector, SpaceMap, TxnAlloc};
+use super::spacemap::{Reconciled, Selector, SpaceMap, TxnAlloc};
 use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
 use crate::blockdev::BlockDev;
 
@@ -579,6 +579,56 @@ impl Meta {
         self.header = header;
         self.map.frozen_durable();
         Ok(stats)
+    }
+
+    /// What can still be read of the working version's tree (see [`btree::salvage`]). Only
+    /// with no commit in flight.
+    pub fn salvage(&self) -> btree::Salvage {
+        btree::salvage(&self.view())
+    }
+
+    /// Rebuild the working space map so that it marks exactly the fixed area and `in_use`
+    /// (tree nodes, data, tables) as used. When the open transaction changed nothing, `in_use`
+    /// is also what the durable version uses, so bitmaps that cannot be read are rebuilt
+    /// from it for both versions (else they hand out nothing before the repair commits).
+    pub fn repair_space(&mut self, in_use: &[BlockNo]) -> PResult<Reconciled> {
+        self.refuse_if_frozen()?;
+        let unchanged = self.pending.dirty_nodes() == 0 && self.map.unchanged();
+        let fixed = Self::fixed_blocks(self.header.blocks);
+        let mut want: Vec<BlockNo> = (0..fixed).collect();
+        want.extend(in_use.iter().filter(|&&b| b >= fixed));
+        want.sort_unstable();
+        want.dedup();
+        self.map.reconcile(&self.io, &want, unchanged)
+    }
+
+    /// Replace the tree by a new one holding `salvaged`'s entries (the working version's space
+    /// map must already mark every block the old tree and the data use: [`Meta::repair_space`]
+    /// first, so no new node lands on one). The old tree's blocks are freed, to be handed out
+    /// once the new version is durable. The broken mark of a failed transaction is cleared:
+    /// this transaction starts from the durable version.
+    pub fn rebuild_tree(&mut self, salvaged: &btree::Salvage) -> PResult<()> {
+        self.refuse_if_frozen()?;
+        self.broken = None;
+        self.pending = Pending::new(None, self.header.txn);
+        self.nodes = 0;
+        let selectors: Vec<(Key, Value)> = (0..SpaceMap::bitmaps_for(self.header.blocks) as u32)
+            .map(|i| (selector_key(i), self.map.selector(i).encode()))
+            .collect();
+        self.change(|t| {
+            for (k, v) in salvaged.entries.iter().chain(&selectors) {
+                t.insert(*k, *v)?;
+            }
+            Ok(())
+        })?;
+        // Held until the new version is durable even where the durable space map (wrongly)
+        // says free: a crash before then goes back to the old tree.
+        for &b in &salvaged.blocks {
+            if self.map.is_used(&self.io, b)? {
+                self.map.release(&self.io, b)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every block is used by exactly one thing: the fixed area, a node of the tree; and the

@@ -64,6 +64,18 @@ fn split_value(v: &Value) -> (u32, u64) {
     )
 }
 
+/// The store block an entry of this key space points at (`None`: another key space, or
+/// zeroes): a repair rebuilds the space map from these.
+pub fn data_block(k: &Key, v: &Value) -> Option<u64> {
+    split_key(k)?;
+    Some(split_value(v).1).filter(|&loc| loc != ZERO)
+}
+
+/// The first and the past-the-end key of `origin`'s entries.
+pub fn origin_keys(origin: u32) -> (Key, Key) {
+    (key(origin, 0, 0), key(origin + 1, 0, 0))
+}
+
 /// The copy a snapshot of generation `gen` reads for `block`: `None` if it reads the origin.
 pub fn lookup(v: &dyn View, origin: u32, block: u64, gen: u32) -> PResult<Option<u64>> {
     let Some((k, val)) = btree::seek_ge(v, &key(origin, block, gen))? else {

@@ -53,6 +53,18 @@ fn loc_of(v: &Value) -> u64 {
     u64::from_le_bytes(v[..8].try_into().unwrap())
 }
 
+/// The store block an entry of this key space points at (`None`: another key space, or
+/// zeroes).
+pub fn data_block(k: &Key, v: &Value) -> Option<u64> {
+    split_key(k)?;
+    Some(loc_of(v)).filter(|&loc| loc != super::preserved::ZERO)
+}
+
+/// The first and the past-the-end key of `origin`'s entries.
+pub fn origin_keys(origin: u32) -> (Key, Key) {
+    (key(origin, 0, 0), key(origin + 1, 0, 0))
+}
+
 /// The tree of nodes: each node's parent (the root's is none). Kept in RAM and in the store's
 /// snapshot table; one row per snapshot.
 #[derive(Clone, Debug, Default)]

@@ -74,6 +74,17 @@ impl Selector {
     }
 }
 
+/// What [`SpaceMap::reconcile`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Blocks marked used that nothing uses (given back).
+    pub leaked: u64,
+    /// Blocks in use but marked free (a block used twice waiting to happen).
+    pub lost: u64,
+    /// Bitmaps that could not be read, written anew.
+    pub rewritten: u64,
+}
+
 /// A bitmap the open transaction changed.
 struct Dirty {
     /// The version the transaction started from: the durable one, or the one being written.
@@ -477,6 +488,95 @@ impl SpaceMap {
             }
         }
         self.frozen_busy = 0;
+    }
+
+    /// The durable selector of bitmap `i` (a repair writes every selector into a rebuilt tree).
+    pub fn selector(&self, i: u32) -> Selector {
+        self.selectors[i as usize]
+    }
+
+    /// Make the working version mark exactly the blocks of `want` (sorted) as used, and every
+    /// other block of the store free: `check --repair`'s rebuild from what the tree points at.
+    /// A bitmap whose durable version cannot be read is rewritten whole. Until the repaired
+    /// version is durable it counts as using `want` when `want` is also exactly what the
+    /// durable version uses (`durable_is_want`: nothing changed since the last commit), else
+    /// every block (nothing is handed out on a guess). Only with no commit in flight.
+    pub fn reconcile(
+        &mut self,
+        io: &dyn NodeIo,
+        want: &[BlockNo],
+        durable_is_want: bool,
+    ) -> PResult<Reconciled> {
+        debug_assert!(self.frozen.is_empty());
+        let mut r = Reconciled::default();
+        for i in 0..self.selectors.len() as u32 {
+            let first = i as u64 * BITS_PER_BITMAP;
+            let mut wanted = vec![0u8; NODE_SIZE - HEADER];
+            for b in self.blocks.max(first)..first + BITS_PER_BITMAP {
+                set_bit(&mut wanted, (b - first) as usize, true);
+            }
+            let from = want.partition_point(|&b| b < first);
+            let to = want.partition_point(|&b| b < first + BITS_PER_BITMAP);
+            for &b in &want[from..to] {
+                set_bit(&mut wanted, (b - first) as usize, true);
+            }
+            let was_dirty = self.dirty.contains_key(&i);
+            let (base, current, held) = match self.dirty.remove(&i) {
+                Some(d) => (d.base, Some(d.working), d.held),
+                None => match self.base_bits(io, i) {
+                    Ok(b) => (b.clone(), Some((*b).clone()), None),
+                    Err(_) => {
+                        r.rewritten += 1;
+                        let base = if durable_is_want {
+                            wanted.clone()
+                        } else {
+                            vec![0xff; NODE_SIZE - HEADER]
+                        };
+                        (Arc::new(base), None, None)
+                    }
+                },
+            };
+            if let Some(cur) = &current {
+                for (c, w) in cur.iter().zip(&wanted) {
+                    r.leaked += (c & !w).count_ones() as u64;
+                    r.lost += (w & !c).count_ones() as u64;
+                }
+                if *cur == wanted && !was_dirty {
+                    continue;
+                }
+            }
+            let free = count_free(&wanted);
+            self.dirty.insert(
+                i,
+                Dirty {
+                    base,
+                    working: wanted,
+                    free,
+                    held,
+                },
+            );
+        }
+        self.total_free = (0..self.selectors.len() as u32)
+            .map(|i| self.free_of(i) as u64)
+            .sum();
+        self.released = self
+            .dirty
+            .values()
+            .map(|d| {
+                let mut n = 0u64;
+                for (k, w) in d.working.iter().enumerate() {
+                    let busy = d.base[k] | d.held.as_ref().map_or(0, |h| h[k]);
+                    n += (busy & !w).count_ones() as u64;
+                }
+                n
+            })
+            .sum();
+        Ok(r)
+    }
+
+    /// Whether the open transaction changed no bitmap.
+    pub fn unchanged(&self) -> bool {
+        self.dirty.is_empty()
     }
 
     /// A commit in flight (frozen, not durable yet).
@@ -891,5 +991,75 @@ mod tests {
         io.0.lock().get_mut(&slot).unwrap()[500] ^= 1;
         let mut re = SpaceMap::open(4, 1000, sel).unwrap();
         assert!(re.alloc(&io).is_err());
+    }
+
+    /// A repair's rebuild: leaks given back and lost marks set, counted; a block the durable
+    /// version uses is not handed out before the repaired version is durable; an unreadable
+    /// bitmap is rewritten from `want`, and hands out nothing it might still hold unless the
+    /// durable version is known to be `want`.
+    #[test]
+    fn reconcile_marks_exactly_what_is_in_use() {
+        let io = Mem::default();
+        let blocks = BITS_PER_BITMAP + 100;
+        let mut sm = SpaceMap::format(2, blocks, 8);
+        commit(&mut sm, &io, 1);
+        sm.set_limit(40);
+        // Durable: 8..20 used.
+        for want in 8..20 {
+            assert_eq!(sm.alloc(&io).unwrap(), Some(want));
+        }
+        commit(&mut sm, &io, 2);
+        // In use really: 0..8 (fixed), 8..12 and 30..33; 12..20 leaked, 30..33 lost.
+        let want: Vec<BlockNo> = (0..12).chain(30..33).collect();
+        let r = sm.reconcile(&io, &want, false).unwrap();
+        assert_eq!(
+            r,
+            Reconciled {
+                leaked: 8,
+                lost: 3,
+                rewritten: 0
+            }
+        );
+        assert_eq!(sm.working_used_blocks(&io).unwrap()[..15], want[..]);
+        // 12..20 stay held until durable: only 20..30 and 33..40 are handed out.
+        assert_eq!(sm.usable_free_blocks(), 17);
+        let got: Vec<BlockNo> = std::iter::from_fn(|| sm.alloc(&io).unwrap()).collect();
+        assert_eq!(got, (20..30).chain(33..40).collect::<Vec<_>>());
+        commit(&mut sm, &io, 3);
+        let got: Vec<BlockNo> = std::iter::from_fn(|| sm.alloc(&io).unwrap()).collect();
+        assert_eq!(got, (12..20).collect::<Vec<_>>(), "free once durable");
+
+        // An unreadable bitmap: rewritten; without knowing the durable version it hands out
+        // nothing, knowing it, what `want` leaves free.
+        for durable_is_want in [false, true] {
+            let io = Mem::default();
+            let mut sm = SpaceMap::format(2, blocks, 8);
+            let selectors: Vec<Selector> = commit(&mut sm, &io, 1)
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect();
+            // Reopened: nothing cached.
+            let mut sm = SpaceMap::open(2, blocks, selectors).unwrap();
+            sm.set_limit(40);
+            for slot in [2, 3] {
+                io.write_block(slot, &vec![0u8; NODE_SIZE]).unwrap();
+            }
+            let want: Vec<BlockNo> = (0..10).collect();
+            let r = sm.reconcile(&io, &want, durable_is_want).unwrap();
+            assert_eq!(r.rewritten, 1);
+            let got: Vec<BlockNo> = std::iter::from_fn(|| sm.alloc(&io).unwrap()).collect();
+            if durable_is_want {
+                assert_eq!(got, (10..40).collect::<Vec<_>>());
+            } else {
+                assert!(got.is_empty(), "{got:?}");
+            }
+            commit(&mut sm, &io, 2);
+            let more: Vec<BlockNo> = std::iter::from_fn(|| sm.alloc(&io).unwrap()).collect();
+            if durable_is_want {
+                assert!(more.is_empty(), "{more:?}");
+            } else {
+                assert_eq!(more, (10..40).collect::<Vec<_>>(), "free once durable");
+            }
+        }
     }
 }

@@ -52,6 +52,11 @@ fn bits(v: &Value) -> u128 {
 /// A run of blocks `first..first + len` (whole bitmaps split into runs).
 pub type Run = (u64, u64);
 
+/// The first and the past-the-end key of `origin`'s entries.
+pub fn origin_keys(origin: u32) -> (Key, Key) {
+    (key(origin, 0, 0), key(origin + 1, 0, 0))
+}
+
 /// Whether `block` was written in `epoch`.
 pub fn is_marked(v: &dyn View, origin: u32, epoch: u32, block: u64) -> PResult<bool> {
     let got = btree::get(v, &key(origin, epoch, block / REGION))?;

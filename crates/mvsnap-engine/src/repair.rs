@@ -1,0 +1,185 @@
+//! `check --repair`: rebuild what can be rebuilt from what can still be read, as thin_repair
+//! does for dm-thin: the tree from its readable nodes, the space map from what the tree and
+//! the tables point at, the counters from the tree. Snapshots that lost data to a damaged
+//! node are invalidated (reading them would return wrong bytes); the origins never lose a
+//! byte (their data lives in their own devices).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::{Error, Result};
+use crate::journal::Record;
+use crate::pdata::btree::LostRange;
+use crate::pdata::node::Key;
+use crate::pdata::{preserved, snapdata, written, PdataError};
+use crate::state::State;
+use crate::store::Store;
+use crate::types::{EventKind, RepairReport, SnapshotState};
+
+impl Store {
+    /// Repair the store in place (opened writable, by one process), then check it. Every
+    /// change is one tree commit: a crash during the repair leaves the store as it was.
+    pub fn repair(&self) -> Result<RepairReport> {
+        let mut guard = self.inner.state.write();
+        let st = &mut *guard;
+        let path = self.inner.path.clone();
+        let meta_err = |what: &str, e: PdataError| Error::Corrupt {
+            path: path.clone(),
+            what: format!("repair: {what}: {e}"),
+        };
+        // Nothing in flight; no commit yet: a damaged space map cannot give blocks for one.
+        self.inner.wait_inflight(st)?;
+        let salvaged = st.meta.salvage();
+        let mut report = RepairReport {
+            nodes_read: salvaged.blocks.len() as u64,
+            entries_kept: salvaged.entries.len() as u64,
+            lost: salvaged.lost.iter().map(describe_lost).collect(),
+            ..Default::default()
+        };
+        // Every block anything points at, before a single new node is placed.
+        let mut in_use: Vec<u64> = salvaged.blocks.clone();
+        in_use.extend(&st.table_blocks);
+        in_use.extend(&st.deferred_frees);
+        for (k, v) in &salvaged.entries {
+            if let Some(b) = preserved::data_block(k, v).or_else(|| snapdata::data_block(k, v)) {
+                in_use.push(b);
+            }
+        }
+        in_use.sort_unstable();
+        in_use.dedup();
+        let fixed = st
+            .meta
+            .repair_space(&in_use)
+            .map_err(|e| meta_err("space map", e))?;
+        report.blocks_leaked = fixed.leaked;
+        report.blocks_lost = fixed.lost;
+        report.bitmaps_rewritten = fixed.rewritten;
+        if !salvaged.lost.is_empty() {
+            st.meta
+                .rebuild_tree(&salvaged)
+                .map_err(|e| meta_err("rebuild the tree", e))?;
+            report.tree_rebuilt = true;
+        }
+        report.counters_fixed = recount(st).map_err(|e| meta_err("recount", e))?;
+        // The snapshots of an origin whose keys were lost may read wrong data: invalid.
+        let hit: Vec<u32> = st
+            .origins
+            .keys()
+            .copied()
+            .filter(|&no| salvaged.lost.iter().any(|l| touches_origin(l, no)))
+            .collect();
+        for no in hit {
+            let o = &st.origins[&no];
+            let victims: Vec<(u64, String)> = st
+                .snaps
+                .values()
+                .filter(|s| s.origin == no && s.state == SnapshotState::Valid)
+                .map(|s| (s.id, format!("{}@{}", o.id, s.tag)))
+                .collect();
+            let reason = format!("metadata of {} damaged: repaired without it", o.id);
+            for chunk in victims.chunks(256) {
+                self.inner.log(
+                    st,
+                    Record::Invalidate {
+                        ids: chunk.iter().map(|(id, _)| *id).collect(),
+                        reason: reason.clone(),
+                    },
+                )?;
+            }
+            self.inner.log(st, Record::Reclaim { origin: no })?;
+            if !victims.is_empty() {
+                let names: Vec<String> = victims.into_iter().map(|(_, n)| n).collect();
+                self.inner.event(
+                    EventKind::SnapshotInvalidated,
+                    format!("{reason}; invalidated {}", names.join(", ")),
+                );
+                report.invalidated.extend(names);
+            }
+        }
+        self.inner.checkpoint_locked(st)?;
+        drop(guard);
+        report.check = self.check();
+        Ok(report)
+    }
+}
+
+fn describe_lost(l: &LostRange) -> String {
+    let key = |k: &Option<Key>| match k {
+        Some(k) => format!("{}:{}", k[0] as char, hex(&k[1..])),
+        None => "end".into(),
+    };
+    format!(
+        "node {} ({}): keys {} .. {} lost",
+        l.block,
+        l.why,
+        match &l.lo {
+            None => "start".into(),
+            lo => key(lo),
+        },
+        key(&l.hi)
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Whether keys `l.lo..l.hi` meet any of origin `no`'s key spaces.
+fn touches_origin(l: &LostRange, no: u32) -> bool {
+    [
+        preserved::origin_keys(no),
+        snapdata::origin_keys(no),
+        written::origin_keys(no),
+    ]
+    .iter()
+    .any(|(first, end)| l.hi.is_none_or(|hi| *first < hi) && l.lo.is_none_or(|lo| lo < *end))
+}
+
+/// Set every counter kept beside the tree (entries and generation ranges per origin, keys per
+/// snapshot node, live generations) from the tree itself. True if any was wrong.
+fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
+    let mut changed = false;
+    let mut node_keys: HashMap<u32, u64> = HashMap::new();
+    let nos: Vec<u32> = st.origins.keys().copied().collect();
+    for no in nos {
+        let mut ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        let mut entries = 0u64;
+        {
+            let view = st.meta.view();
+            preserved::for_each(&view, no, &mut |_, e| {
+                entries += 1;
+                if e.loc != preserved::ZERO {
+                    *ranges.entry((e.lo, e.hi)).or_default() += 1;
+                }
+            })?;
+            snapdata::for_each(&view, no, &mut |_, node, _| {
+                *node_keys.entry(node).or_default() += 1;
+            })?;
+        }
+        let mut live: BTreeMap<u32, u32> = BTreeMap::new();
+        for s in st
+            .snaps
+            .values()
+            .filter(|s| s.origin == no && s.state == SnapshotState::Valid)
+        {
+            *live.entry(s.gen).or_default() += 1;
+        }
+        let o = st.origins.get_mut(&no).expect("listed");
+        if o.entries != entries || o.ranges != ranges || o.live_gens != live {
+            changed = true;
+            o.entries = entries;
+            o.ranges = ranges;
+            o.live_gens = live;
+        }
+    }
+    let recorded: HashMap<u32, u64> = st
+        .node_keys
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    if recorded != node_keys {
+        changed = true;
+        st.node_keys = node_keys;
+    }
+    Ok(changed)
+}
