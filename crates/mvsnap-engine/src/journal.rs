@@ -74,9 +74,13 @@ pub enum Record {
         ids: Vec<u64>,
         reason: String,
     },
-    /// Drop the origin's preserved entries that no live snapshot needs any more.
+    /// Drop the origin's preserved entries of blocks `first..=last` that no live snapshot
+    /// needs any more (the reclaimer's batches; a record of an older build, with the origin
+    /// alone, covers every block).
     Reclaim {
         origin: u32,
+        first: u64,
+        last: u64,
     },
 }
 
@@ -163,7 +167,15 @@ impl Record {
                 }
                 w.str(reason);
             }
-            Record::Reclaim { origin } => w.u32(*origin),
+            Record::Reclaim {
+                origin,
+                first,
+                last,
+            } => {
+                w.u32(*origin);
+                w.u64(*first);
+                w.u64(*last);
+            }
         }
     }
 
@@ -223,7 +235,22 @@ impl Record {
                     reason: r.str()?,
                 }
             }
-            8 => Record::Reclaim { origin: r.u32()? },
+            8 => {
+                let origin = r.u32()?;
+                if r.remaining() == 0 {
+                    Record::Reclaim {
+                        origin,
+                        first: 0,
+                        last: u64::MAX,
+                    }
+                } else {
+                    Record::Reclaim {
+                        origin,
+                        first: r.u64()?,
+                        last: r.u64()?,
+                    }
+                }
+            }
             _ => return None,
         };
         (r.remaining() == 0).then_some(rec)
@@ -577,7 +604,11 @@ mod tests {
                 ids: vec![1, 2],
                 reason: "full".into(),
             },
-            Record::Reclaim { origin: 1 },
+            Record::Reclaim {
+                origin: 1,
+                first: 0,
+                last: u64::MAX,
+            },
             Record::SnapshotDelete { id: 1 },
             Record::OriginRemove { no: 1 },
         ]
@@ -659,8 +690,16 @@ mod tests {
             j.append(&r);
         }
         let g1 = take(&mut j);
-        j.append(&Record::Reclaim { origin: 9 });
-        j.append(&Record::Reclaim { origin: 10 });
+        j.append(&Record::Reclaim {
+            origin: 9,
+            first: 0,
+            last: 7,
+        });
+        j.append(&Record::Reclaim {
+            origin: 10,
+            first: 8,
+            last: u64::MAX,
+        });
         let g2 = take(&mut j);
         let mut region = region_of(&[g1, g2], 1 << 20);
         // Tear the second group's second record.
@@ -1072,5 +1111,31 @@ mod tests {
         j.release_to(second);
         j.release_to(first);
         assert_eq!(j.tail, second.abs);
+    }
+
+    /// A reclaim record of an earlier build names only the origin: it covers every block. A
+    /// batch names its block range. Both round-trip; a truncated range is refused.
+    #[test]
+    fn reclaim_records_old_and_ranged() {
+        let mut w = crate::codec::Writer::with_capacity(4);
+        w.u32(7);
+        assert_eq!(
+            Record::decode_payload(8, &w.into_inner()),
+            Some(Record::Reclaim {
+                origin: 7,
+                first: 0,
+                last: u64::MAX
+            })
+        );
+        let r = Record::Reclaim {
+            origin: 3,
+            first: 4096,
+            last: 9000,
+        };
+        let mut w = crate::codec::Writer::with_capacity(20);
+        r.encode_payload(&mut w);
+        let bytes = w.into_inner();
+        assert_eq!(Record::decode_payload(8, &bytes), Some(r));
+        assert_eq!(Record::decode_payload(8, &bytes[..12]), None);
     }
 }

@@ -16,6 +16,7 @@ mod expiring;
 pub mod format;
 pub mod journal;
 pub mod pdata;
+mod reclaim;
 mod repair;
 mod signature;
 mod state;

@@ -7,13 +7,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
-use crate::journal::Record;
 use crate::pdata::btree::LostRange;
 use crate::pdata::node::Key;
 use crate::pdata::{preserved, snapdata, written, PdataError};
 use crate::state::State;
 use crate::store::Store;
-use crate::types::{EventKind, RepairReport, SnapshotState};
+use crate::types::{RepairReport, SnapshotState};
 
 impl Store {
     /// Repair the store in place (opened writable, by one process), then check it. Every
@@ -76,25 +75,12 @@ impl Store {
                 .map(|s| (s.id, format!("{}@{}", o.id, s.tag)))
                 .collect();
             let reason = format!("metadata of {} damaged: repaired without it", o.id);
-            for chunk in victims.chunks(256) {
-                self.inner.log(
-                    st,
-                    Record::Invalidate {
-                        ids: chunk.iter().map(|(id, _)| *id).collect(),
-                        reason: reason.clone(),
-                    },
-                )?;
-            }
-            self.inner.log(st, Record::Reclaim { origin: no })?;
-            if !victims.is_empty() {
-                let names: Vec<String> = victims.into_iter().map(|(_, n)| n).collect();
-                self.inner.event(
-                    EventKind::SnapshotInvalidated,
-                    format!("{reason}; invalidated {}", names.join(", ")),
-                );
-                report.invalidated.extend(names);
-            }
+            let (ids, names): (Vec<u64>, Vec<String>) = victims.into_iter().unzip();
+            self.inner.invalidate(st, no, &ids, &reason, &names)?;
+            report.invalidated.extend(names);
         }
+        // Run the reclaim it queued now, under this lock: the repair is one commit.
+        while self.inner.reclaim_locked(st)? {}
         self.inner.checkpoint_locked(st)?;
         drop(guard);
         report.check = self.check();

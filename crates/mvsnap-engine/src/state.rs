@@ -520,7 +520,11 @@ impl State {
                     self.release_node(*id)?;
                 }
             }
-            Record::Reclaim { origin } => {
+            Record::Reclaim {
+                origin,
+                first,
+                last,
+            } => {
                 let o = self
                     .origins
                     .get_mut(origin)
@@ -531,7 +535,7 @@ impl State {
                 let (freed, _) = self
                     .meta
                     .change(|t| {
-                        preserved::retain(t, no, 0, u64::MAX, &mut |lo, hi, loc| {
+                        preserved::retain(t, no, *first, *last, &mut |lo, hi, loc| {
                             if live.range(lo..=hi).next().is_some() {
                                 Some((lo, hi))
                             } else {

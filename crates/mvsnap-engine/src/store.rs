@@ -79,6 +79,8 @@ pub(crate) struct Inner {
     pub(crate) committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Origin writes waiting for their copy-out to be durable (see `writeback`).
     pub writeback: Arc<Writeback>,
+    /// Drops what deleted and invalid snapshots left, in batches (see `reclaim`).
+    pub(crate) reclaimer: crate::reclaim::Reclaimer,
     /// The node cache's budget in nodes (`--cache-size`).
     pub cache_nodes: u64,
     /// Per origin, the first write-back or sync failure. Sticky until the store is reopened:
@@ -160,6 +162,7 @@ impl Inner {
         if let Some(h) = self.committer.lock().take() {
             let _ = h.join();
         }
+        self.stop_reclaimer();
         self.writeback.stop();
     }
 
@@ -207,15 +210,7 @@ impl Inner {
                 "origin {id} shrank behind mvsnap's back from {size} to {found} bytes: the data \
                  these snapshots shared with it is gone"
             );
-            for ids in ids.chunks(256) {
-                self.log(
-                    &mut st,
-                    Record::Invalidate {
-                        ids: ids.to_vec(),
-                        reason: reason.clone(),
-                    },
-                )?;
-            }
+            self.invalidate(&mut st, no, &ids, &reason, &[])?;
             self.event(EventKind::SnapshotInvalidated, reason);
         }
         let seq = self.appended_seq();
@@ -536,7 +531,7 @@ impl Inner {
 
     /// After a delete or reclaim: commit the tree, so what it freed can be used again and
     /// its space goes back to the host now.
-    fn release_freed_space(&self) -> Result<()> {
+    pub(crate) fn release_freed_space(&self) -> Result<()> {
         if self.ephemeral || self.read_only {
             return Ok(());
         }
@@ -1123,6 +1118,7 @@ impl Store {
             committer_cv: Condvar::new(),
             committer: Mutex::new(None),
             writeback: Writeback::new(),
+            reclaimer: Default::default(),
             cache_nodes: cache_bytes / META_BLOCK,
         });
         inner.events.lock().extend(events);
@@ -1142,6 +1138,9 @@ impl Store {
             spawn_flusher(&inner);
             crate::commit::spawn_committer(&inner)
                 .map_err(|e| Error::io("start the committer thread for", &path, e))?;
+            crate::reclaim::spawn_reclaimer(&inner)
+                .map_err(|e| Error::io("start the reclaim thread for", &path, e))?;
+            inner.queue_dead_ranges(&inner.state.read());
             inner
                 .writeback
                 .spawn_workers(Arc::downgrade(&inner))
@@ -1184,6 +1183,16 @@ impl Store {
 
     /// Like `close`, for a store shared by several handles (the daemon).
     pub fn shutdown(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !self.inner.read_only && !self.inner.ephemeral {
+            // Space of deleted snapshots goes back before the store closes (a CLI delete runs
+            // in a process that ends right after). A failure shows below as the poison.
+            if let Err(e) = self.inner.finish_reclaim() {
+                tracing::warn!("reclaim at close: {e}");
+            }
+        }
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -1495,27 +1504,35 @@ impl Store {
         let id = snap.ok_or_else(|| {
             Error::InvalidArgument(format!("{name} is an origin; use `origin remove`"))
         })?;
-        self.inner.log(&mut st, Record::SnapshotDelete { id })?;
-        let seq = self.inner.log(&mut st, Record::Reclaim { origin })?;
+        let seq = self.inner.log(&mut st, Record::SnapshotDelete { id })?;
+        // The entries only it needed go in the background (`reclaim`): instant at any size.
+        self.inner.queue_reclaim(origin);
         // From now on the origin's writes skip copy-outs for this snapshot: none may reach the
         // disk before the delete is durable (it may never be, if the store is poisoned now).
         st.release_seq.insert(origin, seq);
         drop(st);
-        self.inner.wait_durable(seq)?;
-        self.inner.release_freed_space()
+        self.inner.wait_durable(seq)
     }
 
-    /// Give back the space no live snapshot needs (after deletes and invalidations).
+    /// Give back the space no live snapshot needs (after deletes and invalidations), now:
+    /// the background reclaim run to the end here, then a commit.
     pub fn reclaim(&self) -> Result<()> {
-        let mut st = self.inner.state.write();
-        let origins: Vec<u32> = st.origins.keys().copied().collect();
-        let mut last = 0;
-        for o in origins {
-            last = self.inner.log(&mut st, Record::Reclaim { origin: o })?;
+        {
+            let st = self.inner.state.write();
+            for &o in st.origins.keys() {
+                self.inner.queue_reclaim(o);
+            }
         }
-        drop(st);
-        self.inner.wait_durable(last)?;
-        self.inner.release_freed_space()
+        self.inner.finish_reclaim()
+    }
+
+    /// Wait for the background reclaim of deleted and invalid snapshots to finish, and their
+    /// space to go back (what `delete_snapshot` queued).
+    pub fn wait_reclaimed(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        self.inner.finish_reclaim()
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {

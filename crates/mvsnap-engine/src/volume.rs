@@ -13,7 +13,7 @@ use crate::journal::Record;
 use crate::state::ZERO_SLOT;
 use crate::state::{Origin, Snap, State};
 use crate::store::{resolve_name, Handles, Inner, Store};
-use crate::types::{EventKind, Extent, SnapshotState};
+use crate::types::{Extent, SnapshotState};
 use crate::writeback;
 
 #[derive(Clone)]
@@ -768,22 +768,8 @@ impl Volume {
             .map(|id| format!("{}@{}", o.id, st.snaps[id].tag))
             .collect();
         let reason = format!("{why} of {}", o.id);
-        // In pieces, so a record stays small whatever the number of snapshots.
-        for ids in ids.chunks(256) {
-            self.inner.log(
-                st,
-                Record::Invalidate {
-                    ids: ids.to_vec(),
-                    reason: reason.clone(),
-                },
-            )?;
-        }
-        let seq = self.inner.log(st, Record::Reclaim { origin: no })?;
+        let seq = self.inner.invalidate(st, no, &ids, &reason, &names)?;
         st.release_seq.insert(no, seq);
-        self.inner.event(
-            EventKind::SnapshotInvalidated,
-            format!("{reason}; invalidated {}", names.join(", ")),
-        );
         Ok(seq)
     }
 
