@@ -66,13 +66,20 @@ enum Command {
     Write(commands::write::WriteArgs),
     Check(commands::check::CheckArgs),
     Info(commands::info::InfoArgs),
+    Events(commands::events::EventsArgs),
     Serve(commands::serve::ServeArgs),
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, serving: bool) {
     use tracing_subscriber::EnvFilter;
+    // A daemon logs what it does (info) by default; --detach passes that on.
+    let quiet = if serving || std::env::var_os("MVSNAP_LOG_DEFAULT").is_some() {
+        "info"
+    } else {
+        "warn"
+    };
     let default = match verbose {
-        0 => "warn",
+        0 => quiet,
         1 => "info",
         2 => "debug",
         _ => "trace",
@@ -108,7 +115,7 @@ fn one_line(err: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Serve(_)));
 
     let global = Global {
         store: cli.store,
@@ -132,6 +139,7 @@ fn main() -> ExitCode {
         Command::Write(args) => args.run(&global),
         Command::Check(args) => args.run(&global),
         Command::Info(args) => args.run(&global),
+        Command::Events(args) => args.run(&global),
         Command::Serve(args) => args.run(&global),
     };
     match result {

@@ -50,7 +50,19 @@ pub enum Request {
     Flush {
         name: String,
     },
+    /// Events from number `after` on, waiting up to `wait_ms` for one (`events --follow`).
+    Events {
+        after: u64,
+        wait_ms: u64,
+    },
     Shutdown,
+}
+
+/// The reply to [`Request::Events`]: the events, and the number to ask from next.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub next: u64,
+    pub events: Vec<mvsnap_engine::Event>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -27,6 +27,10 @@ pub struct ServeOptions {
     pub ephemeral: bool,
     /// RAM for metadata nodes (None: the engine's default, 64 MiB).
     pub cache_bytes: Option<u64>,
+    /// Write our pid here once ready (removed at exit).
+    pub pidfile: Option<PathBuf>,
+    /// Run this shell command for every event (see `service::spawn_event_hook`).
+    pub on_event: Option<String>,
 }
 
 /// Parse `--listen`: a bare port binds loopback only.
@@ -136,10 +140,38 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
     if let Some(a) = tcp_addr {
         ready.push_str(&format!(" tcp={a}"));
     }
+    // Where we are, for commands started with another runtime directory, and for systemd.
+    let _registration = crate::service::register(
+        &key,
+        &crate::service::DaemonRecord {
+            pid: std::process::id(),
+            store: std::fs::canonicalize(&opts.store).unwrap_or_else(|_| opts.store.clone()),
+            control: ctl_path.clone(),
+            nbd: nbd_path.clone(),
+            tcp: tcp_addr.map(|a| a.to_string()),
+        },
+    )
+    .map_err(|e| {
+        tracing::warn!(
+            "cannot register in {}: {e}",
+            crate::service::registry_dir().display()
+        )
+    })
+    .ok();
+    let _pidfile = match &opts.pidfile {
+        Some(p) => Some(
+            crate::service::write_pidfile(p).with_context(|| format!("pidfile {}", p.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(cmd) = &opts.on_event {
+        crate::service::spawn_event_hook(store.clone(), opts.store.clone(), cmd.clone());
+    }
     println!("{ready}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     tracing::info!("{ready}");
+    crate::service::notify_ready(&ready);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -153,6 +185,7 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
             }
         }
     }
+    crate::service::notify_stopping();
     ctl_task.abort();
     // Stop accepting, let in-flight requests finish, close connections.
     nbd.shutdown().await;
@@ -361,6 +394,12 @@ fn handle(store: &Store, req: Request, payload: Vec<u8>) -> (Reply, Vec<u8>) {
                 }
                 Err(e) => (Reply::err(e), Vec::new()),
             };
+        }
+        Request::Events { after, wait_ms } => {
+            // Bounded: a follower asks again; a stuck one never pins a thread for long.
+            let wait = Duration::from_millis(wait_ms.min(10_000));
+            let (next, events) = store.events_after(after, wait);
+            json(Ok(crate::control::EventBatch { next, events }))
         }
         Request::Shutdown => Reply::ok(serde_json::Value::Null),
     };

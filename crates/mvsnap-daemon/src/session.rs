@@ -24,7 +24,12 @@ impl Session {
     /// Connect to the store's daemon if one serves it, else open the store. `writes` says
     /// whether the command changes anything (read-only commands open read-only).
     pub fn open(store: &Path, writes: bool, ephemeral: bool) -> Result<Session> {
-        if let Some(sock) = crate::paths::control_socket_for_store(store) {
+        // Our runtime directory's socket, else wherever the registry says the daemon is (it
+        // may have been started with another runtime directory).
+        let sockets = crate::paths::control_socket_for_store(store)
+            .into_iter()
+            .chain(crate::service::registered(store).map(|r| r.control));
+        for sock in sockets {
             if let Ok(c) = ControlClient::connect(&sock) {
                 tracing::debug!("using the daemon at {}", sock.display());
                 return Ok(Session::Daemon(c));
@@ -35,8 +40,17 @@ impl Session {
             read_only: !writes,
             cache_bytes: None,
         };
-        let s = Store::open(store, &opts)?;
-        Ok(Session::Offline(s))
+        match Store::open(store, &opts) {
+            Ok(s) => Ok(Session::Offline(s)),
+            Err(e @ mvsnap_engine::Error::Locked { .. }) => {
+                match crate::service::lock_holder(store) {
+                    Some(who) => Err(anyhow::Error::new(e)
+                        .context(format!("{}: in use by {who}", store.display()))),
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn is_daemon(&self) -> bool {
@@ -135,6 +149,25 @@ impl Session {
             Session::Daemon(_) => anyhow::bail!(
                 "a daemon serves this store: stop it first (a repair needs the store to itself)"
             ),
+        }
+    }
+
+    /// Events from number `after` on, waiting up to `wait` for one when a daemon serves the
+    /// store (offline, nothing happens meanwhile: the kept ones at once).
+    pub fn events_after(
+        &mut self,
+        after: u64,
+        wait: std::time::Duration,
+    ) -> Result<crate::control::EventBatch> {
+        match self {
+            Session::Offline(s) => {
+                let (next, events) = s.events_after(after, std::time::Duration::ZERO);
+                Ok(crate::control::EventBatch { next, events })
+            }
+            Session::Daemon(c) => decode(c.call(&Request::Events {
+                after,
+                wait_ms: wait.as_millis() as u64,
+            })?),
         }
     }
 

@@ -844,6 +844,7 @@ impl State {
                 0 => EventKind::LowSpace,
                 1 => EventKind::Grown,
                 2 => EventKind::SnapshotInvalidated,
+                4 => EventKind::Poisoned,
                 _ => EventKind::Corruption,
             };
             events.push(Event {

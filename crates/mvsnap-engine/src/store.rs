@@ -58,6 +58,9 @@ pub(crate) struct Inner {
     poisoned: AtomicBool,
     poison_msg: Mutex<String>,
     pub events: Mutex<Vec<Event>>,
+    /// Events ever recorded (those the tables kept at open included): a follower's cursor.
+    events_total: AtomicU64,
+    events_cv: Condvar,
     low_space_raised: AtomicBool,
     pub closed: AtomicBool,
     /// This open already moved to a new journal epoch (done before its first record, so a
@@ -179,7 +182,12 @@ impl Inner {
         let msg = format!("{what} {}: {e}", self.path.display());
         tracing::error!("store poisoned: {msg}");
         *self.poison_msg.lock() = msg.clone();
-        self.poisoned.store(true, Ordering::Release);
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            self.event(
+                EventKind::Poisoned,
+                format!("{msg}; nothing more is written until the store is reopened"),
+            );
+        }
         Error::Poisoned(msg)
     }
 
@@ -294,6 +302,7 @@ impl Inner {
             EventKind::LowSpace | EventKind::SnapshotInvalidated | EventKind::Corruption => {
                 tracing::warn!(?kind, "{message}")
             }
+            EventKind::Poisoned => tracing::error!(?kind, "{message}"),
             EventKind::Grown => tracing::info!(?kind, "{message}"),
         }
         let mut message = message;
@@ -315,6 +324,8 @@ impl Inner {
         if n > 1000 {
             ev.drain(..n - 1000);
         }
+        self.events_total.fetch_add(1, Ordering::AcqRel);
+        self.events_cv.notify_all();
     }
 
     /// Append a record and apply it to the state (the caller holds the state write lock).
@@ -1104,6 +1115,8 @@ impl Store {
             poisoned: AtomicBool::new(false),
             poison_msg: Mutex::new(String::new()),
             events: Mutex::new(Vec::new()),
+            events_total: AtomicU64::new(events.len() as u64),
+            events_cv: Condvar::new(),
             low_space_raised: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             epoch_fresh: AtomicBool::new(false),
@@ -1179,6 +1192,11 @@ impl Store {
     /// Make everything durable and write a checkpoint, so the next open replays nothing.
     pub fn close(self) -> Result<()> {
         self.shutdown()
+    }
+
+    /// Whether `close`/`shutdown` ran (background helpers of a front end stop then).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
     }
 
     /// Like `close`, for a store shared by several handles (the daemon).
@@ -1578,6 +1596,31 @@ impl Store {
 
     pub fn events(&self) -> Vec<Event> {
         self.inner.events.lock().clone()
+    }
+
+    /// Events from number `after` on (0: every one kept), waiting up to `wait` for one if
+    /// there is none yet; with the number to ask from next (`mvsnap events --follow`). Events
+    /// dropped from the bounded list meanwhile are skipped.
+    pub fn events_after(&self, after: u64, wait: std::time::Duration) -> (u64, Vec<Event>) {
+        let mut ev = self.inner.events.lock();
+        let total = |_: &Vec<Event>| self.inner.events_total.load(Ordering::Acquire);
+        if total(&ev) <= after && !wait.is_zero() {
+            let deadline = std::time::Instant::now() + wait;
+            while total(&ev) <= after {
+                if self
+                    .inner
+                    .events_cv
+                    .wait_until(&mut ev, deadline)
+                    .timed_out()
+                {
+                    break;
+                }
+            }
+        }
+        let total = total(&ev);
+        let first = total - ev.len() as u64;
+        let skip = after.saturating_sub(first).min(ev.len() as u64) as usize;
+        (total, ev[skip..].to_vec())
     }
 
     pub fn info(&self) -> StoreInfo {

@@ -100,6 +100,8 @@ pub enum EventKind {
     Grown,
     SnapshotInvalidated,
     Corruption,
+    /// A write or sync of the store failed: nothing more is written until a reopen.
+    Poisoned,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

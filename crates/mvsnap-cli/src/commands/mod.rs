@@ -2,6 +2,7 @@
 
 pub mod cat;
 pub mod check;
+pub mod events;
 pub mod format;
 pub mod info;
 pub mod origin;

@@ -22,7 +22,9 @@ Exports: ORIGIN (read-write) and ORIGIN@TAG for each snapshot (read-only unless 
 While it runs, the other commands (snapshot create/delete/list, info, cat, write, check) talk
 to it through its control socket. It prints one line when ready:
   ready nbd=unix:PATH control=PATH [tcp=ADDR]
-SIGTERM or SIGINT: stop accepting, finish in-flight requests, checkpoint, exit 0.";
+SIGTERM or SIGINT: stop accepting, finish in-flight requests, checkpoint, exit 0.
+Under systemd (Type=notify) it reports readiness; contrib/systemd/mvsnap@.service is a unit
+template per store. With --detach: a log and a pidfile named after the daemon's pid.";
 
 /// Serve the origin and every snapshot over NBD, and take commands on a control socket.
 #[derive(Debug, Args)]
@@ -44,13 +46,24 @@ pub struct ServeArgs {
     /// beyond this [default: 64MiB].
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     cache_size: Option<u64>,
+
+    /// Write the daemon's pid here once it serves (removed when it stops); `%p` in the path
+    /// is the pid [default with --detach: mvsnap-serve-%p.pid in the runtime directory].
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+
+    /// Run this shell command for every event (low space, growth, invalidation, corruption,
+    /// poisoning), with MVSNAP_EVENT_KIND, MVSNAP_EVENT_MESSAGE, MVSNAP_EVENT_TIME,
+    /// MVSNAP_EVENT_JSON and MVSNAP_STORE in its environment.
+    #[arg(long, value_name = "CMD")]
+    on_event: Option<String>,
 }
 
 impl ServeArgs {
     pub fn run(self, global: &Global) -> Result<()> {
         let store = global.store_path()?.to_path_buf();
         if self.detach {
-            return detach();
+            return detach(self.pidfile.is_none());
         }
         mvsnap_daemon::serve(mvsnap_daemon::ServeOptions {
             store,
@@ -58,12 +71,16 @@ impl ServeArgs {
             listen: self.listen,
             ephemeral: global.ephemeral,
             cache_bytes: self.cache_size,
+            pidfile: self.pidfile,
+            on_event: self.on_event,
         })
     }
 }
 
 /// Run ourselves again without --detach in a new process group, wait for its readiness line.
-fn detach() -> Result<()> {
+/// Its log (info level unless -v or RUST_LOG say more) and its pidfile are named after its
+/// own pid.
+fn detach(default_pidfile: bool) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the mvsnap binary")?;
     let args: Vec<String> = std::env::args()
@@ -74,17 +91,30 @@ fn detach() -> Result<()> {
     let dir = mvsnap_daemon::paths::runtime_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("runtime directory {}", dir.display()))?;
-    let log_path = dir.join(format!("mvsnap-serve-{}.log", std::process::id()));
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("log file {}", log_path.display()))?;
-    let mut child = Command::new(exe)
-        .args(&args)
+    let starting = dir.join(format!("mvsnap-serve-starting-{}.log", std::process::id()));
+    let log = std::fs::File::create(&starting)
+        .with_context(|| format!("log file {}", starting.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(&args);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("MVSNAP_LOG_DEFAULT", "info");
+    }
+    // The child learns its pid only once started: its pidfile is named by the path we give,
+    // so take the pid-named path from a placeholder the child fills in (see serve's ready).
+    let pidfile_tmpl = dir.join("mvsnap-serve-%p.pid");
+    if default_pidfile {
+        cmd.arg("--pidfile").arg(&pidfile_tmpl);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
         .process_group(0)
         .spawn()
         .context("starting the daemon")?;
+    let log_path = dir.join(format!("mvsnap-serve-{}.log", child.id()));
+    std::fs::rename(&starting, &log_path)
+        .with_context(|| format!("log file {}", log_path.display()))?;
     let out = child.stdout.take().context("daemon stdout")?;
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
@@ -92,6 +122,12 @@ fn detach() -> Result<()> {
         out!("{line}");
         outln!("pid {}", child.id());
         outln!("log {}", log_path.display());
+        if default_pidfile {
+            let p = pidfile_tmpl
+                .to_string_lossy()
+                .replace("%p", &child.id().to_string());
+            outln!("pidfile {p}");
+        }
         return Ok(());
     }
     let status = child.wait()?;

@@ -646,6 +646,21 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
     }
 
+    /// Start `mvsnap serve --nbd-socket SOCK ARGS...` with more environment variables.
+    #[track_caller]
+    pub fn start_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        let mut cmd = self.mvsnap();
+        cmd.arg("serve")
+            .arg("--nbd-socket")
+            .arg(&self.sock)
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log = self.dir.join("daemon-with.log");
+        Daemon::spawn(&mut cmd, &log).unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
+    }
+
     /// Start a daemon; `Err(its stderr)` if it exits without serving.
     pub fn try_start(&self) -> Result<Daemon, String> {
         static N: AtomicU32 = AtomicU32::new(0);
