@@ -310,6 +310,7 @@ fn info_counts_metadata_by_the_nodes_it_holds() {
     assert_eq!(s.info().metadata_bytes, full.metadata_bytes, "after reopen");
     common::assert_clean(&s, "reopen");
     s.delete_snapshot("o0@a").unwrap();
+    s.wait_reclaimed().unwrap();
     s.checkpoint().unwrap();
     let after = s.info().metadata_bytes;
     assert!(
