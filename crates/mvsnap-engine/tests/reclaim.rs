@@ -82,3 +82,40 @@ fn a_deleted_snapshot_is_reclaimed_in_batches_and_after_a_crash() {
     assert_eq!(s.info().mappings, after);
     common::assert_clean(&s, "reopen");
 }
+
+/// Nobody waits: a delete's space comes back by itself (the reclaim thread, then a commit
+/// that punches the freed blocks out of the file), as a daemon's user expects after
+/// `snapshot delete`.
+#[test]
+fn the_reclaim_runs_by_itself() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let content = pattern(24, size as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(256 * MIB, 65536),
+        &[("o0", content)],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    o.write_at(0, &pattern(25, size as usize), false).unwrap();
+    o.flush().unwrap();
+    s.checkpoint().unwrap();
+    let allocated = || std::fs::metadata(&store).unwrap().blocks() * 512;
+    let (mappings, held) = (s.info().mappings, allocated());
+    assert!(mappings >= size / BLOCK, "{mappings}");
+    s.delete_snapshot("o0@a").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.info().mappings > 0 || allocated() + 30 * MIB > held {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 s after the delete: {} mappings, {} bytes allocated (was {held})",
+            s.info().mappings,
+            allocated()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    common::assert_clean(&s, "after the background reclaim");
+}
