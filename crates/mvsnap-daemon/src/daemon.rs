@@ -27,6 +27,8 @@ pub struct ServeOptions {
     pub ephemeral: bool,
     /// RAM for metadata nodes (None: the engine's default, 64 MiB).
     pub cache_bytes: Option<u64>,
+    /// Give freed blocks of a block-device store back with BLKDISCARD.
+    pub discard: bool,
     /// Write our pid here once ready (removed at exit).
     pub pidfile: Option<PathBuf>,
     /// Run this shell command for every event (see `service::spawn_event_hook`).
@@ -64,6 +66,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             ephemeral: opts.ephemeral,
             read_only: false,
             cache_bytes: opts.cache_bytes,
+            discard: opts.discard,
         },
     )
     .with_context(|| format!("cannot serve {}", opts.store.display()))?;

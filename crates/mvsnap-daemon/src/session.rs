@@ -39,6 +39,7 @@ impl Session {
             ephemeral,
             read_only: !writes,
             cache_bytes: None,
+            discard: false,
         };
         match Store::open(store, &opts) {
             Ok(s) => Ok(Session::Offline(s)),

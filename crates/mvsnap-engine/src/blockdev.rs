@@ -65,6 +65,8 @@ pub struct FileDev {
     file: File,
     path: PathBuf,
     is_block: bool,
+    /// Freed blocks of a block device go back to it with BLKDISCARD (see `OpenOptions`).
+    discard: bool,
 }
 
 impl FileDev {
@@ -75,7 +77,14 @@ impl FileDev {
             file,
             path: path.to_path_buf(),
             is_block,
+            discard: false,
         })
+    }
+
+    /// Give freed blocks of a block device back with BLKDISCARD (a file always punches).
+    pub fn discarding(mut self, on: bool) -> FileDev {
+        self.discard = on;
+        self
     }
 
     pub fn file(&self) -> &File {
@@ -136,14 +145,15 @@ impl BlockDev for FileDev {
     }
 
     fn can_punch(&self) -> bool {
-        !self.is_block
+        !self.is_block || self.discard
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.is_block {
-            return Err(io::ErrorKind::Unsupported.into());
+        match (self.is_block, self.discard) {
+            (false, _) => crate::sys::punch_hole_strict(&self.file, offset, len),
+            (true, true) => crate::sys::blk_discard(&self.file, offset, len),
+            (true, false) => Err(io::ErrorKind::Unsupported.into()),
         }
-        crate::sys::punch_hole_strict(&self.file, offset, len)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {

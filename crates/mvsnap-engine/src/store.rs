@@ -930,7 +930,9 @@ impl Store {
 
     /// Open a store file or device, recovering from the journal.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Store> {
-        let dev = FileDev::open(path, !opts.read_only).map_err(|e| Error::io("open", path, e))?;
+        let dev = FileDev::open(path, !opts.read_only)
+            .map_err(|e| Error::io("open", path, e))?
+            .discarding(opts.discard);
         if !try_lock(dev.file(), !opts.read_only).map_err(|e| Error::io("lock", path, e))? {
             return Err(Error::Locked { path: path.into() });
         }

@@ -43,6 +43,10 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Bytes of RAM for metadata nodes (`--cache-size`; None: 64 MiB).
     pub cache_bytes: Option<u64>,
+    /// On a block-device store, give freed blocks back to the device (BLKDISCARD: a thin LUN
+    /// or an SSD gets them back). Off by default: some devices discard slowly, and what a
+    /// discarded block reads is up to the device. A file store always punches them out.
+    pub discard: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

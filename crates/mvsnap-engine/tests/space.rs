@@ -320,3 +320,113 @@ fn info_counts_metadata_by_the_nodes_it_holds() {
     );
     common::assert_clean(&s, "after delete");
 }
+
+/// A store on a block device (a loop device over a sparse file, as a thin LUN would be): with
+/// `discard`, the blocks of a deleted snapshot go back to the device (BLKDISCARD; the loop
+/// driver punches them out of its file), and everything reads back exact; without it the
+/// device keeps them. Needs root and losetup (skipped otherwise unless MVSNAP_REQUIRE_TOOLS=1).
+#[test]
+fn a_device_store_discards_freed_blocks_when_asked() {
+    let have = is_root() && which("losetup");
+    if !have {
+        assert!(
+            std::env::var_os("MVSNAP_REQUIRE_TOOLS").is_none(),
+            "needs root and losetup"
+        );
+        eprintln!("skipped: needs root and losetup");
+        return;
+    }
+    for discard in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("lun.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(128 * MIB)
+            .unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        struct Detach(std::path::PathBuf);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup")
+                    .arg("-d")
+                    .arg(&self.0)
+                    .status();
+            }
+        }
+        let _detach = Detach(dev.clone());
+        Store::format(&dev, &mvsnap_engine::FormatOptions::default()).unwrap();
+        let origin = dir.path().join("o0.img");
+        let content = pattern(41, (32 * MIB) as usize);
+        std::fs::write(&origin, &content).unwrap();
+        let opts = OpenOptions {
+            discard,
+            ..Default::default()
+        };
+        let s = Store::open(&dev, &opts).unwrap();
+        s.add_origin(&origin, Some("o0")).unwrap();
+        s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+        s.create_snapshot(&["o0"], Some("keep"), "", false).unwrap();
+        let o = s.volume("o0").unwrap();
+        o.write_at(0, &pattern(42, (24 * MIB) as usize), false)
+            .unwrap();
+        o.flush().unwrap();
+        s.checkpoint().unwrap();
+        // Now a newer snapshot and another 24 MiB: `a` and `keep` share the first copies,
+        // `b` alone needs the second ones.
+        s.create_snapshot(&["o0"], Some("b"), "", false).unwrap();
+        o.write_at(0, &pattern(43, (24 * MIB) as usize), false)
+            .unwrap();
+        o.flush().unwrap();
+        s.checkpoint().unwrap();
+        let held = allocated(&backing);
+        s.delete_snapshot("o0@b").unwrap();
+        s.wait_reclaimed().unwrap();
+        let after = allocated(&backing);
+        if discard {
+            assert!(
+                held - after >= 20 * MIB,
+                "discard gave back {} bytes of a 24 MiB snapshot ({held} -> {after})",
+                held.saturating_sub(after)
+            );
+        } else {
+            assert!(after >= held, "without discard the device keeps its blocks");
+        }
+        common::assert_image("o0@keep", &read_all(&s, "o0@keep"), &content);
+        // The discarded blocks are used again, exactly.
+        s.create_snapshot(&["o0"], Some("c"), "", false).unwrap();
+        o.write_at(MIB, &pattern(44, (20 * MIB) as usize), false)
+            .unwrap();
+        o.flush().unwrap();
+        let mut at_c = content.clone();
+        at_c[..(24 * MIB) as usize].copy_from_slice(&pattern(43, (24 * MIB) as usize));
+        common::assert_image("o0@c", &read_all(&s, "o0@c"), &at_c);
+        common::assert_clean(&s, "discard");
+        drop(o);
+        s.close().unwrap();
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+fn which(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}

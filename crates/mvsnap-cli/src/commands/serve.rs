@@ -47,6 +47,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     cache_size: Option<u64>,
 
+    /// On a block-device store, give the blocks of deleted snapshots back to the device
+    /// (BLKDISCARD: a thin LUN or an SSD takes them back). A file store always punches them.
+    #[arg(long)]
+    discard: bool,
+
     /// Write the daemon's pid here once it serves (removed when it stops); `%p` in the path
     /// is the pid [default with --detach: mvsnap-serve-%p.pid in the runtime directory].
     #[arg(long, value_name = "PATH")]
@@ -71,6 +76,7 @@ impl ServeArgs {
             listen: self.listen,
             ephemeral: global.ephemeral,
             cache_bytes: self.cache_size,
+            discard: self.discard,
             pidfile: self.pidfile,
             on_event: self.on_event,
         })
