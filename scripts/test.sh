@@ -40,6 +40,9 @@ MVSNAP_REQUIRE_TOOLS=1 cargo test --workspace --release
 step "CLI black-box tests (scripts/cli-test.sh)"
 MVSNAP_BIN="$PWD/target/release/mvsnap" bash scripts/cli-test.sh
 
+step "a sysadmin's first hour (scripts/sysadmin-test.sh)"
+bash scripts/sysadmin-test.sh
+
 step "NBD benchmark smoke run (bench/nbd.sh --quick)"
 # Keeps the benchmark runnable; its numbers are not asserted (speed is measured, not tested).
 bash bench/nbd.sh --quick >target/nbd-bench-quick.md
