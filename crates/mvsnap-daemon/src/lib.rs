@@ -10,5 +10,6 @@ pub mod paths;
 mod session;
 pub mod users;
 
-pub use daemon::{serve, ServeOptions};
+pub use daemon::{check_listen, serve, ServeOptions};
+pub use mvsnap_nbd::TlsFiles;
 pub use session::Session;
