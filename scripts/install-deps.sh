@@ -13,6 +13,7 @@ PACKAGES=(
     fuse3          # fusermount3
     e2fsprogs      # mkfs.ext4, e2fsck
     util-linux     # losetup, blkid
+    openssl        # throwaway CAs and certificates for the NBD-over-TLS tests
 )
 
 installed() {

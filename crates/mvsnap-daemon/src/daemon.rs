@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mvsnap_engine::{OpenOptions, Store};
-use mvsnap_nbd::{bind_unix, NbdServer};
+use mvsnap_nbd::{bind_unix, NbdServer, TlsConfig, TlsFiles};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
@@ -24,6 +24,10 @@ pub struct ServeOptions {
     pub nbd_socket: Option<PathBuf>,
     /// Also listen on TCP: `PORT` (127.0.0.1) or `ADDR:PORT`.
     pub listen: Option<String>,
+    /// Require TLS on the TCP listener (the Unix socket stays plaintext: it is 0600).
+    pub tls: Option<TlsFiles>,
+    /// Allow `listen` on a non-loopback address without TLS.
+    pub insecure: bool,
     pub ephemeral: bool,
     /// RAM for metadata nodes (None: the engine's default, 64 MiB).
     pub cache_bytes: Option<u64>,
@@ -49,8 +53,48 @@ fn listen_addr(s: &str) -> Result<String> {
     bail!("--listen {s:?}: expected PORT or ADDR:PORT")
 }
 
+/// Refuse NBD over TCP in clear on anything but loopback unless `insecure` is set: a
+/// plaintext listener on the network hands every export to whoever connects. `Err` is the
+/// message for the user. Also refuses TLS without a TCP listener (it would do nothing).
+pub fn check_listen(opts: &ServeOptions) -> std::result::Result<(), String> {
+    let Some(listen) = &opts.listen else {
+        return match opts.tls {
+            Some(_) => Err("TLS applies to NBD over TCP: give --listen too".into()),
+            None => Ok(()),
+        };
+    };
+    if opts.tls.is_some() || opts.insecure {
+        return Ok(());
+    }
+    let addr = listen_addr(listen).map_err(|e| e.to_string())?;
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<std::net::SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("--listen {listen}: {e}"))?
+        .collect();
+    match addrs.iter().find(|a| !a.ip().is_loopback()) {
+        None if !addrs.is_empty() => Ok(()),
+        found => Err(format!(
+            "--listen {listen}: {} is not a loopback address, and NBD over TCP without TLS \
+             would hand every export to anyone who can reach it; give --tls-cert and \
+             --tls-key (see the README), or --insecure to serve it in clear anyway",
+            found.map_or(addr.clone(), |a| a.ip().to_string())
+        )),
+    }
+}
+
 /// Run the daemon until a signal or a `shutdown` request; blocks.
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    if let Err(msg) = check_listen(&opts) {
+        bail!(msg);
+    }
+    // Before the store is opened: a bad certificate is a quick, clear error.
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(TlsConfig::load)
+        .transpose()
+        .context("TLS credentials")?;
     let key = crate::paths::store_key(&opts.store)?;
     let ctl_path = crate::paths::control_socket(&key);
     if std::os::unix::net::UnixStream::connect(&ctl_path).is_ok() {
@@ -73,7 +117,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(run(store.clone(), opts, key, ctl_path.clone()));
+    let result = rt.block_on(run(store.clone(), opts, tls, key, ctl_path.clone()));
     let _ = std::fs::remove_file(&ctl_path);
     // Whatever happened, leave the store consistent: checkpoint and release it.
     let closed = store.shutdown();
@@ -83,7 +127,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -> Result<()> {
+async fn run(
+    store: Store,
+    opts: ServeOptions,
+    tls: Option<TlsConfig>,
+    key: String,
+    ctl_path: PathBuf,
+) -> Result<()> {
     let dir = crate::paths::runtime_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("runtime directory {}", dir.display()))?;
@@ -127,7 +177,14 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
     }
     if let Some(t) = tcp {
         let nbd = nbd.clone();
-        tasks.spawn(async move { nbd.serve_tcp(t).await.map_err(anyhow::Error::from) });
+        let tls = tls.clone();
+        tasks.spawn(async move {
+            match tls {
+                Some(tls) => nbd.serve_tcp_tls(t, tls).await,
+                None => nbd.serve_tcp(t).await,
+            }
+            .map_err(anyhow::Error::from)
+        });
     }
     let ctl_task = {
         let (store, nbd, stop) = (store.clone(), nbd.clone(), stop.clone());
@@ -142,6 +199,9 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
     );
     if let Some(a) = tcp_addr {
         ready.push_str(&format!(" tcp={a}"));
+        if tls.is_some() {
+            ready.push_str(" tls=on");
+        }
     }
     // Where we are, for commands started with another runtime directory, and for systemd.
     let _registration = crate::service::register(

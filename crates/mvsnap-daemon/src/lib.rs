@@ -11,5 +11,6 @@ pub mod service;
 mod session;
 pub mod users;
 
-pub use daemon::{serve, ServeOptions};
+pub use daemon::{check_listen, serve, ServeOptions};
+pub use mvsnap_nbd::TlsFiles;
 pub use session::Session;

@@ -4,6 +4,12 @@
 //! Option data is read whole, so its length is bounded ([`proto::MAX_OPTION_LEN`]): longer
 //! options are skipped without buffering and answered with `NBD_REP_ERR_TOO_BIG`, absurdly
 //! long ones end the connection.
+//!
+//! TLS follows the spec's FORCEDTLS mode when the listener has it ([`Tls::Required`]): until
+//! `NBD_OPT_STARTTLS` every option but ABORT gets `NBD_REP_ERR_TLS_REQD` (EXPORT_NAME, which
+//! cannot fail, closes), so no export name or list crosses the network in clear. The caller
+//! runs the TLS handshake when [`Outcome::StartTls`] comes back and then calls [`options`]
+//! again over the encrypted stream with [`Tls::Active`].
 
 use std::io;
 use std::sync::Arc;
@@ -42,6 +48,20 @@ pub(crate) enum Outcome {
     Transmission(Session),
     /// The client aborted or went away; nothing more to do.
     Closed,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the next bytes are the client's TLS handshake.
+    /// Option haggling resumes over TLS with these client flags.
+    StartTls(proto::ClientFlags),
+}
+
+/// The TLS mode of a connection (the spec's "TLS support" section); fixed for its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// NOTLS: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP` (Unix sockets, plain TCP).
+    Off,
+    /// FORCEDTLS, not upgraded yet: only STARTTLS and ABORT are served.
+    Required,
+    /// Upgraded: the stream is TLS; a second STARTTLS is `NBD_REP_ERR_INVALID`.
+    Active,
 }
 
 /// Negotiation state that options change.
@@ -62,6 +82,7 @@ pub(crate) async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,
     registry: &Arc<dyn ExportRegistry>,
+    tls: Tls,
 ) -> io::Result<Outcome>
 where
     R: AsyncRead + Unpin,
@@ -78,8 +99,29 @@ where
     let client = proto::decode_client_flags(u32::from_be_bytes(raw), proto::SERVER_HANDSHAKE_FLAGS)
         .map_err(|e| protocol_error(e.0))?;
     // A client without FIXED_NEWSTYLE only ever sends EXPORT_NAME, which we answer the same
-    // way, so there is nothing to do differently for it.
+    // way, so there is nothing to do differently for it; unless TLS is required: TLS needs
+    // fixed newstyle (spec), and EXPORT_NAME before TLS must close anyway.
+    if tls == Tls::Required && !client.fixed_newstyle {
+        return Err(protocol_error(
+            "TLS is required and the client does not speak fixed newstyle",
+        ));
+    }
+    options(rd, wr, registry, client, tls).await
+}
 
+/// The option haggling after the greeting (and, with TLS, again after the upgrade: the
+/// greeting is not repeated; state from before it is not kept, as none can have been set).
+pub(crate) async fn options<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    registry: &Arc<dyn ExportRegistry>,
+    client: proto::ClientFlags,
+    tls: Tls,
+) -> io::Result<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut st = State::default();
     loop {
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
@@ -103,7 +145,13 @@ where
                 return Ok(Outcome::Closed);
             }
             warn!(option = hdr.option, length = hdr.length, "option too big");
-            reply(wr, hdr.option, proto::REP_ERR_TOO_BIG, b"option too big").await?;
+            if tls == Tls::Required && hdr.option != proto::OPT_STARTTLS {
+                // Before TLS every other option gets TLS_REQD, whatever its size.
+                let msg = b"TLS is required: send NBD_OPT_STARTTLS first";
+                reply(wr, hdr.option, proto::REP_ERR_TLS_REQD, msg).await?;
+            } else {
+                reply(wr, hdr.option, proto::REP_ERR_TOO_BIG, b"option too big").await?;
+            }
             wr.flush().await?;
             continue;
         }
@@ -111,9 +159,32 @@ where
         if let Err(e) = rd.read_exact(&mut data).await {
             return eof_is_clean(e);
         }
+        if tls == Tls::Required {
+            match hdr.option {
+                proto::OPT_STARTTLS if data.is_empty() => {
+                    reply(wr, proto::OPT_STARTTLS, proto::REP_ACK, &[]).await?;
+                    wr.flush().await?;
+                    return Ok(Outcome::StartTls(client));
+                }
+                proto::OPT_STARTTLS | proto::OPT_ABORT => {}
+                proto::OPT_EXPORT_NAME => {
+                    // It cannot be answered with an error; the spec says to close.
+                    return Err(protocol_error(
+                        "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS (TLS is required)",
+                    ));
+                }
+                other => {
+                    debug!(option = other, "option before STARTTLS");
+                    let msg = b"TLS is required: send NBD_OPT_STARTTLS first";
+                    reply(wr, other, proto::REP_ERR_TLS_REQD, msg).await?;
+                    wr.flush().await?;
+                    continue;
+                }
+            }
+        }
         let option = proto::parse_option(hdr.option, &data);
         debug!(?option, "option");
-        let outcome = handle_option(wr, registry, &mut st, client.no_zeroes, option).await?;
+        let outcome = handle_option(wr, registry, &mut st, client.no_zeroes, tls, option).await?;
         wr.flush().await?;
         if let Some(outcome) = outcome {
             return Ok(outcome);
@@ -146,6 +217,7 @@ async fn handle_option<W: AsyncWrite + Unpin>(
     registry: &Arc<dyn ExportRegistry>,
     st: &mut State,
     no_zeroes: bool,
+    tls: Tls,
     option: ClientOption,
 ) -> io::Result<Option<Outcome>> {
     match option {
@@ -184,13 +256,13 @@ async fn handle_option<W: AsyncWrite + Unpin>(
             Ok(None)
         }
         ClientOption::StartTls => {
-            reply(
-                wr,
-                proto::OPT_STARTTLS,
-                proto::REP_ERR_UNSUP,
-                b"TLS is not supported",
-            )
-            .await?;
+            // (Tls::Required was answered before parsing.)
+            let (rep, msg): (u32, &[u8]) = if tls == Tls::Active {
+                (proto::REP_ERR_INVALID, b"TLS is already active")
+            } else {
+                (proto::REP_ERR_UNSUP, b"TLS is not offered on this socket")
+            };
+            reply(wr, proto::OPT_STARTTLS, rep, msg).await?;
             Ok(None)
         }
         ClientOption::Info(req) => {

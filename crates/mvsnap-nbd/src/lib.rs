@@ -7,7 +7,9 @@
 //! META_CONTEXT with `base:allocation`) and the transmission phase (READ, WRITE+FUA, FLUSH,
 //! TRIM, WRITE_ZEROES, CACHE, DISC, BLOCK_STATUS) with many requests in flight per connection
 //! and replies out of order; simple replies for clients that do not negotiate structured
-//! replies (the Linux kernel), structured ones for those that do.
+//! replies (the Linux kernel), structured ones for those that do. Over TCP, TLS can be
+//! required ([`NbdServer::serve_tcp_tls`], `NBD_OPT_STARTTLS` with rustls), with client
+//! certificates checked against a CA as access control.
 //!
 //! Export calls are blocking and run on tokio's blocking pool, so the engine behind them can
 //! use plain `pread`/`pwrite`/`fdatasync`.
@@ -17,6 +19,7 @@ mod handshake;
 pub mod memory;
 pub mod proto;
 mod server;
+mod tls;
 mod transmission;
 
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use std::sync::Arc;
 pub use error::{nbd_errno, OpenError};
 pub use proto::{STATE_HOLE, STATE_ZERO};
 pub use server::{bind_unix, NbdServer};
+pub use tls::{TlsConfig, TlsError, TlsFiles};
 pub use transmission::normalize_extents;
 
 /// A run of bytes with one allocation status, as reported by [`Export::block_status`].

@@ -4,8 +4,13 @@
 //! Each connection is registered with a stop signal before it is spawned. Stopping a
 //! connection stops it reading requests; requests already in flight finish and are answered
 //! before the socket closes, as the spec asks of a server that shuts down.
+//!
+//! Plain connections are handed to a blocking thread for the transmission phase (see
+//! `transmission/threaded.rs`); TLS connections stay on tokio (`transmission::serve`), as the
+//! TLS session lives in the async stream.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -13,12 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::handshake::{self, Outcome};
+use crate::handshake::{self, Outcome, Session, Tls};
+use crate::tls::TlsConfig;
 use crate::transmission::{self, BlockingSocket};
 use crate::ExportRegistry;
 
@@ -107,7 +114,7 @@ impl NbdServer {
             };
             match accepted {
                 Ok((stream, _addr)) => {
-                    self.spawn_connection(stream, Some(unix_to_blocking), "unix".to_owned())
+                    self.spawn_connection(stream, Some(unix_to_blocking), None, "unix".to_owned())
                 }
                 Err(e) => accept_error(e).await?,
             }
@@ -119,6 +126,17 @@ impl NbdServer {
     /// Accept connections on a TCP socket until [`NbdServer::shutdown`]; returns `Ok` once
     /// shut down and every connection has closed.
     pub async fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
+        self.accept_tcp(listener, None).await
+    }
+
+    /// [`NbdServer::serve_tcp`] with TLS required (the spec's FORCEDTLS mode): a client must
+    /// send `NBD_OPT_STARTTLS` and complete the TLS handshake before any other option is
+    /// served; the rest of the connection, transmission included, is encrypted.
+    pub async fn serve_tcp_tls(&self, listener: TcpListener, tls: TlsConfig) -> io::Result<()> {
+        self.accept_tcp(listener, Some(tls)).await
+    }
+
+    async fn accept_tcp(&self, listener: TcpListener, tls: Option<TlsConfig>) -> io::Result<()> {
         let mut shutdown = self.inner.shutdown.subscribe();
         loop {
             let accepted = tokio::select! {
@@ -132,7 +150,12 @@ impl NbdServer {
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "TCP_NODELAY");
                     }
-                    self.spawn_connection(stream, Some(tcp_to_blocking), addr.to_string());
+                    self.spawn_connection(
+                        stream,
+                        Some(tcp_to_blocking),
+                        tls.clone(),
+                        addr.to_string(),
+                    );
                 }
                 Err(e) => accept_error(e).await?,
             }
@@ -154,6 +177,7 @@ impl NbdServer {
             self.inner.clone(),
             stream,
             None,
+            None,
             reg,
             stop,
             "stream".to_owned(),
@@ -169,6 +193,7 @@ impl NbdServer {
             self.inner.clone(),
             stream,
             Some(unix_to_blocking),
+            None,
             reg,
             stop,
             "unix".to_owned(),
@@ -255,8 +280,13 @@ impl NbdServer {
         (reg, StopSignal(stop_rx))
     }
 
-    fn spawn_connection<S>(&self, stream: S, to_blocking: Option<ToBlocking<S>>, peer: String)
-    where
+    fn spawn_connection<S>(
+        &self,
+        stream: S,
+        to_blocking: Option<ToBlocking<S>>,
+        tls: Option<TlsConfig>,
+        peer: String,
+    ) where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         // Registered before spawning so `shutdown` and `serve_*` can wait for it.
@@ -265,6 +295,7 @@ impl NbdServer {
             self.inner.clone(),
             stream,
             to_blocking,
+            tls,
             reg,
             stop,
             peer,
@@ -320,10 +351,43 @@ fn log_end(peer: &str, export: Option<&str>, e: &io::Error) {
     }
 }
 
+/// Run a handshake step (option haggling, the TLS handshake) unless the server stops the
+/// connection or the handshake's deadline passes first (`None` then: just close).
+async fn within<F: Future>(
+    stop: &mut StopSignal,
+    deadline: Instant,
+    peer: &str,
+    step: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        _ = stop.stopped() => {
+            debug!(peer, "stopped during handshake");
+            None
+        }
+        r = tokio::time::timeout_at(deadline, step) => match r {
+            Ok(r) => Some(r),
+            Err(_) => {
+                warn!(peer, "handshake timed out");
+                None
+            }
+        },
+    }
+}
+
+type Reader<S> = BufReader<ReadHalf<S>>;
+type Writer<S> = BufWriter<WriteHalf<S>>;
+
+fn buffered<S: AsyncRead + AsyncWrite>(stream: S) -> (Reader<S>, Writer<S>) {
+    let (rd, wr) = tokio::io::split(stream);
+    (BufReader::with_capacity(64 * 1024, rd), BufWriter::new(wr))
+}
+
 async fn run_connection<S>(
     inner: Arc<Inner>,
     stream: S,
     to_blocking: Option<ToBlocking<S>>,
+    tls: Option<TlsConfig>,
     reg: Registration,
     mut stop: StopSignal,
     peer: String,
@@ -331,61 +395,119 @@ async fn run_connection<S>(
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     debug!(peer, "connection opened");
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let mut wr = BufWriter::new(wr);
-    let outcome = tokio::select! {
-        biased;
-        _ = stop.stopped() => {
-            debug!(peer, "stopped during handshake");
+    // One deadline for all of the handshake, TLS included.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let (mut rd, mut wr) = buffered(stream);
+    let mode = if tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    let negotiated = handshake::negotiate(&mut rd, &mut wr, &inner.registry, mode);
+    let Some(outcome) = within(&mut stop, deadline, &peer, negotiated).await else {
+        return;
+    };
+    let (client, tls) = match (outcome, tls) {
+        (Ok(Outcome::StartTls(client)), Some(tls)) => (client, tls),
+        (Ok(Outcome::StartTls(_)), None) => {
+            // negotiate only acknowledges STARTTLS in Tls::Required.
+            warn!(peer, "STARTTLS without TLS configured; closing");
             return;
         }
-        r = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            handshake::negotiate(&mut rd, &mut wr, &inner.registry),
-        ) => match r {
-            Ok(r) => r,
-            Err(_) => {
-                warn!(peer, "handshake timed out");
-                return;
-            }
-        },
-    };
-    match outcome {
-        Ok(Outcome::Closed) => debug!(peer, "closed during handshake"),
-        Err(e) => log_end(&peer, None, &e),
-        Ok(Outcome::Transmission(session)) => {
-            let name = session.name.clone();
-            info!(
-                peer,
-                export = %name,
-                structured = session.structured,
-                block_status = session.base_allocation.is_some(),
-                "client entered transmission"
-            );
-            reg.set_export(&name);
-            // The handshake flushes after every option, so nothing is left in the buffer.
-            let wr = wr.into_inner();
-            let result = match to_blocking {
-                Some(convert) => {
-                    // What the handshake read past its end belongs to the first requests.
-                    let buffered = rd.buffer().to_vec();
-                    match convert(rd.into_inner().unsplit(wr)) {
-                        Ok(sock) => {
-                            transmission::serve_threaded(sock, buffered, session, stop).await
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                None => transmission::serve(rd, wr, session, stop).await,
-            };
-            match result {
-                Ok(()) => info!(peer, export = %name, "connection closed"),
-                Err(e) => log_end(&peer, Some(&name), &e),
-            }
+        (outcome, _) => {
+            return finish(outcome, rd, wr, to_blocking, reg, stop, &peer).await;
         }
+    };
+    // The client waits for the ACK before its TLS hello: anything already read would be
+    // plaintext smuggled into the encrypted session.
+    if !rd.buffer().is_empty() {
+        warn!(peer, "client sent data before the TLS handshake; closing");
+        return;
+    }
+    let stream = rd.into_inner().unsplit(wr.into_inner());
+    let accepted = within(&mut stop, deadline, &peer, tls.acceptor.accept(stream)).await;
+    let stream = match accepted {
+        None => return,
+        Some(Err(e)) => {
+            // A client that does not trust our certificate, or whose certificate we refuse.
+            warn!(peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Some(Ok(s)) => s,
+    };
+    {
+        let (_, conn) = stream.get_ref();
+        debug!(
+            peer,
+            version = ?conn.protocol_version(),
+            suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+            client_certificate = conn.peer_certificates().is_some(),
+            "TLS established"
+        );
+    }
+    let (mut rd, mut wr) = buffered(stream);
+    let negotiated = handshake::options(&mut rd, &mut wr, &inner.registry, client, Tls::Active);
+    let Some(outcome) = within(&mut stop, deadline, &peer, negotiated).await else {
+        return;
+    };
+    finish(outcome, rd, wr, None, reg, stop, &peer).await;
+}
+
+/// The end of the handshake: close, or run the transmission phase on the same stream.
+async fn finish<S>(
+    outcome: io::Result<Outcome>,
+    rd: Reader<S>,
+    wr: Writer<S>,
+    to_blocking: Option<ToBlocking<S>>,
+    reg: Registration,
+    stop: StopSignal,
+    peer: &str,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let session = match outcome {
+        Ok(Outcome::Transmission(session)) => session,
+        Ok(Outcome::Closed) => return debug!(peer, "closed during handshake"),
+        Ok(Outcome::StartTls(_)) => return warn!(peer, "a second STARTTLS was acknowledged"),
+        Err(e) => return log_end(peer, None, &e),
+    };
+    let name = session.name.clone();
+    info!(
+        peer,
+        export = %name,
+        structured = session.structured,
+        block_status = session.base_allocation.is_some(),
+        "client entered transmission"
+    );
+    reg.set_export(&name);
+    match transmit(session, rd, wr, to_blocking, stop).await {
+        Ok(()) => info!(peer, export = %name, "connection closed"),
+        Err(e) => log_end(peer, Some(&name), &e),
     }
     drop(reg);
+}
+
+async fn transmit<S>(
+    session: Session,
+    rd: Reader<S>,
+    wr: Writer<S>,
+    to_blocking: Option<ToBlocking<S>>,
+    stop: StopSignal,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    // The handshake flushes after every option, so nothing is left in the buffer.
+    let wr = wr.into_inner();
+    match to_blocking {
+        Some(convert) => {
+            // What the handshake read past its end belongs to the first requests.
+            let buffered = rd.buffer().to_vec();
+            let sock = convert(rd.into_inner().unsplit(wr))?;
+            transmission::serve_threaded(sock, buffered, session, stop).await
+        }
+        None => transmission::serve(rd, wr, session, stop).await,
+    }
 }
 
 /// Bind a Unix socket listener for NBD: a stale socket file left by a dead server is removed

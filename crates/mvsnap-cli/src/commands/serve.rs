@@ -15,13 +15,19 @@ Examples:
   mvsnap --store store.img serve                       # NBD on a Unix socket named after the store
   mvsnap --store store.img serve --nbd-socket /run/disk.sock --detach
   mvsnap --store store.img serve --listen 10809         # also TCP on 127.0.0.1:10809
+  mvsnap --store store.img serve --listen 0.0.0.0:10809 \
+      --tls-cert server-cert.pem --tls-key server-key.pem [--tls-client-ca ca-cert.pem]
+  nbdinfo 'nbds://HOST:10809/disk?tls-certificates=DIR'  # DIR: ca-cert.pem [client-*.pem]
   qemu-io -f raw 'nbd+unix:///disk@monday?socket=/run/disk.sock' -c 'read -v 0 512'
   nbdinfo --list 'nbd+unix://?socket=/run/disk.sock'
 
 Exports: ORIGIN (read-write) and ORIGIN@TAG for each snapshot (read-only unless writable).
 While it runs, the other commands (snapshot create/delete/list, info, cat, write, check) talk
 to it through its control socket. It prints one line when ready:
-  ready nbd=unix:PATH control=PATH [tcp=ADDR]
+  ready nbd=unix:PATH control=PATH [tcp=ADDR [tls=on]]
+TLS (NBD_OPT_STARTTLS, required on the TCP listener once configured) never applies to the
+Unix socket, which stays mode 0600. --listen on an address other than loopback without TLS
+is refused unless --insecure.
 SIGTERM or SIGINT: stop accepting, finish in-flight requests, checkpoint, exit 0.
 Under systemd (Type=notify) it reports readiness; contrib/systemd/mvsnap@.service is a unit
 template per store. With --detach: a log and a pidfile named after the daemon's pid.";
@@ -37,6 +43,25 @@ pub struct ServeArgs {
     /// Also serve NBD over TCP: PORT (on 127.0.0.1) or ADDR:PORT.
     #[arg(long, value_name = "[ADDR:]PORT")]
     listen: Option<String>,
+
+    /// Require TLS on the TCP listener with this x509 certificate (PEM; the server's first,
+    /// then any intermediates). Clients must trust the CA that signed it.
+    #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Access control: only clients presenting a certificate signed by a CA in this PEM file
+    /// may connect.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Allow --listen on a non-loopback address without TLS: every export in clear, to
+    /// anyone who can reach the port.
+    #[arg(long, requires = "listen", conflicts_with = "tls_cert")]
+    insecure: bool,
 
     /// Start in the background; return once it serves (the readiness line is printed).
     #[arg(long)]
@@ -67,19 +92,35 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub fn run(self, global: &Global) -> Result<()> {
         let store = global.store_path()?.to_path_buf();
-        if self.detach {
-            return detach(self.pidfile.is_none());
-        }
-        mvsnap_daemon::serve(mvsnap_daemon::ServeOptions {
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(mvsnap_daemon::TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            _ => None,
+        };
+        let default_pidfile = self.pidfile.is_none();
+        let opts = mvsnap_daemon::ServeOptions {
             store,
             nbd_socket: self.nbd_socket,
             listen: self.listen,
+            tls,
+            insecure: self.insecure,
             ephemeral: global.ephemeral,
             cache_bytes: self.cache_size,
             discard: self.discard,
             pidfile: self.pidfile,
             on_event: self.on_event,
-        })
+        };
+        // A usage error (exit 2), refused before anything starts, --detach included.
+        if let Err(msg) = mvsnap_daemon::check_listen(&opts) {
+            clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, format!("{msg}\n")).exit();
+        }
+        if self.detach {
+            return detach(default_pidfile);
+        }
+        mvsnap_daemon::serve(opts)
     }
 }
 

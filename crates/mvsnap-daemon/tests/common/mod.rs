@@ -663,6 +663,11 @@ impl Fixture {
 
     /// Start a daemon; `Err(its stderr)` if it exits without serving.
     pub fn try_start(&self) -> Result<Daemon, String> {
+        self.try_start_with(&[])
+    }
+
+    /// `try_start` with more `serve` arguments (`--listen`, TLS...).
+    pub fn try_start_with(&self, extra: &[&str]) -> Result<Daemon, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let log = self
             .dir
@@ -671,7 +676,8 @@ impl Fixture {
             self.mvsnap()
                 .arg("serve")
                 .arg("--nbd-socket")
-                .arg(&self.sock),
+                .arg(&self.sock)
+                .args(extra),
             &log,
         )
     }

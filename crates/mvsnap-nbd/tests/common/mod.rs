@@ -242,8 +242,9 @@ pub struct Chunk {
     pub payload: Vec<u8>,
 }
 
-pub struct RawClient {
-    pub s: UnixStream,
+/// Over a Unix socket by default; any byte stream (TCP, TLS) will do.
+pub struct RawClient<S = UnixStream> {
+    pub s: S,
 }
 
 impl RawClient {
@@ -252,7 +253,9 @@ impl RawClient {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         RawClient { s }
     }
+}
 
+impl<S: Read + Write> RawClient<S> {
     pub fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).unwrap();
     }
