@@ -215,7 +215,9 @@ for cmd in "" format origin "origin add" "origin remove" "origin list" snapshot 
 done
 expect_usage_error "no store given" mvsnap snapshot list
 expect_usage_error "garbage size --size 12Q" mvsnap format "$T/x.img" --size 12Q
-expect_usage_error "garbage size --size 1.5G" mvsnap format "$T/x.img" --size 1.5G
+expect_usage_error "garbage size --size 1.5X" mvsnap format "$T/x.img" --size 1.5X
+expect_usage_error "a negative size" mvsnap format "$T/x.img" --size -1M
+if [ ! -e "$T/x.img" ]; then ok "bad sizes create no file"; else not_ok "bad sizes create no file"; fi
 expect_usage_error "write without --offset" ms write disk0
 expect_usage_error "unknown command" mvsnap frobnicate
 
@@ -348,7 +350,7 @@ else
 fi
 
 expect_ok "info" ms info
-if grep -q '^chunk size *4 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
+if grep -q '^chunk size *4.0 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
     ok "info shows the geometry and the snapshots"
 else
     not_ok "info shows the geometry and the snapshots"
@@ -378,19 +380,26 @@ expect_json "check --json: no errors, snapshots counted" "$T/check.json" \
 
 # --- delete ------------------------------------------------------------------------------------
 expect_ok "snapshot delete disk0@s1a" ms snapshot delete disk0@s1a
-expect_ok "snapshot delete disk0@w (it has a child)" ms snapshot delete disk0@w
+expect_error "snapshot delete disk0@w (it has a child) is refused, naming the child and -r" \
+    "disk0@w has 1 snapshot taken from it \\(disk0@w1\\).*-r" ms snapshot delete disk0@w
+expect_error "snapshot delete -r without -y on a non-terminal is refused" "not a terminal.*-y" \
+    ms snapshot delete -r disk0@w </dev/null
+expect_ok "snapshot delete -r -n: what it would delete" ms snapshot delete -r -n disk0@w
+expect_eq "snapshot delete -r -n lists the subtree, children first" "$(cat "$T/out")" \
+    "$(printf 'would delete disk0@w1\nwould delete disk0@w')"
 expect_ok "snapshot list --json after deletes" ms snapshot list --json
 cp "$T/out" "$T/snaps2.json"
-expect_json "deleted snapshots are gone (one with a child is at most hidden)" "$T/snaps2.json" \
-    "(lambda m: 'disk0@s1a' not in m and m.get('disk0@w', {'state': 'hidden'})['state'] == 'hidden'
+expect_json "deleted snapshots are gone, refused deletes deleted nothing" "$T/snaps2.json" \
+    "(lambda m: 'disk0@s1a' not in m and m['disk0@w']['state'] == 'valid'
       and {'disk0@s1', 'disk0@w1', 'disk0@T', 'disk1@T'} <= set(m))({s['name']: s for s in d})"
+expect_volume disk0@w "$T/m-w"
 expect_volume disk0@s1 "$T/m-s1"
 expect_volume disk0@w1 "$T/m-w1"
 expect_volume disk0@T "$T/m-T0"
 expect_volume disk0 "$T/m-disk0"
 expect_ok "check after deletes" ms check
 expect_error "delete of an unknown snapshot" "not found|no such|unknown" ms snapshot delete disk0@nope
-expect_error "delete of an origin name" "snapshot" ms snapshot delete disk0
+expect_usage_error "delete of an origin name" ms snapshot delete disk0
 
 # --- bad input: a clear one-line error, and the store untouched ---------------------------------
 remember_store
@@ -412,13 +421,13 @@ expect_error "write past the end of the origin" "beyond|range|end" \
 expect_store_data_intact "write past the end"
 expect_eq "origin untouched by the refused write" "$(sum "$T/disk0.img")" "$(sum "$T/m-disk0")"
 
-expect_error "--max-size under --size" "max-size" \
+expect_usage_error "--max-size under --size" \
     mvsnap format "$T/new.img" --size 64M --max-size 32M
 if [ -e "$T/new.img" ]; then not_ok "invalid sizes create no file"; else
     ok "invalid sizes create no file"
 fi
 remember_store
-expect_error "--max-size under --size on the store with --force" "max-size" \
+expect_usage_error "--max-size under --size on the store with --force" \
     mvsnap format "$STORE" --size 512M --max-size 300M --force
 expect_store_intact "format --size 512M --max-size 300M --force"
 
@@ -557,7 +566,7 @@ gen "$T/disk2.img" $((4 * MIB)) disk2
 cp "$T/disk2.img" "$T/m-disk2"
 expect_ok "format a second store" mvsnap format "$EPH" --size 64M
 expect_ok "origin add to the second store" mvsnap --store "$EPH" origin add "$T/disk2.img" --id d2
-expect_ok "--ephemeral snapshot create" mvsnap --store "$EPH" --ephemeral snapshot create d2 --tag e
+expect_ok "snapshot create --ephemeral" mvsnap --store "$EPH" snapshot create --ephemeral d2 --tag e
 expect_eq "--ephemeral snapshot create prints the tag" "$(cat "$T/out")" e
 expect_ok "snapshot list of the second store" mvsnap --store "$EPH" snapshot list --json
 expect_json "an ephemeral snapshot is gone after its session" "$T/out" "d == []"
@@ -569,7 +578,7 @@ expect_volume_eph() {
 }
 expect_volume_eph
 expect_error "--ephemeral on a store that holds persistent snapshots" "ephemeral|persistent" \
-    ms --ephemeral snapshot create disk0 --tag e2
+    ms snapshot create --ephemeral disk0 --tag e2
 
 echo
 echo "$passed passed, $failed failed"

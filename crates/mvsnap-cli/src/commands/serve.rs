@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// beyond this [default: 64MiB].
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     cache_size: Option<u64>,
+
+    /// Ephemeral mode: nothing is synced and the snapshots made while it runs are discarded when
+    /// it stops (blksnap's model for backups); refused on a store with persistent snapshots.
+    #[arg(long)]
+    ephemeral: bool,
 }
 
 impl ServeArgs {
@@ -56,7 +61,7 @@ impl ServeArgs {
             store,
             nbd_socket: self.nbd_socket,
             listen: self.listen,
-            ephemeral: global.ephemeral,
+            ephemeral: self.ephemeral,
             cache_bytes: self.cache_size,
         })
     }
