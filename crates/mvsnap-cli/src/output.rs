@@ -1,7 +1,7 @@
 //! Human-readable output: sizes, times and plain text tables, and printing that survives a
 //! closed stdout.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 /// Stdout was closed by its reader (`mvsnap check | head`): `main` exits quietly.
 #[derive(Debug)]
@@ -73,6 +73,35 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 pub use mvsnap_daemon::display::utc_time;
+
+/// A progress bar on stderr for `total` bytes, drawn only when stderr is a terminal (hidden on a
+/// pipe or a file, so scripts and logs see nothing).
+pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// A spinner on stderr for work of unknown length, on a terminal only.
+pub fn spinner(what: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget};
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
 
 /// How tables print, the options every table takes (as `zfs list` and `lvs` have them).
 #[derive(Debug, Clone, Copy, Default, clap::Args)]

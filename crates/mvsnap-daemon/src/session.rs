@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mvsnap_engine::{CheckReport, OpenOptions, OriginInfo, SnapshotInfo, Store, StoreInfo};
+use mvsnap_engine::{CheckReport, Extent, OpenOptions, OriginInfo, SnapshotInfo, Store, StoreInfo};
 use serde::de::DeserializeOwned;
 
 use crate::control::{ControlClient, Request};
@@ -144,6 +144,21 @@ impl Session {
                 Ok(buf)
             }
             Session::Daemon(c) => Ok(c.read(name, offset, length)?),
+        }
+    }
+
+    /// Which ranges of a volume hold data (holes read as zeros), where known: offline from the
+    /// engine; through a daemon `None` (the control socket does not carry it), and the caller
+    /// reads everything.
+    pub fn block_status(
+        &mut self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Option<Vec<Extent>>> {
+        match self {
+            Session::Offline(s) => Ok(Some(s.volume(name)?.block_status(offset, length)?)),
+            Session::Daemon(_) => Ok(None),
         }
     }
 

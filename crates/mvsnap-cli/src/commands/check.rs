@@ -9,7 +9,8 @@ use crate::output::outln;
 /// Check the store's invariants (fsck); exit status 1 on any error.
 ///
 /// Verifies checksums, the space map against the index (no block both free and used, none
-/// lost), the snapshot table and the origins, and prints a report.
+/// lost), the snapshot table and the origins, and prints a report. On a terminal, stderr shows
+/// a spinner while it runs.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
@@ -27,9 +28,11 @@ pub struct CheckArgs {
 impl CheckArgs {
     pub fn run(self, global: &Global) -> Result<()> {
         let path = global.store_path()?.display().to_string();
+        let spinner = crate::output::spinner(&format!("checking {path}"));
         let mut store = global.open_read_only()?;
         let report = store.check()?;
         store.close()?;
+        spinner.finish_and_clear();
         if self.json {
             print_json(&report)?;
         } else {

@@ -7,12 +7,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{Global, PIECE};
-use crate::output::outln;
+use crate::output::{outln, progress_bar};
 use crate::size::parse_size;
 
 /// Write stdin into an origin or a writable snapshot, through the engine.
 ///
-/// Reads stdin until EOF and writes it at --offset in 1 MiB pieces, then flushes.
+/// Reads stdin until EOF and writes it at --offset in 1 MiB pieces, then flushes. On a
+/// terminal, stderr shows a progress bar.
 /// The write goes through the engine, so the snapshots of the volume keep their contents. Never
 /// write to an origin that has snapshots behind mvsnap's back (with dd, say): the snapshots
 /// would not see the change coming.
@@ -54,21 +55,26 @@ impl WriteArgs {
             // would leave the volume half old, half new. A regular file's length is known; a
             // pipe is spooled to an unnamed temporary file first.
             let room = size - self.offset;
-            let mut input: Box<dyn Read> = match stdin_file_len() {
+            let (mut input, len): (Box<dyn Read>, u64) = match stdin_file_len() {
                 Some(len) if len > room => bail!(
                     "offset {} + length {len} (stdin) is beyond the end of {} ({size} bytes); \
                      nothing was written",
                     self.offset,
                     self.name
                 ),
-                Some(_) => Box::new(io::stdin().lock()),
-                None => Box::new(spool(io::stdin().lock(), room).with_context(|| {
-                    format!(
-                        "stdin does not fit at offset {} of {} ({size} bytes)",
-                        self.offset, self.name
-                    )
-                })?),
+                Some(len) => (Box::new(io::stdin().lock()), len),
+                None => {
+                    let file = spool(io::stdin().lock(), room).with_context(|| {
+                        format!(
+                            "stdin does not fit at offset {} of {} ({size} bytes)",
+                            self.offset, self.name
+                        )
+                    })?;
+                    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    (Box::new(file), len)
+                }
             };
+            let bar = progress_bar(len, &format!("write {}", self.name));
             let mut buf = vec![0u8; PIECE];
             let mut pos = self.offset;
             loop {
@@ -80,6 +86,7 @@ impl WriteArgs {
                     .write(&self.name, pos, &buf[..n])
                     .with_context(|| format!("writing {} at offset {pos}", self.name))?;
                 pos += n as u64;
+                bar.inc(n as u64);
                 if n < buf.len() {
                     break;
                 }
@@ -87,6 +94,7 @@ impl WriteArgs {
             store
                 .flush(&self.name)
                 .with_context(|| format!("flushing {}", self.name))?;
+            bar.finish_and_clear();
             pos - self.offset
         };
         store.close()?;
