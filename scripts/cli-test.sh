@@ -349,6 +349,54 @@ else
     diag "$T/out"
 fi
 
+# Tables for scripts (-H -p -o -s), filters, aliases.
+expect_ok "snapshot ls disk1 -H -o name,parent" ms snapshot ls disk1 -H -o name,parent
+expect_eq "snapshot ls ORIGIN -H -o: one tab-separated row per snapshot of that origin" \
+    "$(cat "$T/out")" "$(printf 'disk1@T\tdisk1')"
+expect_ok "snapshot list -H -p -o name,exclusive,shared -s name" \
+    ms snapshot list -H -p -o name,exclusive,shared -s name
+if python3 - "$T/out" "$T/snaps.json" <<'PY'; then
+import json, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
+want = sorted((s["name"], str(s["exclusive_bytes"]), str(s["shared_bytes"]))
+              for s in json.load(open(sys.argv[2])))
+sys.exit(0 if [tuple(r) for r in rows] == want else 1)
+PY
+    ok "snapshot list -H -p matches --json (exact bytes, sorted by name)"
+else
+    not_ok "snapshot list -H -p matches --json (exact bytes, sorted by name)"
+    diag "$T/out"
+fi
+expect_ok "origin ls -H -p -o id,size -S id" ms origin ls -H -p -o id,size -S id
+expect_eq "origin ls -H -p: sizes in bytes, sorted descending" "$(cat "$T/out")" \
+    "$(printf 'disk1\t%s\ndisk0\t%s' "$SIZE" "$SIZE")"
+expect_usage_error "a bad column name lists the valid ones" ms snapshot list -o name,size
+if grep -q 'possible values: name, origin, tag' "$T/err"; then ok "the valid columns are listed"; else
+    not_ok "the valid columns are listed"
+    diag "$T/err"
+fi
+expect_error "snapshot list of an unknown origin" "origin nope not found" ms snapshot list nope
+# Sizes: 4KB = 4KiB = 4096, 1.5K = 1536.
+expect_ok "cat --offset 4KB --length 1.5K" ms cat disk0@s1 --offset 4KB --length 1.5K
+expect_eq "cat --offset 4KB --length 1.5K reads bytes 4096..5632" "$(sum "$T/out")" \
+    "$(dd if="$T/m-s1" bs=512 skip=8 count=3 status=none | sha256sum | cut -d' ' -f1)"
+# cat to a regular file is sparse: a snapshot of a 64 MiB sparse origin holding 1 MiB of data.
+truncate -s $((64 * MIB)) "$T/sparse0.img"
+expect_ok "origin add a sparse 64 MiB origin" ms origin add "$T/sparse0.img" --id sp
+expect_ok "write 1 MiB to it" ms write sp --offset 5M <"$T/d-1m"
+expect_ok "snapshot of the sparse origin" ms snapshot create sp --tag a
+expect_ok "cat sp@a > a regular file" ms cat sp@a
+blocks=$(stat -c %b "$T/out")
+if [ "$(sum "$T/out")" == "$(sum "$T/sparse0.img")" ] && [ "$blocks" -lt $((4 * 2048)) ]; then
+    ok "cat of a mostly empty snapshot to a file: right bytes, sparse ($blocks blocks for 64 MiB)"
+else
+    not_ok "cat of a mostly empty snapshot to a file: right bytes, sparse ($blocks blocks for 64 MiB)"
+fi
+got=$(ms cat sp@a --sparse never | sha256sum | cut -d' ' -f1)
+expect_eq "cat sp@a --sparse never | sha256sum" "$got" "$(sum "$T/sparse0.img")"
+expect_ok "snapshot rm -r -y sp@a (alias, several flags)" ms snapshot rm -r -y sp@a
+expect_ok "origin rm sp" ms origin rm sp
+
 expect_ok "info" ms info
 if grep -q '^chunk size *4.0 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
     ok "info shows the geometry and the snapshots"
