@@ -208,3 +208,52 @@ fn cat_refuses_a_terminal_and_shows_progress_on_one() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("write d"), "no progress bar: {text:?}");
 }
+
+/// Through a running daemon (`serve`), cat to a file is sparse and exact too: the block status
+/// comes over the control socket.
+#[test]
+fn cat_through_a_daemon_is_sparse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, want) = setup(dir.path());
+    let run_dir = dir.path().join("run");
+    let out = ok(mvsnap(&store)
+        .env("MVSNAP_RUNTIME_DIR", &run_dir)
+        .args(["serve", "--detach"]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {text:?}"));
+    /// Stops the daemon however the test ends.
+    struct Daemon(i32);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the pid of the daemon this test started.
+            unsafe { libc::kill(self.0, libc::SIGTERM) };
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{}", self.0)).exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+    let _daemon = Daemon(pid);
+
+    let file = dir.path().join("t.img");
+    let run = ok(mvsnap(&store)
+        .env("MVSNAP_RUNTIME_DIR", &run_dir)
+        .args(["-vv", "cat", "d@t"])
+        .stdout(std::fs::File::create(&file).unwrap())
+        .stderr(Stdio::piped()));
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        log.contains("using the daemon"),
+        "not through the daemon: {log}"
+    );
+    assert!(!log.contains("no block status"), "holes were read: {log}");
+    assert!(std::fs::read(&file).unwrap() == want, "wrong bytes");
+    let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
+    assert!(allocated <= 8 << 20, "{allocated} bytes allocated");
+}

@@ -50,6 +50,12 @@ pub enum Request {
     Flush {
         name: String,
     },
+    /// Which ranges hold data: `[[length, zero], ...]` (for sparse copies, `mvsnap cat`).
+    BlockStatus {
+        name: String,
+        offset: u64,
+        length: u64,
+    },
     Shutdown,
 }
 

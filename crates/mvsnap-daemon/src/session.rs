@@ -147,9 +147,8 @@ impl Session {
         }
     }
 
-    /// Which ranges of a volume hold data (holes read as zeros), where known: offline from the
-    /// engine; through a daemon `None` (the control socket does not carry it), and the caller
-    /// reads everything.
+    /// Which ranges of a volume hold data (holes read as zeros), where known: `None` from a
+    /// daemon that does not answer the request (an older one), and the caller reads everything.
     pub fn block_status(
         &mut self,
         name: &str,
@@ -158,7 +157,27 @@ impl Session {
     ) -> Result<Option<Vec<Extent>>> {
         match self {
             Session::Offline(s) => Ok(Some(s.volume(name)?.block_status(offset, length)?)),
-            Session::Daemon(_) => Ok(None),
+            Session::Daemon(c) => {
+                let req = Request::BlockStatus {
+                    name: name.into(),
+                    offset,
+                    length,
+                };
+                match c.call(&req) {
+                    Ok(v) => {
+                        let ext: Vec<(u64, bool)> = decode(v)?;
+                        Ok(Some(
+                            ext.into_iter()
+                                .map(|(length, zero)| Extent { length, zero })
+                                .collect(),
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::debug!("block status through the daemon: {e}");
+                        Ok(None)
+                    }
+                }
+            }
         }
     }
 

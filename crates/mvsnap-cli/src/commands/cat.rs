@@ -102,6 +102,9 @@ impl CatArgs {
                 false => None,
             }
             .unwrap_or_else(|| {
+                if sink.is_sparse() {
+                    tracing::debug!("no block status: reading every byte, skipping zero blocks");
+                }
                 vec![Extent {
                     length: window,
                     zero: false,
