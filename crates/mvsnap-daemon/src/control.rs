@@ -117,6 +117,17 @@ impl ControlClient {
         })
     }
 
+    /// A new connection to the same daemon, after it closed this one (as it does after a
+    /// request it cannot parse: an older daemon's answer to a newer request).
+    pub fn reconnect(&mut self) -> std::io::Result<()> {
+        let addr = self.writer.peer_addr()?;
+        let path = addr.as_pathname().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "control socket has no path")
+        })?;
+        *self = ControlClient::connect(path)?;
+        Ok(())
+    }
+
     fn send(&mut self, req: &Request, payload: &[u8]) -> Result<Reply, ClientError> {
         let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');

@@ -173,7 +173,11 @@ impl Session {
                         ))
                     }
                     Err(e) => {
+                        // An older daemon closes the connection on a request it does not know.
                         tracing::debug!("block status through the daemon: {e}");
+                        if e.to_string().contains("malformed request") {
+                            c.reconnect().context("reconnecting to the daemon")?;
+                        }
                         Ok(None)
                     }
                 }
