@@ -1,5 +1,7 @@
 //! `mvsnap cat` to a regular file is sparse (holes skipped, as `cp --sparse`), reads the right
-//! bytes, refuses a terminal, and shows a progress bar on a terminal only.
+//! bytes, refuses a terminal, and shows a progress bar on a terminal only; and the other
+//! commands' terminal behaviour (run on a pseudo-terminal with `script`): `write`'s progress
+//! bar and refusal of a terminal stdin, `snapshot delete -r`'s confirmation.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -256,4 +258,54 @@ fn cat_through_a_daemon_is_sparse() {
     assert!(std::fs::read(&file).unwrap() == want, "wrong bytes");
     let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
     assert!(allocated <= 8 << 20, "{allocated} bytes allocated");
+}
+
+/// On a terminal, `snapshot delete -r` asks first and deletes only on `y`; `write` refuses to
+/// read its data from the terminal.
+#[test]
+fn delete_r_asks_on_a_terminal() {
+    let Some(script) = script() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = setup(dir.path());
+    ok(mvsnap(&store).args(["snapshot", "create", "d@t", "--tag", "u"]));
+    let bin = env!("CARGO_BIN_EXE_mvsnap");
+    let st = store.to_str().unwrap();
+    let on_tty = |cmd: &str, input: &str| {
+        let mut child = Command::new(script)
+            .args(["-qec", &format!("{bin} --store {st} {cmd}"), "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        // The answer once the prompt is up; `script` passes it on to the pseudo-terminal.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let _ = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let names = || {
+        let out = ok(mvsnap(&store).args(["snapshot", "list", "-H", "-o", "name"]));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (code, text) = on_tty("snapshot delete -r d@t", "n\n");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("d@u") && text.contains("[y/N]"), "{text}");
+    assert!(text.contains("not confirmed"), "{text}");
+    assert_eq!(names(), "d@t\nd@u\n");
+    let (code, text) = on_tty("snapshot delete -r d@t", "y\n");
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(names(), "");
+
+    let (code, text) = on_tty("write d --offset 0", "");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("refusing to read the data from a terminal"),
+        "{text}"
+    );
 }

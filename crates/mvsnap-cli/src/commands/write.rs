@@ -1,6 +1,6 @@
 //! `mvsnap write`: copy stdin into a volume through the engine (copy-on-write applies).
 
-use std::io::{self, Read};
+use std::io::{self, IsTerminal, Read};
 use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +35,14 @@ pub struct WriteArgs {
 
 impl WriteArgs {
     pub fn run(self, global: &Global) -> Result<()> {
+        if io::stdin().is_terminal() {
+            bail!(
+                "refusing to read the data from a terminal: redirect stdin \
+                 (mvsnap write {} --offset {} < FILE) or pipe into it",
+                self.name,
+                self.offset
+            );
+        }
         let mut store = global.open()?;
         let total = {
             let (size, read_only) = store.volume_info(&self.name)?;
