@@ -74,33 +74,110 @@ pub fn human_size(bytes: u64) -> String {
 
 pub use mvsnap_daemon::display::utc_time;
 
-/// A progress bar on stderr for `total` bytes, drawn only when stderr is a terminal (hidden on a
-/// pipe or a file, so scripts and logs see nothing).
-pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_string());
-    bar
+/// `--progress`: when long commands report how far they are, on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when stderr is a terminal, nothing otherwise.
+    #[default]
+    Auto,
+    /// Never.
+    Never,
+    /// JSON lines, one a second and one at the end:
+    /// {"op":"cat","done":BYTES,"total":BYTES} (check: no byte counts, {"op":"check","done":true}).
+    Json,
 }
 
-/// A spinner on stderr for work of unknown length, on a terminal only.
-pub fn spinner(what: &str) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressDrawTarget};
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+/// The options of a command that reports progress.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ProgressArgs {
+    /// Progress on stderr: auto (a bar on a terminal, nothing otherwise), never, or json (one
+    /// line a second).
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+}
+
+/// Progress of one command: a bar, JSON lines, or nothing.
+pub enum Progress {
+    Bar(indicatif::ProgressBar),
+    Json {
+        op: &'static str,
+        total: Option<u64>,
+        done: u64,
+        last: std::time::Instant,
+    },
+    Hidden,
+}
+
+impl Progress {
+    /// Progress over `total` bytes (a spinner when `None`), shown as `mode` says.
+    pub fn new(mode: ProgressMode, op: &'static str, what: &str, total: Option<u64>) -> Progress {
+        use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        match mode {
+            ProgressMode::Never => Progress::Hidden,
+            ProgressMode::Json => Progress::Json {
+                op,
+                total,
+                done: 0,
+                last: std::time::Instant::now(),
+            },
+            ProgressMode::Auto if !std::io::stderr().is_terminal() => Progress::Hidden,
+            ProgressMode::Auto => {
+                let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+                let template = match total {
+                    Some(_) => {
+                        "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} \
+                                {binary_bytes_per_sec} eta {eta}"
+                    }
+                    None => "{spinner} {msg} {elapsed}",
+                };
+                if let Ok(style) = ProgressStyle::with_template(template) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_message(format!("{op} {what}"));
+                if total.is_none() {
+                    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                }
+                Progress::Bar(bar)
+            }
+        }
     }
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_message(what.to_string());
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar
+
+    pub fn inc(&mut self, n: u64) {
+        match self {
+            Progress::Bar(b) => b.inc(n),
+            Progress::Json { done, last, .. } => {
+                *done += n;
+                if last.elapsed() >= std::time::Duration::from_secs(1) {
+                    *last = std::time::Instant::now();
+                    self.json_line(false);
+                }
+            }
+            Progress::Hidden => {}
+        }
+    }
+
+    fn json_line(&self, finished: bool) {
+        if let Progress::Json {
+            op, total, done, ..
+        } = self
+        {
+            let line = match total {
+                Some(t) => serde_json::json!({"op": op, "done": done, "total": t}),
+                None => serde_json::json!({"op": op, "done": finished}),
+            };
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{line}");
+        }
+    }
+
+    /// The end: a bar disappears; JSON gets its last line.
+    pub fn finish(self) {
+        match &self {
+            Progress::Bar(b) => b.finish_and_clear(),
+            Progress::Json { .. } => self.json_line(true),
+            Progress::Hidden => {}
+        }
+    }
 }
 
 /// How tables print, the options every table takes (as `zfs list` and `lvs` have them).

@@ -104,6 +104,29 @@ fn cat_to_a_file_is_sparse_and_exact() {
         "{allocated} bytes allocated for 3 MiB of data in {SIZE}"
     );
 
+    // --progress json: JSON lines on stderr, the last one complete.
+    let json_file = dir.path().join("j.img");
+    let run = ok(mvsnap(&store)
+        .args(["cat", "d@t", "--progress", "json"])
+        .stdout(std::fs::File::create(&json_file).unwrap())
+        .stderr(Stdio::piped()));
+    let lines: Vec<serde_json::Value> = String::from_utf8(run.stderr)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().expect("a progress line");
+    assert_eq!(last["op"], "cat");
+    assert_eq!(last["done"], SIZE as u64);
+    assert_eq!(last["total"], SIZE as u64);
+    assert!(std::fs::read(&json_file).unwrap() == want);
+    let run = ok(mvsnap(&store)
+        .args(["check", "--progress", "json"])
+        .stderr(Stdio::piped()));
+    let text = String::from_utf8(run.stderr).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v, serde_json::json!({"op": "check", "done": true}));
+
     // A range ending in a hole: the file still gets its full length.
     let part = dir.path().join("part.img");
     ok(mvsnap(&store)

@@ -11,7 +11,7 @@ use mvsnap_daemon::Session;
 use mvsnap_engine::Extent;
 
 use super::{Global, PIECE};
-use crate::output::{progress_bar, stdout_error};
+use crate::output::{stdout_error, Progress, ProgressArgs};
 use crate::size::parse_size;
 
 /// Block status is asked for this much of the volume at a time.
@@ -48,6 +48,9 @@ pub struct CatArgs {
     /// seekable stdout, which must already read as zeros), never (write every byte).
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = Sparse::Auto)]
     sparse: Sparse,
+
+    #[command(flatten)]
+    progress: ProgressArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,7 +93,7 @@ impl CatArgs {
             );
         }
         let mut sink = Sink::new(self.sparse)?;
-        let bar = progress_bar(length, &format!("cat {}", self.name));
+        let mut bar = Progress::new(self.progress.progress, "cat", &self.name, Some(length));
         let mut pos = self.offset;
         let end = self.offset + length;
         while pos < end {
@@ -130,7 +133,7 @@ impl CatArgs {
             }
         }
         sink.finish()?;
-        bar.finish_and_clear();
+        bar.finish();
         Ok(())
     }
 }

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{print_json, Global};
-use crate::output::outln;
+use crate::output::{outln, Progress, ProgressArgs};
 
 /// Check the store's invariants (fsck); exit status 1 on any error.
 ///
@@ -23,16 +23,19 @@ pub struct CheckArgs {
     /// errors, warnings).
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    progress: ProgressArgs,
 }
 
 impl CheckArgs {
     pub fn run(self, global: &Global) -> Result<()> {
         let path = global.store_path()?.display().to_string();
-        let spinner = crate::output::spinner(&format!("checking {path}"));
+        let spinner = Progress::new(self.progress.progress, "check", &path, None);
         let mut store = global.open_read_only()?;
         let report = store.check()?;
         store.close()?;
-        spinner.finish_and_clear();
+        spinner.finish();
         if self.json {
             print_json(&report)?;
         } else {

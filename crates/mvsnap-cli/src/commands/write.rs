@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{Global, PIECE};
-use crate::output::{outln, progress_bar};
+use crate::output::{outln, Progress, ProgressArgs};
 use crate::size::parse_size;
 
 /// Write stdin into an origin or a writable snapshot, through the engine.
@@ -31,6 +31,9 @@ pub struct WriteArgs {
     /// Where to write, in bytes (K/M/G/T suffixes allowed).
     #[arg(long, value_name = "N", value_parser = parse_size)]
     offset: u64,
+
+    #[command(flatten)]
+    progress: ProgressArgs,
 }
 
 impl WriteArgs {
@@ -82,7 +85,7 @@ impl WriteArgs {
                     (Box::new(file), len)
                 }
             };
-            let bar = progress_bar(len, &format!("write {}", self.name));
+            let mut bar = Progress::new(self.progress.progress, "write", &self.name, Some(len));
             let mut buf = vec![0u8; PIECE];
             let mut pos = self.offset;
             loop {
@@ -102,7 +105,7 @@ impl WriteArgs {
             store
                 .flush(&self.name)
                 .with_context(|| format!("flushing {}", self.name))?;
-            bar.finish_and_clear();
+            bar.finish();
             pos - self.offset
         };
         store.close()?;
