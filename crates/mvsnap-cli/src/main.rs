@@ -45,11 +45,16 @@ struct Cli {
     /// The COW store: an image file or a block device [env: MVSNAP_STORE].
     // Read from the environment by hand, not with clap's `env`: clap then prints `--store` in
     // every usage line as if it were required.
-    #[arg(long, global = true, value_name = "STORE")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "STORE",
+        help_heading = "Global options"
+    )]
     store: Option<PathBuf>,
 
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides it.
-    #[arg(short, long, global = true, action = ArgAction::Count)]
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Global options")]
     verbose: u8,
 
     #[command(subcommand)]

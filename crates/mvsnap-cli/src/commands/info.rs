@@ -76,6 +76,10 @@ impl InfoArgs {
         ]);
         t.row(vec!["journal".into(), st.size(info.journal_bytes)]);
         t.row(vec!["store size".into(), store_size(&info, st)]);
+        if st.scripted {
+            // What the human form says in parentheses: how far a file store may grow.
+            t.row(vec!["max size".into(), st.size(info.max_bytes)]);
+        }
         t.row(vec!["data area".into(), st.size(info.data_bytes)]);
         t.row(vec![
             "used".into(),

@@ -371,13 +371,13 @@ pub struct ListArgs {
     columns: Vec<String>,
 
     /// Sort by this column, ascending (sizes and times as numbers) [default: creation order].
-    #[arg(short = 's', value_name = "COL", conflicts_with = "sort_desc",
+    #[arg(short = 's', value_name = "COL", conflicts_with = "sort_desc", hide_possible_values = true,
           value_parser = PossibleValuesParser::new(COLUMN_NAMES),
           ignore_case = true)]
     sort: Option<String>,
 
     /// Sort by this column, descending.
-    #[arg(short = 'S', value_name = "COL",
+    #[arg(short = 'S', value_name = "COL", hide_possible_values = true,
           value_parser = PossibleValuesParser::new(COLUMN_NAMES),
           ignore_case = true)]
     sort_desc: Option<String>,
