@@ -96,6 +96,16 @@ fn usage_errors_exit_2() {
         (&["snapshot"], "Usage"),
         (&["snapshot", "create"], "ORIGIN[@TAG]"),
         (&["snapshot", "create", "d", "--tag"], "--tag"),
+        (
+            &["snapshot", "create", "d", "--tag", "a@b"],
+            "1-128 characters",
+        ),
+        (
+            &["snapshot", "create", "d", "--tag", ""],
+            "1-128 characters",
+        ),
+        (&["snapshot", "delete", "d@a b"], "1-128 characters"),
+        (&["origin", "add", new, "--id", "x/y"], "1-128 characters"),
         (&["snapshot", "delete"], "ORIGIN@TAG"),
         (&["snapshot", "delete", "d"], "not a snapshot name"),
         (&["snapshot", "rm", "d@"], "not a snapshot name"),

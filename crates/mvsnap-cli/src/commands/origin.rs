@@ -50,8 +50,10 @@ pub struct AddArgs {
     /// The origin: a block device or an image file.
     path: PathBuf,
 
-    /// The origin's id, used in volume names (ID, ID@TAG) [default: the file name].
-    #[arg(long, value_name = "NAME")]
+    /// The origin's id, used in volume names (ID, ID@TAG): 1-128 of A-Z a-z 0-9 - _ . : +
+    /// [default: the file name].
+    #[arg(long, value_name = "NAME",
+          value_parser = |t: &str| super::snapshot::valid_name("origin id", t))]
     id: Option<String>,
 }
 

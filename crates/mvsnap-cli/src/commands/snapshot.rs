@@ -40,10 +40,22 @@ impl SnapshotCommand {
     }
 }
 
+/// An origin id or a tag, checked as the engine checks it (a bad one is a usage error).
+pub fn valid_name(what: &str, text: &str) -> Result<String, String> {
+    mvsnap_engine::validate_name(what, text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// A snapshot name on the command line: ORIGIN@TAG (an origin name is a usage error).
 fn snapshot_name(text: &str) -> Result<String, String> {
     match text.split_once('@') {
-        Some((o, t)) if !o.is_empty() && !t.is_empty() => Ok(text.to_string()),
+        Some((o, t)) if !o.is_empty() && !t.is_empty() => {
+            mvsnap_engine::validate_name("origin id", o)
+                .and_then(|()| mvsnap_engine::validate_name("tag", t))
+                .map_err(|e| e.to_string())?;
+            Ok(text.to_string())
+        }
         _ => Err(format!(
             "'{text}' is not a snapshot name: expected ORIGIN@TAG (an origin is removed with \
              `mvsnap origin remove`)"
@@ -68,8 +80,8 @@ pub struct CreateArgs {
     #[arg(value_name = "ORIGIN[@TAG]", required = true)]
     sources: Vec<String>,
 
-    /// The new snapshot's tag [default: chosen by the engine].
-    #[arg(long, value_name = "NEW")]
+    /// The new snapshot's tag: 1-128 of A-Z a-z 0-9 - _ . : + [default: chosen by the engine].
+    #[arg(long, value_name = "NEW", value_parser = |t: &str| valid_name("tag", t))]
     tag: Option<String>,
 
     /// A free-text note kept with the snapshot.
@@ -521,7 +533,7 @@ mod tests {
     #[test]
     fn snapshot_names() {
         assert!(snapshot_name("d@a").is_ok());
-        for bad in ["d", "@a", "d@", ""] {
+        for bad in ["d", "@a", "d@", "", "d@a@b", "d@a b", "d/x@a"] {
             assert!(snapshot_name(bad).is_err(), "{bad}");
         }
     }
