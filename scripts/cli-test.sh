@@ -215,7 +215,9 @@ for cmd in "" format origin "origin add" "origin remove" "origin list" snapshot 
 done
 expect_usage_error "no store given" mvsnap snapshot list
 expect_usage_error "garbage size --size 12Q" mvsnap format "$T/x.img" --size 12Q
-expect_usage_error "garbage size --size 1.5G" mvsnap format "$T/x.img" --size 1.5G
+expect_usage_error "garbage size --size 1.5X" mvsnap format "$T/x.img" --size 1.5X
+expect_usage_error "a negative size" mvsnap format "$T/x.img" --size -1M
+if [ ! -e "$T/x.img" ]; then ok "bad sizes create no file"; else not_ok "bad sizes create no file"; fi
 expect_usage_error "write without --offset" ms write disk0
 expect_usage_error "unknown command" mvsnap frobnicate
 
@@ -347,8 +349,56 @@ else
     diag "$T/out"
 fi
 
+# Tables for scripts (-H -p -o -s), filters, aliases.
+expect_ok "snapshot ls disk1 -H -o name,parent" ms snapshot ls disk1 -H -o name,parent
+expect_eq "snapshot ls ORIGIN -H -o: one tab-separated row per snapshot of that origin" \
+    "$(cat "$T/out")" "$(printf 'disk1@T\tdisk1')"
+expect_ok "snapshot list -H -p -o name,exclusive,shared -s name" \
+    ms snapshot list -H -p -o name,exclusive,shared -s name
+if python3 - "$T/out" "$T/snaps.json" <<'PY'; then
+import json, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
+want = sorted((s["name"], str(s["exclusive_bytes"]), str(s["shared_bytes"]))
+              for s in json.load(open(sys.argv[2])))
+sys.exit(0 if [tuple(r) for r in rows] == want else 1)
+PY
+    ok "snapshot list -H -p matches --json (exact bytes, sorted by name)"
+else
+    not_ok "snapshot list -H -p matches --json (exact bytes, sorted by name)"
+    diag "$T/out"
+fi
+expect_ok "origin ls -H -p -o id,size -S id" ms origin ls -H -p -o id,size -S id
+expect_eq "origin ls -H -p: sizes in bytes, sorted descending" "$(cat "$T/out")" \
+    "$(printf 'disk1\t%s\ndisk0\t%s' "$SIZE" "$SIZE")"
+expect_usage_error "a bad column name lists the valid ones" ms snapshot list -o name,size
+if grep -q 'possible values: name, origin, tag' "$T/err"; then ok "the valid columns are listed"; else
+    not_ok "the valid columns are listed"
+    diag "$T/err"
+fi
+expect_error "snapshot list of an unknown origin" "origin nope not found" ms snapshot list nope
+# Sizes: 4KB = 4KiB = 4096, 1.5K = 1536.
+expect_ok "cat --offset 4KB --length 1.5K" ms cat disk0@s1 --offset 4KB --length 1.5K
+expect_eq "cat --offset 4KB --length 1.5K reads bytes 4096..5632" "$(sum "$T/out")" \
+    "$(dd if="$T/m-s1" bs=512 skip=8 count=3 status=none | sha256sum | cut -d' ' -f1)"
+# cat to a regular file is sparse: a snapshot of a 64 MiB sparse origin holding 1 MiB of data.
+truncate -s $((64 * MIB)) "$T/sparse0.img"
+expect_ok "origin add a sparse 64 MiB origin" ms origin add "$T/sparse0.img" --id sp
+expect_ok "write 1 MiB to it" ms write sp --offset 5M <"$T/d-1m"
+expect_ok "snapshot of the sparse origin" ms snapshot create sp --tag a
+expect_ok "cat sp@a > a regular file" ms cat sp@a
+blocks=$(stat -c %b "$T/out")
+if [ "$(sum "$T/out")" == "$(sum "$T/sparse0.img")" ] && [ "$blocks" -lt $((4 * 2048)) ]; then
+    ok "cat of a mostly empty snapshot to a file: right bytes, sparse ($blocks blocks for 64 MiB)"
+else
+    not_ok "cat of a mostly empty snapshot to a file: right bytes, sparse ($blocks blocks for 64 MiB)"
+fi
+got=$(ms cat sp@a --sparse never | sha256sum | cut -d' ' -f1)
+expect_eq "cat sp@a --sparse never | sha256sum" "$got" "$(sum "$T/sparse0.img")"
+expect_ok "snapshot rm -r -y sp@a (alias, several flags)" ms snapshot rm -r -y sp@a
+expect_ok "origin rm sp" ms origin rm sp
+
 expect_ok "info" ms info
-if grep -q '^chunk size *4 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
+if grep -q '^chunk size *4.0 KiB' "$T/out" && grep -q '^snapshots (6)' "$T/out"; then
     ok "info shows the geometry and the snapshots"
 else
     not_ok "info shows the geometry and the snapshots"
@@ -378,19 +428,26 @@ expect_json "check --json: no errors, snapshots counted" "$T/check.json" \
 
 # --- delete ------------------------------------------------------------------------------------
 expect_ok "snapshot delete disk0@s1a" ms snapshot delete disk0@s1a
-expect_ok "snapshot delete disk0@w (it has a child)" ms snapshot delete disk0@w
+expect_error "snapshot delete disk0@w (it has a child) is refused, naming the child and -r" \
+    "disk0@w has 1 snapshot taken from it \\(disk0@w1\\).*-r" ms snapshot delete disk0@w
+expect_error "snapshot delete -r without -y on a non-terminal is refused" "not a terminal.*-y" \
+    ms snapshot delete -r disk0@w </dev/null
+expect_ok "snapshot delete -r -n: what it would delete" ms snapshot delete -r -n disk0@w
+expect_eq "snapshot delete -r -n lists the subtree, children first" "$(cat "$T/out")" \
+    "$(printf 'would delete disk0@w1\nwould delete disk0@w')"
 expect_ok "snapshot list --json after deletes" ms snapshot list --json
 cp "$T/out" "$T/snaps2.json"
-expect_json "deleted snapshots are gone (one with a child is at most hidden)" "$T/snaps2.json" \
-    "(lambda m: 'disk0@s1a' not in m and m.get('disk0@w', {'state': 'hidden'})['state'] == 'hidden'
+expect_json "deleted snapshots are gone, refused deletes deleted nothing" "$T/snaps2.json" \
+    "(lambda m: 'disk0@s1a' not in m and m['disk0@w']['state'] == 'valid'
       and {'disk0@s1', 'disk0@w1', 'disk0@T', 'disk1@T'} <= set(m))({s['name']: s for s in d})"
+expect_volume disk0@w "$T/m-w"
 expect_volume disk0@s1 "$T/m-s1"
 expect_volume disk0@w1 "$T/m-w1"
 expect_volume disk0@T "$T/m-T0"
 expect_volume disk0 "$T/m-disk0"
 expect_ok "check after deletes" ms check
 expect_error "delete of an unknown snapshot" "not found|no such|unknown" ms snapshot delete disk0@nope
-expect_error "delete of an origin name" "snapshot" ms snapshot delete disk0
+expect_usage_error "delete of an origin name" ms snapshot delete disk0
 
 # --- bad input: a clear one-line error, and the store untouched ---------------------------------
 remember_store
@@ -412,13 +469,13 @@ expect_error "write past the end of the origin" "beyond|range|end" \
 expect_store_data_intact "write past the end"
 expect_eq "origin untouched by the refused write" "$(sum "$T/disk0.img")" "$(sum "$T/m-disk0")"
 
-expect_error "--max-size under --size" "max-size" \
+expect_usage_error "--max-size under --size" \
     mvsnap format "$T/new.img" --size 64M --max-size 32M
 if [ -e "$T/new.img" ]; then not_ok "invalid sizes create no file"; else
     ok "invalid sizes create no file"
 fi
 remember_store
-expect_error "--max-size under --size on the store with --force" "max-size" \
+expect_usage_error "--max-size under --size on the store with --force" \
     mvsnap format "$STORE" --size 512M --max-size 300M --force
 expect_store_intact "format --size 512M --max-size 300M --force"
 
@@ -557,7 +614,7 @@ gen "$T/disk2.img" $((4 * MIB)) disk2
 cp "$T/disk2.img" "$T/m-disk2"
 expect_ok "format a second store" mvsnap format "$EPH" --size 64M
 expect_ok "origin add to the second store" mvsnap --store "$EPH" origin add "$T/disk2.img" --id d2
-expect_ok "--ephemeral snapshot create" mvsnap --store "$EPH" --ephemeral snapshot create d2 --tag e
+expect_ok "snapshot create --ephemeral" mvsnap --store "$EPH" snapshot create --ephemeral d2 --tag e
 expect_eq "--ephemeral snapshot create prints the tag" "$(cat "$T/out")" e
 expect_ok "snapshot list of the second store" mvsnap --store "$EPH" snapshot list --json
 expect_json "an ephemeral snapshot is gone after its session" "$T/out" "d == []"
@@ -569,7 +626,7 @@ expect_volume_eph() {
 }
 expect_volume_eph
 expect_error "--ephemeral on a store that holds persistent snapshots" "ephemeral|persistent" \
-    ms --ephemeral snapshot create disk0 --tag e2
+    ms snapshot create --ephemeral disk0 --tag e2
 
 echo
 echo "$passed passed, $failed failed"

@@ -2,7 +2,8 @@
 //!
 //! Thin by design: parse the command line (clap), call the engine, print. Each command lives in
 //! its own file under `commands/`. Errors become one line on stderr, `mvsnap: error: ...`, and
-//! exit status 1; usage errors are clap's, with exit status 2.
+//! exit status 1; usage errors are clap's (or [`commands::UsageError`], printed the same way),
+//! with exit status 2.
 
 mod commands;
 mod output;
@@ -12,9 +13,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgAction, CommandFactory, Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use commands::Global;
+use commands::{Global, UsageError};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -23,13 +24,16 @@ Examples:
   mvsnap origin add disk.img --id disk
   mvsnap snapshot create disk --tag monday --memo 'before the upgrade'
   mvsnap snapshot list
+  mvsnap snapshot ls disk -H -p -o name,exclusive
   mvsnap cat disk@monday > monday.img
   mvsnap write disk --offset 1M < patch.bin
   mvsnap check
 
-Sizes and offsets take plain bytes or a K, M, G or T suffix (binary: 1K = 1024).
+Sizes and offsets take bytes or a unit: 4096, 4KB, 64KiB, 1.5M, 10GiB. Every unit is binary
+(1K = 1KB = 1KiB = 1024), the units the tables print (2.0 MiB).
 The store is given by --store STORE or the MVSNAP_STORE environment variable.
-Logs go to stderr: -v, -vv, -vvv or RUST_LOG=mvsnap_engine=debug.";
+Logs go to stderr: -v, -vv, -vvv or RUST_LOG=mvsnap_engine=debug.
+Exit status: 0 on success, 1 on an error (one line on stderr), 2 on a usage error.";
 
 /// A userspace multi-version copy-on-write snapshot engine for block devices and image files.
 ///
@@ -38,17 +42,19 @@ Logs go to stderr: -v, -vv, -vvv or RUST_LOG=mvsnap_engine=debug.";
 #[derive(Debug, Parser)]
 #[command(name = "mvsnap", version, after_help = EXAMPLES)]
 struct Cli {
-    /// The COW store: an image file or a block device.
-    #[arg(long, global = true, env = "MVSNAP_STORE", value_name = "STORE")]
+    /// The COW store: an image file or a block device [env: MVSNAP_STORE].
+    // Read from the environment by hand, not with clap's `env`: clap then prints `--store` in
+    // every usage line as if it were required.
+    #[arg(
+        long,
+        global = true,
+        value_name = "STORE",
+        help_heading = "Global options"
+    )]
     store: Option<PathBuf>,
 
-    /// Ephemeral mode: nothing is synced and the snapshots made in this session are discarded
-    /// when the store is closed (blksnap's model for backups).
-    #[arg(long, global = true)]
-    ephemeral: bool,
-
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides it.
-    #[arg(short, long, global = true, action = ArgAction::Count)]
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Global options")]
     verbose: u8,
 
     #[command(subcommand)]
@@ -68,6 +74,13 @@ enum Command {
     Info(commands::info::InfoArgs),
     Events(commands::events::EventsArgs),
     Serve(commands::serve::ServeArgs),
+    #[command(hide = true)]
+    Generate(commands::generate::GenerateArgs),
+}
+
+/// The definition of the whole command line (for the man pages and completions).
+pub fn cli_command() -> clap::Command {
+    Cli::command()
 }
 
 fn init_logging(verbose: u8, serving: bool) {
@@ -113,22 +126,48 @@ fn one_line(err: &anyhow::Error) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Exit with a usage error (status 2) in clap's form, with the usage of the subcommand named by
+/// `path` (`["snapshot", "delete"]`).
+fn usage_exit(path: &[String], kind: clap::error::ErrorKind, msg: &str) -> ! {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut sub = &mut cmd;
+    for name in path {
+        if sub.find_subcommand(name).is_none() {
+            break;
+        }
+        sub = sub.find_subcommand_mut(name).expect("found above");
+    }
+    sub.error(kind, msg).exit()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut path = Vec::new();
+    let mut m = &matches;
+    while let Some((name, sub)) = m.subcommand() {
+        path.push(name.to_string());
+        m = sub;
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose, matches!(cli.command, Command::Serve(_)));
 
+    let store = cli.store.or_else(|| {
+        std::env::var_os("MVSNAP_STORE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
     let global = Global {
-        store: cli.store,
-        ephemeral: cli.ephemeral,
+        store,
+        ephemeral: false,
     };
-    let needs_store = !matches!(cli.command, Command::Format(_));
+    let needs_store = !matches!(cli.command, Command::Format(_) | Command::Generate(_));
     if needs_store && global.store.is_none() {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "no store given: pass --store STORE or set MVSNAP_STORE",
-            )
-            .exit();
+        usage_exit(
+            &path,
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "no store given: pass --store STORE or set MVSNAP_STORE",
+        );
     }
 
     let result = match cli.command {
@@ -141,6 +180,7 @@ fn main() -> ExitCode {
         Command::Info(args) => args.run(&global),
         Command::Events(args) => args.run(&global),
         Command::Serve(args) => args.run(&global),
+        Command::Generate(args) => args.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +189,11 @@ fn main() -> ExitCode {
             // the status a shell reports for SIGPIPE.
             ExitCode::from(141)
         }
+        Err(err) if err.is::<UsageError>() => usage_exit(
+            &path,
+            clap::error::ErrorKind::ArgumentConflict,
+            &err.to_string(),
+        ),
         Err(err) => {
             eprintln!("mvsnap: error: {}", one_line(&err));
             ExitCode::FAILURE

@@ -1,30 +1,28 @@
-//! Sizes on the command line: plain bytes or a binary K/M/G/T suffix (1K = 1024).
+//! Sizes on the command line, parsed by the `parse-size` crate with binary units throughout:
+//! K, KB and KiB all mean 1024 (as `lvcreate -L 10G` and `zfs create -V 10G` mean GiB), the
+//! same units the tables print (`2.0 MiB`).
 
-/// Parse `4096`, `64K`, `10G`, `1T`, `64KiB` (suffixes are binary and case-insensitive).
+/// Parse `4096`, `4KB`, `64KiB`, `1.5M`, `10GiB`, `2t` (binary units: 1K = 1KB = 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
+    use parse_size::{Config, Error};
     let t = text.trim();
-    let bad = || {
-        format!(
-            "'{text}' is not a size: expected bytes with an optional K, M, G or T suffix \
-             (e.g. 4096, 64K, 10G)"
-        )
-    };
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    if digits.is_empty() {
-        return Err(bad());
+    // parse-size reads `-1` as 1 when the minus sign is taken for a separator in some versions;
+    // an explicit sign is never a size.
+    if t.starts_with(['-', '+']) {
+        return Err(not_a_size(text));
     }
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KIB" => 10,
-        "M" | "MIB" => 20,
-        "G" | "GIB" => 30,
-        "T" | "TIB" => 40,
-        _ => return Err(bad()),
-    };
-    let too_big = || format!("'{text}' is too large (more than 2^64-1 bytes)");
-    let n: u64 = digits.parse().map_err(|_| too_big())?;
-    n.checked_mul(1u64 << shift).ok_or_else(too_big)
+    match Config::new().with_binary().parse_size(t) {
+        Ok(n) => Ok(n),
+        Err(Error::PosOverflow) => Err(format!("'{text}' is too large (more than 2^64-1 bytes)")),
+        Err(_) => Err(not_a_size(text)),
+    }
+}
+
+fn not_a_size(text: &str) -> String {
+    format!(
+        "'{text}' is not a size: expected bytes with an optional unit (e.g. 4096, 4KB, 64KiB, \
+         1.5M, 10GiB; binary: 1K = 1024)"
+    )
 }
 
 #[cfg(test)]
@@ -39,16 +37,23 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(64 << 10));
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4KB"), Ok(4 << 10));
+        assert_eq!(parse_size("10KB"), Ok(10 << 10));
+        assert_eq!(parse_size("10GB"), Ok(10 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5M"), Ok(3 << 19));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
         assert_eq!(parse_size("3M"), Ok(3 << 20));
         assert_eq!(parse_size("10G"), Ok(10 << 30));
         assert_eq!(parse_size("2T"), Ok(2 << 40));
         assert_eq!(parse_size(" 1M "), Ok(1 << 20));
+        assert_eq!(parse_size("10 G"), Ok(10 << 30));
     }
 
     #[test]
     fn garbage_is_rejected() {
         for bad in [
-            "", "K", "abc", "10X", "1.5G", "-1", "10 G", "1e6", "0x10", "10KB", "G10", "1MM",
+            "", "K", "abc", "10X", "12Q", "-1", "+1", "-1K", "0x10", "G10", "1MM", "1.2.3K",
         ] {
             let err = parse_size(bad).unwrap_err();
             assert!(err.contains("is not a size"), "{bad}: {err}");

@@ -55,6 +55,12 @@ pub enum Request {
         after: u64,
         wait_ms: u64,
     },
+    /// Which ranges hold data: `[[length, zero], ...]` (for sparse copies, `mvsnap cat`).
+    BlockStatus {
+        name: String,
+        offset: u64,
+        length: u64,
+    },
     Shutdown,
 }
 
@@ -121,6 +127,17 @@ impl ControlClient {
             reader: BufReader::new(s.try_clone()?),
             writer: s,
         })
+    }
+
+    /// A new connection to the same daemon, after it closed this one (as it does after a
+    /// request it cannot parse: an older daemon's answer to a newer request).
+    pub fn reconnect(&mut self) -> std::io::Result<()> {
+        let addr = self.writer.peer_addr()?;
+        let path = addr.as_pathname().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "control socket has no path")
+        })?;
+        *self = ControlClient::connect(path)?;
+        Ok(())
     }
 
     fn send(&mut self, req: &Request, payload: &[u8]) -> Result<Reply, ClientError> {

@@ -429,6 +429,16 @@ fn handle(store: &Store, req: Request, payload: Vec<u8>) -> (Reply, Vec<u8>) {
             json(store.volume(&name).map(|v| (v.size(), v.read_only())))
         }
         Request::Flush { name } => json(store.volume(&name).and_then(|v| v.flush())),
+        Request::BlockStatus {
+            name,
+            offset,
+            length,
+        } => json(
+            store
+                .volume(&name)
+                .and_then(|v| v.block_status(offset, length))
+                .map(|ext| ext.iter().map(|e| (e.length, e.zero)).collect::<Vec<_>>()),
+        ),
         Request::Write { name, offset, .. } => json(
             store
                 .volume(&name)

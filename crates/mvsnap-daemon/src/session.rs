@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use mvsnap_engine::{
-    CheckReport, OpenOptions, OriginInfo, RepairReport, SnapshotInfo, Store, StoreInfo,
+    CheckReport, Extent, OpenOptions, OriginInfo, RepairReport, SnapshotInfo, Store, StoreInfo,
 };
 use serde::de::DeserializeOwned;
 
@@ -191,6 +191,44 @@ impl Session {
                 Ok(buf)
             }
             Session::Daemon(c) => Ok(c.read(name, offset, length)?),
+        }
+    }
+
+    /// Which ranges of a volume hold data (holes read as zeros), where known: `None` from a
+    /// daemon that does not answer the request (an older one), and the caller reads everything.
+    pub fn block_status(
+        &mut self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Option<Vec<Extent>>> {
+        match self {
+            Session::Offline(s) => Ok(Some(s.volume(name)?.block_status(offset, length)?)),
+            Session::Daemon(c) => {
+                let req = Request::BlockStatus {
+                    name: name.into(),
+                    offset,
+                    length,
+                };
+                match c.call(&req) {
+                    Ok(v) => {
+                        let ext: Vec<(u64, bool)> = decode(v)?;
+                        Ok(Some(
+                            ext.into_iter()
+                                .map(|(length, zero)| Extent { length, zero })
+                                .collect(),
+                        ))
+                    }
+                    Err(e) => {
+                        // An older daemon closes the connection on a request it does not know.
+                        tracing::debug!("block status through the daemon: {e}");
+                        if e.to_string().contains("malformed request") {
+                            c.reconnect().context("reconnecting to the daemon")?;
+                        }
+                        Ok(None)
+                    }
+                }
+            }
         }
     }
 

@@ -28,6 +28,6 @@ mod writeback;
 
 pub use blockdev::{BlockDev, DeviceOpener, FileDev, FileOpener};
 pub use error::{Error, Result};
-pub use store::Store;
+pub use store::{validate_name, Store};
 pub use types::*;
 pub use volume::Volume;

@@ -1770,7 +1770,9 @@ pub const MAX_MEMO: usize = 4096;
 /// The longest origin path, in bytes (Linux's PATH_MAX).
 const MAX_PATH: usize = 4096;
 
-pub(crate) fn validate_name(what: &str, name: &str) -> Result<()> {
+/// Whether `name` is a valid origin id or snapshot tag (`what` names it in the error); public
+/// so that front ends refuse a bad name as a usage error before opening anything.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name

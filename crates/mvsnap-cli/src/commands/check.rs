@@ -4,12 +4,13 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{print_json, Global};
-use crate::output::outln;
+use crate::output::{outln, Progress, ProgressArgs};
 
 /// Check the store's invariants (fsck); exit status 1 on any error.
 ///
 /// Verifies checksums, the space map against the index (no block both free and used, none
-/// lost), the snapshot table and the origins, and prints a report.
+/// lost), the snapshot table and the origins, and prints a report. On a terminal, stderr shows
+/// a spinner while it runs.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
@@ -30,6 +31,9 @@ pub struct CheckArgs {
     /// errors, warnings).
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    progress: ProgressArgs,
 }
 
 impl CheckArgs {
@@ -38,9 +42,11 @@ impl CheckArgs {
         if self.repair {
             return repair(global, &path, self.json);
         }
+        let spinner = Progress::new(self.progress.progress, "check", &path, None);
         let mut store = global.open_read_only()?;
         let report = store.check()?;
         store.close()?;
+        spinner.finish();
         report_check(&path, &report, self.json)
     }
 }

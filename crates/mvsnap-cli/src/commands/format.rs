@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use mvsnap_engine::{FormatOptions, OpenOptions, Store};
 
-use super::Global;
+use super::{usage_bail, Global};
 use crate::output::human_size;
 use crate::output::outln;
 use crate::size::parse_size;
@@ -55,11 +55,11 @@ impl FormatArgs {
     pub fn run(self, global: &Global) -> Result<()> {
         let path = match (&self.path, &global.store) {
             (Some(p), _) | (None, Some(p)) => p.clone(),
-            (None, None) => bail!("no store given: mvsnap format STORE"),
+            (None, None) => usage_bail!("no store given: mvsnap format STORE"),
         };
         let max_size = self.max_size.unwrap_or(0);
         if let Some(size) = self.size.filter(|&s| max_size != 0 && max_size < s) {
-            bail!(
+            usage_bail!(
                 "--max-size {} is smaller than --size {}",
                 human_size(max_size),
                 human_size(size)
@@ -86,7 +86,7 @@ impl FormatArgs {
         outln!(
             "formatted {}: store size {}, data area {}, block size {}, uuid {}",
             path.display(),
-            super::info::store_size(&info),
+            super::info::store_size(&info, &Default::default()),
             human_size(info.data_bytes),
             human_size(u64::from(info.chunk_size)),
             info.uuid

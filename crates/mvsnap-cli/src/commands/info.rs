@@ -7,8 +7,8 @@ use mvsnap_engine::StoreInfo;
 
 use super::snapshot::state_name;
 use super::{print_json, Global};
-use crate::output::{human_size, utc_time, Table};
-use crate::output::{out, outln};
+use crate::output::out;
+use crate::output::{Style, Table};
 
 /// Show the store: geometry, space used and free, events, per-snapshot space.
 ///
@@ -18,10 +18,18 @@ use crate::output::{out, outln};
 #[command(after_help = "\
 Examples:
   mvsnap --store store.img info
-  mvsnap --store store.img info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"free_bytes\"])'")]
+  mvsnap --store store.img info -H -p | awk -F'\\t' '$1 == \"free\" {print $2}'
+  mvsnap --store store.img info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"free_bytes\"])'
+
+Sizes in binary units (1 KiB = 1024). -p: sizes in bytes, times in seconds since the Unix
+epoch. -H: one KEY<tab>VALUE line per property, then one line per origin, snapshot and event,
+its first field `origin`, `snapshot` or `event`.")]
 pub struct InfoArgs {
+    #[command(flatten)]
+    style: Style,
+
     /// Print JSON (every field of the store's info, sizes in bytes).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["scripted", "exact"])]
     json: bool,
 }
 
@@ -33,6 +41,15 @@ impl InfoArgs {
         if self.json {
             return print_json(&info);
         }
+        let st = &self.style;
+        // Notes in parentheses are for people: scripted mode prints the bare values.
+        let note = |value: String, note: String| {
+            if st.scripted {
+                value
+            } else {
+                format!("{value} ({note})")
+            }
+        };
         let pct = |part: u64| {
             let whole = info.used_bytes + info.free_bytes;
             if whole == 0 {
@@ -42,44 +59,57 @@ impl InfoArgs {
             }
         };
         let mut t = Table::new(&["store", &info.path]);
+        if st.scripted {
+            t = st.table(&[]);
+            t.row(vec!["store".into(), info.path.clone()]);
+        }
         t.row(vec!["uuid".into(), info.uuid.clone()]);
         t.row(vec![
             "chunk size".into(),
-            format!(
-                "{} (copied out in blocks of {})",
-                human_size(u64::from(info.chunk_size)),
-                human_size(u64::from(info.block_size))
+            note(
+                st.size(u64::from(info.chunk_size)),
+                format!(
+                    "copied out in blocks of {}",
+                    st.size(u64::from(info.block_size))
+                ),
             ),
         ]);
-        t.row(vec!["journal".into(), human_size(info.journal_bytes)]);
-        t.row(vec!["store size".into(), store_size(&info)]);
-        t.row(vec!["data area".into(), human_size(info.data_bytes)]);
+        t.row(vec!["journal".into(), st.size(info.journal_bytes)]);
+        t.row(vec!["store size".into(), store_size(&info, st)]);
+        if st.scripted {
+            // What the human form says in parentheses: how far a file store may grow.
+            t.row(vec!["max size".into(), st.size(info.max_bytes)]);
+        }
+        t.row(vec!["data area".into(), st.size(info.data_bytes)]);
         t.row(vec![
             "used".into(),
-            format!(
-                "{} ({:.1}%)",
-                human_size(info.used_bytes),
-                pct(info.used_bytes)
+            note(
+                st.size(info.used_bytes),
+                format!("{:.1}%", pct(info.used_bytes)),
             ),
         ]);
         t.row(vec![
             "free".into(),
-            format!(
-                "{} ({:.1}%)",
-                human_size(info.free_bytes),
-                pct(info.free_bytes)
+            note(
+                st.size(info.free_bytes),
+                format!("{:.1}%", pct(info.free_bytes)),
             ),
         ]);
-        t.row(vec!["metadata".into(), human_size(info.metadata_bytes)]);
+        t.row(vec!["metadata".into(), st.size(info.metadata_bytes)]);
         t.row(vec!["mappings".into(), info.mappings.to_string()]);
-        t.row(vec![
-            "cache".into(),
-            format!(
-                "{} of {}",
-                human_size(info.cache_used_bytes),
-                human_size(info.cache_bytes)
-            ),
-        ]);
+        if st.scripted {
+            t.row(vec!["cache used".into(), st.size(info.cache_used_bytes)]);
+            t.row(vec!["cache".into(), st.size(info.cache_bytes)]);
+        } else {
+            t.row(vec![
+                "cache".into(),
+                format!(
+                    "{} of {}",
+                    st.size(info.cache_used_bytes),
+                    st.size(info.cache_bytes)
+                ),
+            ]);
+        }
         t.row(vec![
             "mode".into(),
             if info.ephemeral {
@@ -95,64 +125,113 @@ impl InfoArgs {
         ]);
         out!("{}", t.render(""));
 
-        outln!("\norigins ({})", info.origins.len());
-        if !info.origins.is_empty() {
-            let mut t = Table::new(&["ID", "SIZE", "SNAPSHOTS", "PATH"]);
-            for o in &info.origins {
-                t.row(vec![
+        // A section: a heading and an indented table, or (scripted) rows tagged with `kind`.
+        let section = |kind: &str, title: &str, header: &[&str], rows: Vec<Vec<String>>| {
+            let mut text = String::new();
+            if st.scripted {
+                let mut t = st.table(&[]);
+                for r in rows {
+                    t.row(std::iter::once(kind.to_string()).chain(r).collect());
+                }
+                text.push_str(&t.render(""));
+            } else {
+                text.push_str(&format!("\n{title} ({})\n", rows.len()));
+                if !rows.is_empty() {
+                    let mut t = st.table(header);
+                    for r in rows {
+                        t.row(r);
+                    }
+                    text.push_str(&t.render("  "));
+                }
+            }
+            text
+        };
+        let origins = info
+            .origins
+            .iter()
+            .map(|o| {
+                vec![
                     o.id.clone(),
-                    human_size(o.size),
+                    st.size(o.size),
                     o.snapshots.to_string(),
                     o.path.clone(),
-                ]);
-            }
-            out!("{}", t.render("  "));
-        }
-
-        outln!("\nsnapshots ({})", info.snapshots.len());
-        if !info.snapshots.is_empty() {
-            let mut t = Table::new(&["NAME", "STATE", "EXCLUSIVE", "SHARED", "REASON"]);
-            for s in &info.snapshots {
-                t.row(vec![
+                ]
+            })
+            .collect();
+        out!(
+            "{}",
+            section(
+                "origin",
+                "origins",
+                &["ID", "SIZE", "SNAPSHOTS", "PATH"],
+                origins
+            )
+        );
+        let snapshots = info
+            .snapshots
+            .iter()
+            .map(|s| {
+                vec![
                     s.name.clone(),
                     state_name(s.state).into(),
-                    human_size(s.exclusive_bytes),
-                    human_size(s.shared_bytes),
-                    s.reason.clone().unwrap_or_default(),
-                ]);
-            }
-            out!("{}", t.render("  "));
+                    st.size(s.exclusive_bytes),
+                    st.size(s.shared_bytes),
+                    s.reason
+                        .clone()
+                        .unwrap_or_default()
+                        .replace(['\n', '\t'], " "),
+                ]
+            })
+            .collect();
+        out!(
+            "{}",
+            section(
+                "snapshot",
+                "snapshots",
+                &["NAME", "STATE", "EXCLUSIVE", "SHARED", "REASON"],
+                snapshots
+            )
+        );
+        let mut events = Vec::new();
+        for e in &info.events {
+            let kind = serde_json::to_value(e.kind)?
+                .as_str()
+                .unwrap_or("?")
+                .to_string();
+            events.push(vec![
+                st.time(e.time),
+                kind,
+                e.message.replace(['\n', '\t'], " "),
+            ]);
         }
-
-        outln!("\nevents ({})", info.events.len());
-        if !info.events.is_empty() {
-            let mut t = Table::new(&["TIME (UTC)", "KIND", "MESSAGE"]);
-            for e in &info.events {
-                let kind = serde_json::to_value(e.kind)?
-                    .as_str()
-                    .unwrap_or("?")
-                    .to_string();
-                t.row(vec![utc_time(e.time), kind, e.message.replace('\n', " ")]);
-            }
-            out!("{}", t.render("  "));
-        }
+        out!(
+            "{}",
+            section(
+                "event",
+                "events",
+                &["TIME (UTC)", "KIND", "MESSAGE"],
+                events
+            )
+        );
         Ok(())
     }
 }
 
 /// The store's size now, and how far it may grow: `max_bytes` is the whole store's limit.
-pub fn store_size(info: &StoreInfo) -> String {
+/// Scripted (`-H`): the size now only.
+pub fn store_size(info: &StoreInfo, st: &Style) -> String {
     let now = std::fs::metadata(&info.path)
         .ok()
         .filter(|m| m.is_file())
         .map(|m| m.len());
     match now {
+        Some(len) if st.scripted => st.size(len),
         Some(len) if info.max_bytes > len => format!(
             "{} (a file; grows on demand up to {})",
-            human_size(len),
-            human_size(info.max_bytes)
+            st.size(len),
+            st.size(info.max_bytes)
         ),
-        Some(len) => human_size(len),
-        None => human_size(info.max_bytes),
+        Some(len) => st.size(len),
+        None => st.size(info.max_bytes),
     }
 }

@@ -4,6 +4,7 @@ pub mod cat;
 pub mod check;
 pub mod events;
 pub mod format;
+pub mod generate;
 pub mod info;
 pub mod origin;
 pub mod serve;
@@ -20,10 +21,33 @@ use mvsnap_daemon::Session;
 pub const PIECE: usize = 1 << 20;
 
 /// Options shared by every command.
+#[derive(Clone)]
 pub struct Global {
     pub store: Option<PathBuf>,
+    /// Set by the commands that take `--ephemeral` (serve, snapshot create).
     pub ephemeral: bool,
 }
+
+/// A usage error found after parsing (arguments that contradict each other): `main` prints it
+/// as clap prints its own, with the command's usage, and exits with status 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Return early from a command with a [`UsageError`] (exit status 2).
+macro_rules! usage_bail {
+    ($($arg:tt)*) => {
+        return Err($crate::commands::UsageError(format!($($arg)*)).into())
+    };
+}
+pub(crate) use usage_bail;
 
 impl Global {
     /// The store path; `main` has already refused a command that needs one and has none.

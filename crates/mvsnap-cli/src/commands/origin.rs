@@ -3,23 +3,28 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
+use mvsnap_engine::OriginInfo;
 
 use super::{print_json, Global};
-use crate::output::{human_size, Table};
 use crate::output::{out, outln};
+use crate::output::{select, Column, Style, Value};
 
 pub const EXAMPLES: &str = "\
 Examples:
   mvsnap --store store.img origin add disk.img --id disk
   mvsnap --store store.img origin list
+  mvsnap --store store.img origin ls -H -p -o id,size
   mvsnap --store store.img origin remove disk";
 
 /// Bind, unbind and list the origins of the store.
 #[derive(Debug, Subcommand)]
 pub enum OriginCommand {
     Add(AddArgs),
+    #[command(visible_alias = "rm")]
     Remove(RemoveArgs),
+    #[command(visible_alias = "ls")]
     List(ListArgs),
 }
 
@@ -45,8 +50,10 @@ pub struct AddArgs {
     /// The origin: a block device or an image file.
     path: PathBuf,
 
-    /// The origin's id, used in volume names (ID, ID@TAG) [default: the file name].
-    #[arg(long, value_name = "NAME")]
+    /// The origin's id, used in volume names (ID, ID@TAG): 1-128 of A-Z a-z 0-9 - _ . : +
+    /// [default: the file name].
+    #[arg(long, value_name = "NAME",
+          value_parser = |t: &str| super::snapshot::valid_name("origin id", t))]
     id: Option<String>,
 }
 
@@ -79,15 +86,59 @@ impl RemoveArgs {
     }
 }
 
+/// The columns of `origin list` (for -o and -s).
+const COLUMNS: &[Column<OriginInfo>] = &[
+    Column {
+        name: "id",
+        get: |o| Value::Text(o.id.clone()),
+    },
+    Column {
+        name: "size",
+        get: |o| Value::Size(o.size),
+    },
+    Column {
+        name: "snapshots",
+        get: |o| Value::Count(o.snapshots as u64),
+    },
+    Column {
+        name: "path",
+        get: |o| Value::Text(o.path.clone()),
+    },
+];
+
+const COLUMN_NAMES: [&str; 4] = ["id", "size", "snapshots", "path"];
+
 /// List the origins bound to the store.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
   mvsnap --store store.img origin list
-  mvsnap --store store.img origin list --json")]
+  mvsnap --store store.img origin ls -H -p -o id,size     # scripted: tabs, sizes in bytes
+  mvsnap --store store.img origin list --json
+
+Columns (-o, -s): id, size, snapshots, path. SIZE in binary units (1 KiB = 1024; -p: bytes).")]
 pub struct ListArgs {
+    #[command(flatten)]
+    style: Style,
+
+    /// The columns to show, in order, comma-separated.
+    #[arg(short = 'o', value_name = "COL,...", value_delimiter = ',',
+          default_value = "id,size,snapshots,path", hide_default_value = true,
+          value_parser = PossibleValuesParser::new(COLUMN_NAMES), ignore_case = true)]
+    columns: Vec<String>,
+
+    /// Sort by this column, ascending (sizes as numbers) [default: the store's order].
+    #[arg(short = 's', value_name = "COL", conflicts_with = "sort_desc", hide_possible_values = true,
+          value_parser = PossibleValuesParser::new(COLUMN_NAMES), ignore_case = true)]
+    sort: Option<String>,
+
+    /// Sort by this column, descending.
+    #[arg(short = 'S', value_name = "COL", hide_possible_values = true,
+          value_parser = PossibleValuesParser::new(COLUMN_NAMES), ignore_case = true)]
+    sort_desc: Option<String>,
+
     /// Print JSON (an array of {id, path, size, snapshots}).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["columns", "sort", "sort_desc", "scripted", "exact"])]
     json: bool,
 }
 
@@ -99,15 +150,11 @@ impl ListArgs {
         if self.json {
             return print_json(&origins);
         }
-        let mut table = Table::new(&["ID", "SIZE", "SNAPSHOTS", "PATH"]);
-        for o in &origins {
-            table.row(vec![
-                o.id.clone(),
-                human_size(o.size),
-                o.snapshots.to_string(),
-                o.path.clone(),
-            ]);
-        }
+        let (sort, desc) = match (&self.sort, &self.sort_desc) {
+            (_, Some(c)) => (Some(c.as_str()), true),
+            (c, None) => (c.as_deref(), false),
+        };
+        let table = select(&origins, COLUMNS, &self.columns, sort, desc, &self.style);
         out!("{}", table.render(""));
         Ok(())
     }

@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// MVSNAP_EVENT_JSON and MVSNAP_STORE in its environment.
     #[arg(long, value_name = "CMD")]
     on_event: Option<String>,
+
+    /// Ephemeral mode: nothing is synced and the snapshots made while it runs are discarded when
+    /// it stops (blksnap's model for backups); refused on a store with persistent snapshots.
+    #[arg(long)]
+    ephemeral: bool,
 }
 
 impl ServeArgs {
@@ -107,7 +112,7 @@ impl ServeArgs {
             listen: self.listen,
             tls,
             insecure: self.insecure,
-            ephemeral: global.ephemeral,
+            ephemeral: self.ephemeral,
             cache_bytes: self.cache_size,
             discard: self.discard,
             pidfile: self.pidfile,

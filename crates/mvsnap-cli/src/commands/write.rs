@@ -1,18 +1,19 @@
 //! `mvsnap write`: copy stdin into a volume through the engine (copy-on-write applies).
 
-use std::io::{self, Read};
+use std::io::{self, IsTerminal, Read};
 use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{Global, PIECE};
-use crate::output::outln;
+use crate::output::{outln, Progress, ProgressArgs};
 use crate::size::parse_size;
 
 /// Write stdin into an origin or a writable snapshot, through the engine.
 ///
-/// Reads stdin until EOF and writes it at --offset in 1 MiB pieces, then flushes.
+/// Reads stdin until EOF and writes it at --offset in 1 MiB pieces, then flushes. On a
+/// terminal, stderr shows a progress bar.
 /// The write goes through the engine, so the snapshots of the volume keep their contents. Never
 /// write to an origin that has snapshots behind mvsnap's back (with dd, say): the snapshots
 /// would not see the change coming.
@@ -30,10 +31,21 @@ pub struct WriteArgs {
     /// Where to write, in bytes (K/M/G/T suffixes allowed).
     #[arg(long, value_name = "N", value_parser = parse_size)]
     offset: u64,
+
+    #[command(flatten)]
+    progress: ProgressArgs,
 }
 
 impl WriteArgs {
     pub fn run(self, global: &Global) -> Result<()> {
+        if io::stdin().is_terminal() {
+            bail!(
+                "refusing to read the data from a terminal: redirect stdin \
+                 (mvsnap write {} --offset {} < FILE) or pipe into it",
+                self.name,
+                self.offset
+            );
+        }
         let mut store = global.open()?;
         let total = {
             let (size, read_only) = store.volume_info(&self.name)?;
@@ -54,21 +66,26 @@ impl WriteArgs {
             // would leave the volume half old, half new. A regular file's length is known; a
             // pipe is spooled to an unnamed temporary file first.
             let room = size - self.offset;
-            let mut input: Box<dyn Read> = match stdin_file_len() {
+            let (mut input, len): (Box<dyn Read>, u64) = match stdin_file_len() {
                 Some(len) if len > room => bail!(
                     "offset {} + length {len} (stdin) is beyond the end of {} ({size} bytes); \
                      nothing was written",
                     self.offset,
                     self.name
                 ),
-                Some(_) => Box::new(io::stdin().lock()),
-                None => Box::new(spool(io::stdin().lock(), room).with_context(|| {
-                    format!(
-                        "stdin does not fit at offset {} of {} ({size} bytes)",
-                        self.offset, self.name
-                    )
-                })?),
+                Some(len) => (Box::new(io::stdin().lock()), len),
+                None => {
+                    let file = spool(io::stdin().lock(), room).with_context(|| {
+                        format!(
+                            "stdin does not fit at offset {} of {} ({size} bytes)",
+                            self.offset, self.name
+                        )
+                    })?;
+                    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    (Box::new(file), len)
+                }
             };
+            let mut bar = Progress::new(self.progress.progress, "write", &self.name, Some(len));
             let mut buf = vec![0u8; PIECE];
             let mut pos = self.offset;
             loop {
@@ -80,6 +97,7 @@ impl WriteArgs {
                     .write(&self.name, pos, &buf[..n])
                     .with_context(|| format!("writing {} at offset {pos}", self.name))?;
                 pos += n as u64;
+                bar.inc(n as u64);
                 if n < buf.len() {
                     break;
                 }
@@ -87,6 +105,7 @@ impl WriteArgs {
             store
                 .flush(&self.name)
                 .with_context(|| format!("flushing {}", self.name))?;
+            bar.finish();
             pos - self.offset
         };
         store.close()?;
