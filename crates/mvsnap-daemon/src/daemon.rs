@@ -27,6 +27,8 @@ pub struct ServeOptions {
     pub ephemeral: bool,
     /// RAM for metadata nodes (None: the engine's default, 64 MiB).
     pub cache_bytes: Option<u64>,
+    /// Also serve every volume as a file in this directory (FUSE).
+    pub mount: Option<PathBuf>,
 }
 
 /// Parse `--listen`: a bare port binds loopback only.
@@ -107,6 +109,20 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
         None => None,
     };
     let tcp_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
+    let fuse = match &opts.mount {
+        Some(dir) => {
+            let gate = Arc::new(crate::files::UsersGate(users.clone()));
+            let (st, dir) = (store.clone(), dir.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    mvsnap_fuse::Mount::start(st, gate, &dir, &mvsnap_fuse::MountOptions::default())
+                })
+                .await?
+                .context("--mount")?,
+            )
+        }
+        None => None,
+    };
 
     let stop = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
@@ -136,6 +152,9 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
     if let Some(a) = tcp_addr {
         ready.push_str(&format!(" tcp={a}"));
     }
+    if let Some(m) = &fuse {
+        ready.push_str(&format!(" mount={}", m.dir().display()));
+    }
     println!("{ready}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -154,6 +173,15 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
         }
     }
     ctl_task.abort();
+    if let Some(m) = fuse {
+        // Unmounted first: a busy mount is detached lazily, never waited for.
+        match tokio::task::spawn_blocking(move || m.unmount()).await {
+            Ok(Ok(true)) => tracing::info!("unmounted the volume files"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!("unmount: {e}"),
+            Err(e) => tracing::warn!("unmount: {e}"),
+        }
+    }
     // Stop accepting, let in-flight requests finish, close connections.
     nbd.shutdown().await;
     tasks.abort_all();
@@ -265,10 +293,13 @@ async fn reserve(
         Err(busy) => {
             return Err(match what {
                 Doomed::Snapshot(name) => format!(
-                    "{name} is open by an NBD client; use --force to disconnect it and delete"
+                    "{name} is open by an NBD client or through its file under --mount (a loop \
+                     device, a process); close it, or use --force to disconnect NBD clients and \
+                     delete"
                 ),
                 Doomed::Origin(id) => format!(
-                    "origin {id} is open by an NBD client ({}); disconnect it first",
+                    "origin {id} is open by an NBD client or through a file under --mount ({}); \
+                     close it first",
                     busy.join(", ")
                 ),
             })

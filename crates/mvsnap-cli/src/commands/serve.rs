@@ -1,4 +1,5 @@
-//! `mvsnap serve`: run the daemon that serves every volume of the store over NBD.
+//! `mvsnap serve`: run the daemon that serves every volume of the store over NBD (and as files
+//! over FUSE with `--mount`).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -17,12 +18,16 @@ Examples:
   mvsnap --store store.img serve --listen 10809         # also TCP on 127.0.0.1:10809
   qemu-io -f raw 'nbd+unix:///disk@monday?socket=/run/disk.sock' -c 'read -v 0 512'
   nbdinfo --list 'nbd+unix://?socket=/run/disk.sock'
+  mvsnap --store store.img serve --mount /mnt/vols --detach   # also files: /mnt/vols/disk@monday
+  losetup --find --show --read-only /mnt/vols/disk@monday     # a block device of the snapshot
 
 Exports: ORIGIN (read-write) and ORIGIN@TAG for each snapshot (read-only unless writable).
 While it runs, the other commands (snapshot create/delete/list, info, cat, write, check) talk
 to it through its control socket. It prints one line when ready:
-  ready nbd=unix:PATH control=PATH [tcp=ADDR]
-SIGTERM or SIGINT: stop accepting, finish in-flight requests, checkpoint, exit 0.";
+  ready nbd=unix:PATH control=PATH [tcp=ADDR] [mount=DIR]
+SIGTERM or SIGINT: unmount DIR, stop accepting, finish in-flight requests, checkpoint, exit 0.
+A mount still in use (a loop device, an open file) is said so and detached lazily: its users
+get I/O errors; detach loop devices (`losetup -d`) before stopping the daemon.";
 
 /// Serve the origin and every snapshot over NBD, and take commands on a control socket.
 #[derive(Debug, Args)]
@@ -35,6 +40,11 @@ pub struct ServeArgs {
     /// Also serve NBD over TCP: PORT (on 127.0.0.1) or ADDR:PORT.
     #[arg(long, value_name = "[ADDR:]PORT")]
     listen: Option<String>,
+
+    /// Also serve every volume as a file in DIR (FUSE): DIR/ORIGIN and DIR/ORIGIN@TAG, for
+    /// `losetup`. A stale mount left there by a killed daemon is cleared first.
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
 
     /// Start in the background; return once it serves (the readiness line is printed).
     #[arg(long)]
@@ -58,6 +68,7 @@ impl ServeArgs {
             listen: self.listen,
             ephemeral: global.ephemeral,
             cache_bytes: self.cache_size,
+            mount: self.mount,
         })
     }
 }
