@@ -5,6 +5,7 @@
 //! exit status 1; usage errors are clap's, with exit status 2.
 
 mod commands;
+mod freeze;
 mod output;
 mod size;
 
