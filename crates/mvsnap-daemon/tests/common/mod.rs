@@ -648,6 +648,17 @@ impl Fixture {
 
     /// Start a daemon; `Err(its stderr)` if it exits without serving.
     pub fn try_start(&self) -> Result<Daemon, String> {
+        self.try_start_with(&[])
+    }
+
+    /// Start `mvsnap serve --nbd-socket SOCK EXTRA...` (e.g. `--mount DIR`).
+    #[track_caller]
+    pub fn start_with(&self, extra: &[&str]) -> Daemon {
+        self.try_start_with(extra)
+            .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
+    }
+
+    pub fn try_start_with(&self, extra: &[&str]) -> Result<Daemon, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let log = self
             .dir
@@ -656,7 +667,8 @@ impl Fixture {
             self.mvsnap()
                 .arg("serve")
                 .arg("--nbd-socket")
-                .arg(&self.sock),
+                .arg(&self.sock)
+                .args(extra),
             &log,
         )
     }
