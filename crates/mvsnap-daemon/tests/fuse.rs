@@ -8,7 +8,9 @@
 //!   writes files with known SHA-256 and fsyncs them while snapshots are taken with
 //!   `--freeze` and without; each frozen snapshot's loop device passes `e2fsck -fn` and mounts
 //!   with `-o ro,noload` holding every file fsynced before it; an unfrozen one (crash
-//!   consistent) does after its journal is replayed in a writable child.
+//!   consistent) does after its journal is replayed in a writable child. xfs too where
+//!   mkfs.xfs exists: frozen snapshots mount `-o ro,norecovery` with every file, and
+//!   `xfs_repair -n` is clean after a replay (a frozen xfs keeps lazy superblock counters).
 //! - fio with verify through the loop device; then the same bytes through NBD.
 //! - SIGKILL of the daemon under fio load: the next `serve --mount` on the same directory
 //!   clears the stale mount, `check` is clean, the snapshot taken before is intact.
@@ -159,19 +161,19 @@ impl Drop for Loop {
     }
 }
 
-/// `mount [-o OPTS] -t ext4 DEV DIR`; unmounted on drop.
+/// `mount [-o OPTS] -t FS DEV DIR`; unmounted on drop.
 struct Mnt {
     dir: Option<PathBuf>,
 }
 
 impl Mnt {
-    fn new(dev: &str, dir: &Path, opts: Option<&str>) -> Mnt {
+    fn new(fs: Fs, dev: &str, dir: &Path, opts: Option<&str>) -> Mnt {
         std::fs::create_dir_all(dir).unwrap();
         let mut c = Command::new("mount");
         if let Some(o) = opts {
             c.arg("-o").arg(o);
         }
-        run_ok(c.args(["-t", "ext4"]).arg(dev).arg(dir));
+        run_ok(c.args(["-t", fs.name()]).arg(dev).arg(dir));
         Mnt {
             dir: Some(dir.to_path_buf()),
         }
@@ -455,36 +457,90 @@ fn assert_files(what: &str, mnt: &Mnt, files: &[(String, String)]) {
     eprintln!("{what}: {} files intact", files.len());
 }
 
+/// The filesystem on the loop device: how to make, check and mount it.
+#[derive(Clone, Copy, PartialEq)]
+enum Fs {
+    Ext4,
+    Xfs,
+}
+
+impl Fs {
+    fn name(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+        }
+    }
+
+    /// mkfs, then the read-only checker.
+    fn tools(self) -> [&'static str; 2] {
+        match self {
+            Fs::Ext4 => ["mkfs.ext4", "e2fsck"],
+            Fs::Xfs => ["mkfs.xfs", "xfs_repair"],
+        }
+    }
+
+    /// xfs needs 300 MiB at least.
+    fn size(self) -> u64 {
+        match self {
+            Fs::Ext4 => 128 * MIB,
+            Fs::Xfs => 320 * MIB,
+        }
+    }
+
+    /// Mount options for a frozen snapshot: read-only, and no journal replay (there must be
+    /// nothing to replay); xfs also refuses a second filesystem with the same UUID otherwise.
+    fn clean_ro(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "ro,noload",
+            Fs::Xfs => "ro,norecovery,nouuid",
+        }
+    }
+
+    fn nouuid(self) -> Option<&'static str> {
+        (self == Fs::Xfs).then_some("nouuid")
+    }
+}
+
+/// The read-only check of `dev` finds nothing (`e2fsck -fn`, `xfs_repair -n`): exit 0.
 #[track_caller]
-fn fsck_clean(e2fsck: &Path, dev: &str, what: &str) {
-    let out = run(Command::new(e2fsck).arg("-fn").arg(dev), TOOL_TIMEOUT);
+fn fsck_clean(fs: Fs, checker: &Path, dev: &str, what: &str) {
+    let mut c = Command::new(checker);
+    match fs {
+        Fs::Ext4 => c.arg("-fn"),
+        Fs::Xfs => c.arg("-n"),
+    };
+    let out = run(c.arg(dev), TOOL_TIMEOUT);
     assert_eq!(
         out.status.code(),
         Some(0),
-        "e2fsck -fn of {what} is not clean: {}",
+        "{checker:?} of {what} is not clean: {}",
         text(&out)
     );
 }
 
-fn ext4_with_snapshots(direct_io: bool) {
-    let [losetup, mkfs, e2fsck] = need!("losetup", "mkfs.ext4", "e2fsck");
+fn fs_with_snapshots(fs: Fs, direct_io: bool) {
+    let [losetup] = need!("losetup");
+    let [mkfs, checker] = fs.tools();
+    let [mkfs, checker] = need!(mkfs, checker);
     need_root!();
-    const SIZE: u64 = 128 * MIB;
+    let size = fs.size();
     let fx = Fixture::new(
-        if direct_io { "fuse-ext4d" } else { "fuse-ext4" },
-        SIZE,
+        &format!("fuse-{}{}", fs.name(), if direct_io { "d" } else { "" }),
+        size,
         &[],
     );
     let vols = MountDir::new(&fx);
     let d = fx.start_with(&["--mount", vols.arg()]);
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, direct_io);
     // With discard: mkfs trims the device, which reaches the file as punch-hole.
-    run_ok(
-        Command::new(&mkfs)
-            .args(["-q", "-L", "mvsnap"])
-            .arg(lo.dev()),
-    );
-    let mut m = Mnt::new(lo.dev(), &fx.dir.join("mnt"), None);
+    let mut c = Command::new(&mkfs);
+    match fs {
+        Fs::Ext4 => c.args(["-q", "-L", "mvsnap"]),
+        Fs::Xfs => c.args(["-q", "-f", "-L", "mvsnap"]),
+    };
+    run_ok(c.arg(lo.dev()));
+    let mut m = Mnt::new(fs, lo.dev(), &fx.dir.join("mnt"), None);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (written, w) = writer(m.dir().to_path_buf(), stop.clone(), 7);
@@ -512,8 +568,8 @@ fn ext4_with_snapshots(direct_io: bool) {
         all.len()
     );
     m.unmount();
-    fsck_clean(&e2fsck, lo.dev(), "the origin");
-    let mut mo = Mnt::new(lo.dev(), &fx.dir.join("mnt"), Some("ro"));
+    fsck_clean(fs, &checker, lo.dev(), "the origin");
+    let mut mo = Mnt::new(fs, lo.dev(), &fx.dir.join("mnt"), Some("ro"));
     assert_files("origin", &mo, &all);
     mo.unmount();
 
@@ -521,31 +577,48 @@ fn ext4_with_snapshots(direct_io: bool) {
         let name = format!("disk0@{tag}");
         if *freeze {
             let mut ls = Loop::attach(&losetup, &vols.file(&name), true, direct_io);
-            fsck_clean(&e2fsck, ls.dev(), &name);
-            let mut ms = Mnt::new(ls.dev(), &fx.dir.join("mnt-snap"), Some("ro,noload"));
+            // A frozen xfs keeps lazy superblock counters that only a log replay (a mount)
+            // brings up to date, so `xfs_repair -n` is run on a replayed child below.
+            if fs == Fs::Ext4 {
+                fsck_clean(fs, &checker, ls.dev(), &name);
+            }
+            let mut ms = Mnt::new(fs, ls.dev(), &fx.dir.join("mnt-snap"), Some(fs.clean_ro()));
             assert_files(&name, &ms, files);
             ms.unmount();
             ls.detach();
-        } else {
-            // Crash consistent: the journal is replayed in a writable child.
+        }
+        if !*freeze || fs == Fs::Xfs {
+            // Crash consistent (or xfs): the journal is replayed in a writable child (e2fsck
+            // for ext4, a mount for xfs), which then checks clean.
             fx.snapshot(&name, &format!("{tag}w"), true, "");
             let child = format!("{name}w");
             let mut lw = Loop::attach(&losetup, &vols.file(&child), false, direct_io);
-            let out = run(Command::new(&e2fsck).arg("-fy").arg(lw.dev()), TOOL_TIMEOUT);
-            assert!(
-                matches!(out.status.code(), Some(0 | 1)),
-                "e2fsck -fy of {child}: {}",
-                text(&out)
-            );
-            fsck_clean(&e2fsck, lw.dev(), &child);
-            let mut ms = Mnt::new(lw.dev(), &fx.dir.join("mnt-snap"), Some("ro"));
+            match fs {
+                Fs::Ext4 => {
+                    let out = run(
+                        Command::new(&checker).arg("-fy").arg(lw.dev()),
+                        TOOL_TIMEOUT,
+                    );
+                    assert!(
+                        matches!(out.status.code(), Some(0 | 1)),
+                        "e2fsck -fy of {child}: {}",
+                        text(&out)
+                    );
+                }
+                Fs::Xfs => {
+                    Mnt::new(fs, lw.dev(), &fx.dir.join("mnt-snap"), fs.nouuid()).unmount();
+                }
+            }
+            fsck_clean(fs, &checker, lw.dev(), &child);
+            let ro = if fs == Fs::Xfs { "ro,nouuid" } else { "ro" };
+            let mut ms = Mnt::new(fs, lw.dev(), &fx.dir.join("mnt-snap"), Some(ro));
             assert_files(&child, &ms, files);
             ms.unmount();
             lw.detach();
         }
     }
     lo.detach();
-    fx.assert_check_clean("after ext4 on the loop device");
+    fx.assert_check_clean(&format!("after {} on the loop device", fs.name()));
     let st = d.terminate();
     assert!(st.success(), "daemon exit status after SIGTERM: {st}");
     assert!(!vols.mounted(), "still mounted after SIGTERM");
@@ -553,12 +626,17 @@ fn ext4_with_snapshots(direct_io: bool) {
 
 #[test]
 fn ext4_on_loop_over_the_file_with_snapshots() {
-    ext4_with_snapshots(false);
+    fs_with_snapshots(Fs::Ext4, false);
 }
 
 #[test]
 fn ext4_on_direct_io_loop_over_the_file_with_snapshots() {
-    ext4_with_snapshots(true);
+    fs_with_snapshots(Fs::Ext4, true);
+}
+
+#[test]
+fn xfs_on_direct_io_loop_over_the_file_with_snapshots() {
+    fs_with_snapshots(Fs::Xfs, true);
 }
 
 #[test]
