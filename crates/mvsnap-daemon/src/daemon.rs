@@ -87,6 +87,22 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
         .clone()
         .unwrap_or_else(|| crate::paths::default_nbd_socket(&key));
     let users = Arc::new(Users::default());
+    // First: a mount that fails (not root, no fusermount3, a live mount there) fails the
+    // start before any socket exists.
+    let fuse = match &opts.mount {
+        Some(dir) => {
+            let gate = Arc::new(crate::files::UsersGate(users.clone()));
+            let (st, dir) = (store.clone(), dir.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    mvsnap_fuse::Mount::start(st, gate, &dir, &mvsnap_fuse::MountOptions::default())
+                })
+                .await?
+                .context("--mount")?,
+            )
+        }
+        None => None,
+    };
     let nbd = NbdServer::new(Arc::new(EngineRegistry {
         store: store.clone(),
         users: users.clone(),
@@ -109,20 +125,6 @@ async fn run(store: Store, opts: ServeOptions, key: String, ctl_path: PathBuf) -
         None => None,
     };
     let tcp_addr = tcp.as_ref().and_then(|t| t.local_addr().ok());
-    let fuse = match &opts.mount {
-        Some(dir) => {
-            let gate = Arc::new(crate::files::UsersGate(users.clone()));
-            let (st, dir) = (store.clone(), dir.clone());
-            Some(
-                tokio::task::spawn_blocking(move || {
-                    mvsnap_fuse::Mount::start(st, gate, &dir, &mvsnap_fuse::MountOptions::default())
-                })
-                .await?
-                .context("--mount")?,
-            )
-        }
-        None => None,
-    };
 
     let stop = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();

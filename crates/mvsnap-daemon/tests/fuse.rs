@@ -745,6 +745,12 @@ fn busy_mount_is_detached_lazily_on_sigterm() {
     let vols = MountDir::new(&fx);
     let d = fx.start_with(&["--mount", vols.arg()]);
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), true, false);
+    // Another daemon (another store) is not mounted over a live mount.
+    let other = Fixture::new("fuse-busy2", 16 * MIB, &[]);
+    match other.try_start_with(&["--mount", vols.arg()]) {
+        Ok(_) => panic!("a second daemon mounted over a live mount"),
+        Err(e) => assert!(e.contains("already a mount point"), "{e}"),
+    }
     let log = d.log.clone();
     let t = Instant::now();
     let st = d.terminate();
