@@ -13,7 +13,7 @@ PACKAGES=(
     fuse3          # fusermount3 (serve --mount as non-root, clearing a stale mount)
     e2fsprogs      # mkfs.ext4, e2fsck
     xfsprogs       # mkfs.xfs, xfs_repair (tests/fuse.rs: xfs on a volume file)
-    util-linux     # losetup, blkid
+    util-linux     # losetup, blkid, fsfreeze
     mount          # mount, umount
 )
 
