@@ -3,7 +3,8 @@
 #   - the mvsnap FUSE file of an origin (`mvsnap serve --mount DIR`, losetup DIR/disk0),
 #   - qemu-storage-daemon's FUSE export of the same raw file (--export type=fuse),
 #   - the plain raw file (losetup of the file itself),
-# side by side in one run, one contender at a time, repetitions interleaved.
+# side by side in one run, one contender at a time (all four lines each), in an order rotated
+# every repetition.
 #
 # Usage: bench/fuse.sh [--quick] [--reps N] [--runtime S] [--ramp S] [--size SIZE] [--dir DIR]
 #                      [--loop-dio on|off]
@@ -187,7 +188,12 @@ fio --name=fill "--filename=$img" "--size=$size" --rw=write --bs=1m --ioengine=p
 t0=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((rep = 1; rep <= reps; rep++)); do
-    for who in "${CONTENDERS[@]}"; do
+    # The order rotates every repetition, so load that comes and goes falls on all alike.
+    order=()
+    for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do
+        order+=("${CONTENDERS[$(((i + rep - 1) % ${#CONTENDERS[@]}))]}")
+    done
+    for who in "${order[@]}"; do
         start "$who"
         attach "$FILE"
         for l in "${LINES[@]}"; do measure "$rep" "$who" "$l" "$DEV"; done
@@ -219,6 +225,12 @@ echo "qsd:    $QSD_CMD; losetup --find --show --direct-io=$dio EXPORTFILE"
 echo "mvsnap: $MVSNAP_CMD; losetup --find --show --direct-io=$dio DIR/disk0"
 echo "# each line:"
 echo "$(fio_cmd /dev/loopN RW BS QD OUT)"
+echo '```'
+echo
+echo "Every measurement (rep, contender, line, value, 1-minute load average after it):"
+echo
+echo '```'
+sort -k3,3 -k2,2 -k1,1n "$results"
 echo '```'
 echo
 echo "| line | unit | loop on the plain file | loop on qemu-storage-daemon FUSE | loop on mvsnap FUSE | **mvsnap / qsd** | mvsnap / plain |"

@@ -335,7 +335,19 @@ fn files_list_sizes_modes_and_match_nbd() {
         &model,
     );
     assert_image("after punch/zero, file", &read_file(&disk), &model);
-    // A disk does not grow or shrink.
+    // A disk does not grow or shrink: a write across the end is cut short, one past it fails.
+    assert_eq!(rw.write_at(&[0xab; 4096], SIZE - 2048).unwrap(), 2048);
+    fill(&mut model, SIZE - 2048, 2048, 0xab);
+    let e = rw.write_at(&[1; 512], SIZE).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC),
+        "write past the end: {e}"
+    );
+    let mut tail = [0u8; 4096];
+    assert_eq!(rw.read_at(&mut tail, SIZE - 1024).unwrap(), 1024);
+    assert_eq!(&tail[..1024], &[0xab; 1024][..]);
+    assert_eq!(rw.read_at(&mut tail, SIZE).unwrap(), 0);
     let e = rw.set_len(SIZE + 4096).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "truncate: {e}");
 

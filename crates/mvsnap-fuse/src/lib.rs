@@ -421,6 +421,7 @@ impl Filesystem for VolumeFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
+        tracing::trace!(offset, size, "read");
         let Some(n) = Self::clip(&f.vol, offset, size as u64) else {
             return reply.data(&[]);
         };
@@ -457,14 +458,14 @@ impl Filesystem for VolumeFs {
         if f.vol.read_only() {
             return reply.error(Errno::EROFS);
         }
+        if data.is_empty() {
+            return reply.written(0);
+        }
         // A disk does not grow: what fits is written (a short write), nothing fits is ENOSPC.
         let Some(n) = Self::clip(&f.vol, offset, data.len() as u64) else {
-            return reply.error(if data.is_empty() {
-                Errno::EINVAL
-            } else {
-                Errno::ENOSPC
-            });
+            return reply.error(Errno::ENOSPC);
         };
+        tracing::trace!(offset, len = data.len(), "write");
         match f.vol.write_at(offset, &data[..n as usize], f.sync) {
             Ok(()) => reply.written(n as u32),
             Err(e) => reply.error(errno("write", f.vol.name(), &e)),
