@@ -696,3 +696,18 @@ impl Filesystem for VolumeFs {
         reply.error(Errno::EPERM)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_that_can_be_file_names_are_files() {
+        for ok in ["disk", "disk@monday", "a.b@c-d_e", "..x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a@b/c", "a\0b"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -253,3 +253,25 @@ impl Drop for Mount {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape_mountinfo("/x\\011y\\012z\\134w"), "/x\ty\nz\\w");
+        assert_eq!(unescape_mountinfo("/plain/path"), "/plain/path");
+        // Not an escape: left as it is.
+        assert_eq!(unescape_mountinfo("/a\\9"), "/a\\9");
+    }
+
+    #[test]
+    fn a_directory_that_is_no_mount_is_not_stale() {
+        let d = std::env::temp_dir();
+        assert!(!clear_stale(&d).unwrap());
+        assert!(is_mount_point(Path::new("/")));
+        assert!(!is_mount_point(&d.join("surely-not-a-mount-point-mvsnap")));
+    }
+}
