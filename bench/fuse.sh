@@ -123,6 +123,9 @@ measure() { # measure REP WHO LINE DEV
     IFS='|' read -r name rw bs qd unit <<<"$l"
     out=$work/fio.out
     rm -f "$out"
+    # No dirty pages of the previous line (the FUSE servers write the image through the page
+    # cache; the faster a contender wrote, the more writeback it would inherit).
+    sync
     if ! eval "$(fio_cmd "$dev" "$rw" "$bs" "$qd" "$out")" >"$work/fio.log" 2>&1; then
         cat "$work/fio.log" "$out" >&2 2>/dev/null || true
         die "fio failed: $who $name"

@@ -26,7 +26,11 @@ impl Default for MountOptions {
     fn default() -> Self {
         // QD16 from a loop device or fio: every request has a thread; the threads block in the
         // engine (pread/pwrite, journal waits), they do not spin.
-        MountOptions { threads: 16 }
+        let threads = std::env::var("MVSNAP_FUSE_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(16);
+        MountOptions { threads }
     }
 }
 
