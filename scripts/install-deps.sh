@@ -6,13 +6,15 @@ set -euo pipefail
 
 # Debian packages; the tools they bring are named beside them.
 PACKAGES=(
-    qemu-utils     # qemu-img, qemu-io, qemu-nbd
+    qemu-utils     # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon (bench/fuse.sh)
     nbdkit         # a reference NBD server
     libnbd-bin     # nbdinfo, nbdcopy, nbdsh
     fio            # load generator with --ioengine=nbd
-    fuse3          # fusermount3
+    fuse3          # fusermount3 (serve --mount as non-root, clearing a stale mount)
     e2fsprogs      # mkfs.ext4, e2fsck
-    util-linux     # losetup, blkid
+    xfsprogs       # mkfs.xfs, xfs_repair (tests/fuse.rs: xfs on a volume file)
+    util-linux     # losetup, blkid, fsfreeze
+    mount          # mount, umount
     openssl        # throwaway CAs and certificates for the NBD-over-TLS tests
 )
 

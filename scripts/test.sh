@@ -48,6 +48,15 @@ step "NBD benchmark smoke run (bench/nbd.sh --quick)"
 bash bench/nbd.sh --quick >target/nbd-bench-quick.md
 grep -A 10 '^#### No snapshot' target/nbd-bench-quick.md
 
+step "FUSE benchmark smoke run (bench/fuse.sh --quick)"
+# Loop devices over the mvsnap file, qemu-storage-daemon's FUSE export and the plain file.
+if [ "$(id -u)" = 0 ] && [ -e /dev/fuse ] && [ -e /dev/loop-control ]; then
+    bash bench/fuse.sh --quick >target/fuse-bench-quick.md
+    grep -A 6 '^| line' target/fuse-bench-quick.md
+else
+    echo "skipped: bench/fuse.sh needs root, /dev/fuse and loop devices"
+fi
+
 step "bounded fuzz run of the NBD option/request parser (fuzz/)"
 # The same harness also runs in `cargo test` (crates/mvsnap-nbd/tests/fuzz_conn.rs); this is the
 # coverage-guided run. cargo-fuzz comes from crates.io; nightly if the machine has it.

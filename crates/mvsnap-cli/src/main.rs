@@ -6,6 +6,7 @@
 //! with exit status 2.
 
 mod commands;
+mod freeze;
 mod output;
 mod size;
 
@@ -97,7 +98,11 @@ fn init_logging(verbose: u8, serving: bool) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // The FUSE library (serve --mount) logs what it does not implement and replies the kernel
+    // no longer waits for (an interrupted request) as warnings and errors: noise below -vv.
+    let fuser = if verbose >= 2 { "" } else { ",fuser=off" };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default}{fuser}")));
     // A second subscriber cannot be installed in one process; ignore that case.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

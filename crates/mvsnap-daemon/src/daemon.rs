@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub pidfile: Option<PathBuf>,
     /// Run this shell command for every event (see `service::spawn_event_hook`).
     pub on_event: Option<String>,
+    /// Also serve every volume as a file in this directory (FUSE).
+    pub mount: Option<PathBuf>,
 }
 
 /// Parse `--listen`: a bare port binds loopback only.
@@ -142,6 +144,22 @@ async fn run(
         .clone()
         .unwrap_or_else(|| crate::paths::default_nbd_socket(&key));
     let users = Arc::new(Users::default());
+    // First: a mount that fails (not root, no fusermount3, a live mount there) fails the
+    // start before any socket exists.
+    let fuse = match &opts.mount {
+        Some(dir) => {
+            let gate = Arc::new(crate::files::UsersGate(users.clone()));
+            let (st, dir) = (store.clone(), dir.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    mvsnap_fuse::Mount::start(st, gate, &dir, &mvsnap_fuse::MountOptions::default())
+                })
+                .await?
+                .context("--mount")?,
+            )
+        }
+        None => None,
+    };
     let nbd = NbdServer::new(Arc::new(EngineRegistry {
         store: store.clone(),
         users: users.clone(),
@@ -230,6 +248,9 @@ async fn run(
     if let Some(cmd) = &opts.on_event {
         crate::service::spawn_event_hook(store.clone(), opts.store.clone(), cmd.clone());
     }
+    if let Some(m) = &fuse {
+        ready.push_str(&format!(" mount={}", m.dir().display()));
+    }
     println!("{ready}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -250,6 +271,15 @@ async fn run(
     }
     crate::service::notify_stopping();
     ctl_task.abort();
+    if let Some(m) = fuse {
+        // Unmounted first: a busy mount is detached lazily, never waited for.
+        match tokio::task::spawn_blocking(move || m.unmount()).await {
+            Ok(Ok(true)) => tracing::info!("unmounted the volume files"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!("unmount: {e}"),
+            Err(e) => tracing::warn!("unmount: {e}"),
+        }
+    }
     // Stop accepting, let in-flight requests finish, close connections.
     nbd.shutdown().await;
     tasks.abort_all();
@@ -361,10 +391,13 @@ async fn reserve(
         Err(busy) => {
             return Err(match what {
                 Doomed::Snapshot(name) => format!(
-                    "{name} is open by an NBD client; use --force to disconnect it and delete"
+                    "{name} is open by an NBD client or through its file under --mount (a loop \
+                     device, a process); close it, or use --force to disconnect NBD clients and \
+                     delete"
                 ),
                 Doomed::Origin(id) => format!(
-                    "origin {id} is open by an NBD client ({}); disconnect it first",
+                    "origin {id} is open by an NBD client or through a file under --mount ({}); \
+                     close it first",
                     busy.join(", ")
                 ),
             })

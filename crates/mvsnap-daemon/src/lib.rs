@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod display;
 pub mod exports;
+pub mod files;
 pub mod paths;
 pub mod service;
 mod session;

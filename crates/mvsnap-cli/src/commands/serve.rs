@@ -1,4 +1,5 @@
-//! `mvsnap serve`: run the daemon that serves every volume of the store over NBD.
+//! `mvsnap serve`: run the daemon that serves every volume of the store over NBD (and as files
+//! over FUSE with `--mount`).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -20,15 +21,19 @@ Examples:
   nbdinfo 'nbds://HOST:10809/disk?tls-certificates=DIR'  # DIR: ca-cert.pem [client-*.pem]
   qemu-io -f raw 'nbd+unix:///disk@monday?socket=/run/disk.sock' -c 'read -v 0 512'
   nbdinfo --list 'nbd+unix://?socket=/run/disk.sock'
+  mvsnap --store store.img serve --mount /mnt/vols --detach   # also files: /mnt/vols/disk@monday
+  losetup --find --show --read-only /mnt/vols/disk@monday     # a block device of the snapshot
 
 Exports: ORIGIN (read-write) and ORIGIN@TAG for each snapshot (read-only unless writable).
 While it runs, the other commands (snapshot create/delete/list, info, cat, write, check) talk
 to it through its control socket. It prints one line when ready:
-  ready nbd=unix:PATH control=PATH [tcp=ADDR [tls=on]]
+  ready nbd=unix:PATH control=PATH [tcp=ADDR [tls=on]] [mount=DIR]
 TLS (NBD_OPT_STARTTLS, required on the TCP listener once configured) never applies to the
 Unix socket, which stays mode 0600. --listen on an address other than loopback without TLS
 is refused unless --insecure.
-SIGTERM or SIGINT: stop accepting, finish in-flight requests, checkpoint, exit 0.
+SIGTERM or SIGINT: unmount DIR, stop accepting, finish in-flight requests, checkpoint, exit 0.
+A mount still in use (a loop device, an open file) is said so and detached lazily: its users
+get I/O errors; detach loop devices (`losetup -d`) before stopping the daemon.
 Under systemd (Type=notify) it reports readiness; contrib/systemd/mvsnap@.service is a unit
 template per store. With --detach: a log and a pidfile named after the daemon's pid.";
 
@@ -62,6 +67,11 @@ pub struct ServeArgs {
     /// anyone who can reach the port.
     #[arg(long, requires = "listen", conflicts_with = "tls_cert")]
     insecure: bool,
+
+    /// Also serve every volume as a file in DIR (FUSE): DIR/ORIGIN and DIR/ORIGIN@TAG, for
+    /// `losetup`. A stale mount left there by a killed daemon is cleared first.
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
 
     /// Start in the background; return once it serves (the readiness line is printed).
     #[arg(long)]
@@ -115,6 +125,7 @@ impl ServeArgs {
             ephemeral: self.ephemeral,
             cache_bytes: self.cache_size,
             discard: self.discard,
+            mount: self.mount,
             pidfile: self.pidfile,
             on_event: self.on_event,
         };

@@ -74,7 +74,9 @@ Examples:
   mvsnap snapshot create disk                          # tag chosen by mvsnap, printed
   mvsnap snapshot create disk --tag monday --memo 'before the upgrade'
   mvsnap snapshot create disk@monday --tag try1 --writable   # a writable child of a snapshot
-  mvsnap snapshot create disk0 disk1 --tag T           # one instant for both: disk0@T, disk1@T")]
+  mvsnap snapshot create disk0 disk1 --tag T           # one instant for both: disk0@T, disk1@T
+  mvsnap snapshot create disk --freeze /mnt/data       # ext4 on /dev/loopN over the disk file:
+                                                       # frozen for the snapshot, so it is clean")]
 pub struct CreateArgs {
     /// What to snapshot: ORIGIN or ORIGIN@TAG; several make one consistent snapshot set.
     #[arg(value_name = "ORIGIN[@TAG]", required = true)]
@@ -97,6 +99,20 @@ pub struct CreateArgs {
     /// only for this command: ephemeral snapshots are for `serve --ephemeral`.
     #[arg(long)]
     ephemeral: bool,
+
+    /// Freeze the filesystem mounted there (FIFREEZE) for the snapshot, then thaw it, so the
+    /// snapshot holds it clean; repeatable for a snapshot set.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    freeze: Vec<std::path::PathBuf>,
+
+    /// Thaw the frozen filesystems after this many seconds whatever happens.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        requires = "freeze"
+    )]
+    freeze_timeout: u64,
 }
 
 impl CreateArgs {
@@ -107,8 +123,13 @@ impl CreateArgs {
         };
         let mut store = global.open()?;
         let sources: Vec<&str> = self.sources.iter().map(String::as_str).collect();
+        let timeout = std::time::Duration::from_secs(self.freeze_timeout);
+        let frozen = crate::freeze::Frozen::freeze(&self.freeze, timeout)?;
         let made =
             store.create_snapshot(&sources, self.tag.as_deref(), &self.memo, self.writable)?;
+        if let Some(f) = frozen {
+            f.thaw()?;
+        }
         store.close()?;
         let mut tags: Vec<&str> = Vec::new();
         for s in &made {

@@ -648,7 +648,7 @@ impl Fixture {
 
     /// Start `mvsnap serve --nbd-socket SOCK ARGS...` with more environment variables.
     #[track_caller]
-    pub fn start_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+    pub fn start_with_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let mut cmd = self.mvsnap();
         cmd.arg("serve")
             .arg("--nbd-socket")
@@ -664,6 +664,13 @@ impl Fixture {
     /// Start a daemon; `Err(its stderr)` if it exits without serving.
     pub fn try_start(&self) -> Result<Daemon, String> {
         self.try_start_with(&[])
+    }
+
+    /// Start `mvsnap serve --nbd-socket SOCK EXTRA...` (e.g. `--mount DIR`).
+    #[track_caller]
+    pub fn start_with(&self, extra: &[&str]) -> Daemon {
+        self.try_start_with(extra)
+            .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
     }
 
     /// `try_start` with more `serve` arguments (`--listen`, TLS...).
