@@ -398,9 +398,12 @@ fn client_certificates_from_another_ca_are_refused() {
         let out = qemu_io_tls(&qemu_io, port, Some(dir), &["read 0 512".into()]);
         let t = text(&out);
         assert!(!out.status.success(), "qemu-io with {what}: {t}");
-        // Refused by the server (an alert), not by qemu's own checks before connecting.
+        // Refused by the server (an alert, or the connection closed under qemu while it was
+        // still writing: seen once in CI as "Broken pipe"), not by qemu's own checks before
+        // connecting.
         assert!(
-            t.contains("TLS") && !t.contains("Our own certificate"),
+            (t.contains("TLS") || t.contains("Broken pipe") || t.contains("Connection reset"))
+                && !t.contains("Our own certificate"),
             "{t}"
         );
     }
