@@ -69,6 +69,11 @@ fn completions_know_the_commands() {
         for word in ["snapshot", "delete", "recursive", "exclusive", "sparse"] {
             assert!(text.contains(word), "{shell} completions lack {word}");
         }
+        // The generator is hidden from users: completions do not offer it either.
+        assert!(
+            !text.contains("generate") && !text.contains("Generate"),
+            "{shell} completions offer the hidden generate command"
+        );
     }
     // The bash script loads and registers the function.
     let dir = tempfile::tempdir().unwrap();

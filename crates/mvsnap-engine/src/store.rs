@@ -1572,12 +1572,17 @@ impl Store {
         usage: Option<(u64, u64)>,
     ) -> SnapshotInfo {
         let o = &st.origins[&s.origin];
-        let parent = if s.parent == 0 {
-            o.id.clone()
-        } else {
-            match st.snaps.get(&s.parent) {
-                Some(p) => format!("{}@{}", o.id, p.tag),
-                None => format!("{}@?", o.id),
+        // A deleted parent stays hidden while it has children, and its tag may be reused by a
+        // new, unrelated snapshot: name the nearest ancestor that is still listed instead.
+        let mut parent_id = s.parent;
+        let parent = loop {
+            if parent_id == 0 {
+                break o.id.clone();
+            }
+            match st.snaps.get(&parent_id) {
+                Some(p) if p.state == SnapshotState::Hidden => parent_id = p.parent,
+                Some(p) => break format!("{}@{}", o.id, p.tag),
+                None => break format!("{}@?", o.id),
             }
         };
         let (exclusive_bytes, shared_bytes) = usage.unwrap_or((0, 0));

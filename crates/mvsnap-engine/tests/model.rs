@@ -475,6 +475,10 @@ impl ReferenceStateMachine for EngineModel {
             }
             Op::Delete { vol } => {
                 let v = state.vols.remove(vol).unwrap();
+                // Its children are listed under its own parent from now on.
+                for child in state.vols.values_mut().filter(|c| c.parent == *vol) {
+                    child.parent = v.parent.clone();
+                }
                 let tag = vol.split_once('@').unwrap().1.to_string();
                 state.deleted.push((v.origin, tag));
             }

@@ -44,10 +44,25 @@ impl GenerateArgs {
             }
             What::Completions { shell } => {
                 let mut buf = Vec::new();
-                clap_complete::generate(shell, &mut cmd.clone(), "mvsnap", &mut buf);
+                clap_complete::generate(shell, &mut without_hidden(&cmd), "mvsnap", &mut buf);
                 crate::output::out!("{}", String::from_utf8_lossy(&buf));
             }
         }
         Ok(())
     }
+}
+
+/// The top-level command without its hidden subcommands: clap_complete offers every
+/// subcommand, hidden or not, while `--help` and the man pages leave hidden ones out. clap
+/// cannot remove a subcommand, so this copies what completions use (name, version, about,
+/// arguments, the visible subcommands).
+fn without_hidden(cmd: &clap::Command) -> clap::Command {
+    let mut out = clap::Command::new("mvsnap")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    out
 }
