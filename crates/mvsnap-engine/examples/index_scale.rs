@@ -19,19 +19,20 @@
 //! RSS is the process's VmRSS from /proc (the page cache is not in it). Files are removed at the
 //! end of each size.
 
+mod common;
+
 use std::error::Error;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use common::{parse_count, MIB};
 use mvsnap_engine::{FormatOptions, OpenOptions, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 type R<T> = Result<T, Box<dyn Error>>;
 
-const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
 fn rss_kib() -> u64 {
@@ -41,17 +42,6 @@ fn rss_kib() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// A count or a size: digits with an optional K, M or G (binary multiples).
-fn parse_count(s: &str) -> u64 {
-    let (num, mul) = match s.chars().last() {
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('K') => (&s[..s.len() - 1], 1 << 10),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().expect("a count") * mul
 }
 
 fn open_opts(cache: Option<u64>) -> OpenOptions {
@@ -91,18 +81,7 @@ fn one_size(dir: &Path, n: u64, writes: usize, cache: Option<u64>) -> R<()> {
     let origin = dir.join("origin.img");
     let store = dir.join("store.img");
     let size = n * BLOCK;
-    // The origin, full of data (every block differs, none is zero).
-    {
-        let f = std::fs::File::create(&origin)?;
-        let mut buf = vec![0u8; MIB as usize];
-        for off in (0..size).step_by(MIB as usize) {
-            for (i, w) in buf.chunks_mut(8).enumerate() {
-                w.copy_from_slice(&(off + i as u64 * 8 + 1).to_le_bytes());
-            }
-            f.write_all_at(&buf, off)?;
-        }
-        f.sync_all()?;
-    }
+    common::write_full_origin(&origin, size)?;
     let store_size = size + size / 8 + 256 * MIB;
     Store::format(
         &store,

@@ -18,32 +18,22 @@
 //!
 //! Files are removed at the end.
 
+mod common;
+
 use std::error::Error;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use common::{parse_count, MIB};
 use mvsnap_engine::{FormatOptions, OpenOptions, Store};
 
 type R<T> = Result<T, Box<dyn Error>>;
 
 const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4 * KIB;
 
 fn mib(b: u64) -> String {
     format!("{:.2} MiB", b as f64 / MIB as f64)
-}
-
-/// Size with an optional K, M or G (binary multiples).
-fn parse_size(s: &str) -> u64 {
-    let (num, mul) = match s.chars().last() {
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        Some('M') => (&s[..s.len() - 1], MIB),
-        Some('K') => (&s[..s.len() - 1], KIB),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().expect("a size") * mul
 }
 
 fn main() -> R<()> {
@@ -53,7 +43,7 @@ fn main() -> R<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--dir" => dir = args.next().map(PathBuf::from),
-            "--origin-size" => origin_size = parse_size(&args.next().expect("a size")),
+            "--origin-size" => origin_size = parse_count(&args.next().expect("a size")),
             _ => return Err(format!("unknown argument {a}").into()),
         }
     }
@@ -69,17 +59,7 @@ fn main() -> R<()> {
 fn run(work: &Path, size: u64) -> R<()> {
     let origin = work.join("origin.img");
     let store = work.join("store.img");
-    {
-        let f = std::fs::File::create(&origin)?;
-        let mut buf = vec![0u8; MIB as usize];
-        for off in (0..size).step_by(MIB as usize) {
-            for (i, w) in buf.chunks_mut(8).enumerate() {
-                w.copy_from_slice(&(off + i as u64 * 8 + 1).to_le_bytes());
-            }
-            f.write_all_at(&buf, off)?;
-        }
-        f.sync_all()?;
-    }
+    common::write_full_origin(&origin, size)?;
     // Room for part 3 (the whole origin preserved once) and parts 1-2.
     let store_size = size + size / 4 + 512 * MIB;
     Store::format(
