@@ -350,7 +350,9 @@ impl Inner {
             )));
         }
         self.dirty.store(true, Ordering::Release);
-        if !self.ephemeral {
+        if self.ephemeral {
+            self.spill_if_due(st)?;
+        } else {
             self.commit_if_due(st, need)?;
         }
         let seq = {
@@ -579,6 +581,24 @@ impl Inner {
             self.start_commit(st)?;
         }
         Ok(())
+    }
+
+    /// An ephemeral store never commits: at [`Inner::dirty_limit`] dirty nodes, write them out
+    /// uncommitted instead of keeping every change of the session in RAM.
+    fn spill_if_due(&self, st: &mut State) -> Result<()> {
+        if (st.meta.dirty_nodes() as u64) < self.dirty_limit(st) {
+            return Ok(());
+        }
+        match st.meta.spill() {
+            Ok(n) => {
+                tracing::debug!(
+                    nodes = n,
+                    "ephemeral: metadata nodes written out uncommitted"
+                );
+                Ok(())
+            }
+            Err(e) => Err(self.poison("writing metadata out", &std::io::Error::other(e))),
+        }
     }
 
     /// Dirty tree nodes at which a tree commit starts: at most [`MAX_DIRTY_NODES`] (its
@@ -1662,6 +1682,7 @@ impl Store {
             mappings: st.mappings(),
             cache_bytes: cache.capacity_bytes,
             cache_used_bytes: cache.used_bytes,
+            dirty_bytes: st.meta.dirty_nodes() as u64 * cs,
             ephemeral: self.inner.ephemeral,
             low_space: self.inner.is_low_space(),
             origins,

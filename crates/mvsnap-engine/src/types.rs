@@ -128,6 +128,10 @@ pub struct StoreInfo {
     pub cache_bytes: u64,
     #[serde(default)]
     pub cache_used_bytes: u64,
+    /// Tree nodes changed since the last commit: held in RAM beside the cache until the next
+    /// commit (or, for an ephemeral store, until they are written out uncommitted).
+    #[serde(default)]
+    pub dirty_bytes: u64,
     pub ephemeral: bool,
     pub low_space: bool,
     pub origins: Vec<OriginInfo>,

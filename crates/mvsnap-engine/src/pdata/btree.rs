@@ -426,6 +426,22 @@ impl Pending {
         self.dirty.len()
     }
 
+    /// Write the dirty nodes to their own blocks and leave them to the cache as clean ones,
+    /// without a commit: for a store that never commits (ephemeral), so its RAM stays bounded.
+    /// A node changed again after this is shadowed to a new block like any clean one. On an
+    /// error the transaction has lost nodes: the caller must treat it as broken.
+    pub fn spill(&mut self, io: &dyn NodeIo, cache: &NodeCache) -> PResult<usize> {
+        let nodes: FrozenNodes = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|(b, n)| (b, Arc::new(n)))
+            .collect();
+        let written = write_frozen(io, &nodes, self.txn)?;
+        for (b, n) in nodes {
+            cache.insert(b, n);
+        }
+        Ok(written)
+    }
+
     /// Close the transaction: its dirty nodes, to be written by a commit while the next
     /// transaction reads (and shadows) them.
     pub fn freeze(self) -> FrozenNodes {

@@ -422,6 +422,25 @@ impl Meta {
         out
     }
 
+    /// For a store that never commits (ephemeral): write the open transaction's nodes where
+    /// they are, without a sync and without a header, and let the cache hold them as clean
+    /// ones. They sit in blocks the durable version does not use and no header names, so a
+    /// crash still leaves the store as it was opened; meanwhile RAM holds the cache only.
+    pub fn spill(&mut self) -> PResult<usize> {
+        self.check_open()?;
+        if self.sync || self.frozen.is_some() {
+            return Err(PdataError::Corrupt {
+                block: 0,
+                what: "nodes spilled outside an ephemeral store (a bug)".into(),
+            });
+        }
+        let out = self.pending.spill(&self.io, &self.cache);
+        if let Err(e) = &out {
+            self.broken = Some(e.to_string());
+        }
+        out
+    }
+
     /// A block for data, in the open transaction (near the last one handed out).
     pub fn alloc_block(&mut self) -> PResult<Option<BlockNo>> {
         self.check_open()?;
