@@ -166,42 +166,14 @@ fn one_size(dir: &Path, n: u64, writes: usize, cache: Option<u64>) -> R<()> {
 /// the delete takes, how long until its space is reclaimed in the background, and how long
 /// a writer waits meanwhile.
 fn delete_under_load(store: &Path, n: u64, cache: Option<u64>) -> R<()> {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let s = Store::open(store, &open_opts(cache))?;
-    let stop = AtomicBool::new(false);
-    let (delete_ms, reclaim_ms, lat) = std::thread::scope(|sc| -> R<(f64, f64, Vec<f64>)> {
-        let writer = sc.spawn(|| -> Vec<f64> {
-            let o = s.volume("o0").expect("origin");
-            let blk = vec![0x3cu8; BLOCK as usize];
-            let mut rng = StdRng::seed_from_u64(3);
-            let mut lat = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let off = rng.random_range(0..n) * BLOCK;
-                let t = Instant::now();
-                o.write_at(off, &blk, false).expect("write");
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            lat
-        });
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let t = Instant::now();
-        s.delete_snapshot("o0@a")?;
-        let delete_ms = t.elapsed().as_secs_f64() * 1e3;
-        // The writer goes on until the background reclaim is over.
-        s.wait_reclaimed()?;
-        let reclaim_ms = t.elapsed().as_secs_f64() * 1e3;
-        stop.store(true, Ordering::Relaxed);
-        Ok((delete_ms, reclaim_ms, writer.join().expect("writer")))
-    })?;
-    let mut lat = lat;
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let max = lat.last().copied().unwrap_or(0.0);
-    let p9999 = lat[((lat.len() as f64 * 0.9999) as usize).min(lat.len().saturating_sub(1))];
+    let d = common::delete_under_load(&s, "o0@a", n, "o0", n)?;
     s.close()?;
     println!(
-        "delete n={n} delete_ms={delete_ms:.1} reclaimed_after_ms={reclaim_ms:.0} \
-         writer_writes={} writer_p9999_ms={p9999:.1} writer_max_ms={max:.1}",
-        lat.len()
+        "delete n={n} delete_ms={:.1} reclaimed_after_ms={:.0} {}",
+        d.delete_ms,
+        d.reclaimed_after_ms,
+        d.writer_summary()
     );
     Ok(())
 }

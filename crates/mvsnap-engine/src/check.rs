@@ -91,7 +91,8 @@ impl Store {
             }
             let mut keys: HashMap<u32, u64> = HashMap::new();
             let walk = snapdata::for_each(&view, o.no, &mut |block, node, loc| {
-                if !st.nodes.contains(node) {
+                // A deleted writable snapshot's keys stay until background reclaim drops them.
+                if !st.nodes.contains(node) && st.dead_nodes.get(&node) != Some(&o.no) {
                     r.errors.push(format!(
                         "origin {}: block {block} written by an unknown snapshot node {node}",
                         o.id
@@ -111,6 +112,14 @@ impl Store {
             if let Err(e) = walk {
                 r.errors
                     .push(format!("origin {}: snapshot data: {e}", o.id));
+            }
+            for (&node, _) in st.dead_nodes.iter().filter(|(_, &origin)| origin == o.no) {
+                if !keys.contains_key(&node) {
+                    r.errors.push(format!(
+                        "origin {}: deleted snapshot node {node} is listed for reclaim but holds no block",
+                        o.id
+                    ));
+                }
             }
             for (node, n) in keys {
                 let recorded = st.node_keys.get(&node).copied().unwrap_or(0);

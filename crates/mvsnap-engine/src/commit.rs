@@ -7,9 +7,11 @@
 //! start recovery from, and a new transaction opens on top of the frozen version. The writes
 //! (tables, nodes, bitmaps, sync, header, sync) then run on the committer thread while writers
 //! go on logging records and changing the new transaction; readers see the frozen version as
-//! committed. Whoever next holds the state lock after the writes *finishes* the commit: the
-//! frozen version is the durable one, the journal before the seal may be written over, and the
-//! blocks the commit freed are given back.
+//! committed. Whoever runs the writes gives the host back the space of the blocks the commit
+//! freed (punch or discard) once the new header is durable: the space map still counts them
+//! used in the old durable version, so none can be handed out yet. Whoever next holds the
+//! state lock then *finishes* the commit: the frozen version is the durable one, the journal
+//! before the seal may be written over, and those blocks may be handed out again.
 //!
 //! Ordering (DESIGN.md): nothing the durable version uses is written before the new header is
 //! durable (the space map hands out only blocks free in the durable, frozen and working
@@ -56,6 +58,13 @@ impl Inflight {
             return false;
         };
         let r = write_tables(inner, &tables).and_then(|()| job.write());
+        if r.is_ok() {
+            // The new header is durable and frees these blocks, while the version the space
+            // map still calls durable uses them: nobody can be handed one before the commit
+            // finishes, so the host gets their space back here, outside the state lock (a
+            // deleted snapshot's gigabytes took the writers' lock for seconds).
+            inner.punch_blocks(self.freed.clone());
+        }
         *self.result.lock() = Some(r);
         self.done.notify_all();
         true
@@ -247,7 +256,6 @@ impl Inner {
             self.settled_seq.fetch_max(covered, Ordering::AcqRel);
             self.commit_cv.notify_all();
         }
-        self.punch_blocks(job.freed.clone());
         tracing::debug!(
             nodes = stats.nodes,
             bitmaps = stats.bitmaps,

@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::journal::Record;
-use crate::pdata::preserved;
+use crate::pdata::{self, preserved, snapdata};
 use crate::state::State;
 use crate::store::Inner;
 use crate::types::EventKind;
@@ -67,7 +67,7 @@ pub(crate) fn spawn_reclaimer(inner: &Arc<Inner>) -> std::io::Result<()> {
             match inner.reclaim_batch() {
                 Ok(_) if inner.reclaimer.queue.lock().origins.is_empty() => {
                     // All done: commit, so the freed blocks go back to the host.
-                    if let Err(e) = inner.release_freed_space() {
+                    if let Err(e) = inner.release_freed_space(false) {
                         tracing::warn!("reclaim: giving space back: {e}");
                     }
                 }
@@ -90,13 +90,14 @@ impl Inner {
         self.reclaimer.cv.notify_all();
     }
 
-    /// Queue every origin whose counters show a generation range no live snapshot is in (what
-    /// a crash left of a reclaim).
+    /// Queue every origin whose counters show a generation range no live snapshot is in, or
+    /// that has keys of deleted writable snapshots (what a crash left of a reclaim).
     pub(crate) fn queue_dead_ranges(&self, st: &State) {
         for o in st.origins.values() {
             if o.ranges
                 .keys()
                 .any(|&(lo, hi)| o.live_gens.range(lo..=hi).next().is_none())
+                || st.has_dead_nodes(o.no)
             {
                 self.queue_reclaim(o.no);
             }
@@ -189,11 +190,25 @@ impl Inner {
         if !st.origins.contains_key(&no) {
             return Ok(None);
         }
-        let end =
-            preserved::nth_block(&st.meta.view(), no, from, BATCH).map_err(|e| Error::Corrupt {
-                path: self.path.clone(),
-                what: format!("reclaim: {e}"),
-            })?;
+        let corrupt = |e: pdata::PdataError| Error::Corrupt {
+            path: self.path.clone(),
+            what: format!("reclaim: {e}"),
+        };
+        let end = {
+            let view = st.meta.view();
+            let entries = pdata::nth_block(&view, preserved::SPACE, no, from, BATCH);
+            let entries = entries.map_err(corrupt)?;
+            if st.has_dead_nodes(no) {
+                // The batch drops keys of deleted writable snapshots too: bound those as well.
+                let keys = pdata::nth_block(&view, snapdata::SPACE, no, from, BATCH);
+                match (entries, keys.map_err(corrupt)?) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            } else {
+                entries
+            }
+        };
         self.log(
             st,
             Record::Reclaim {
@@ -221,7 +236,7 @@ impl Inner {
             }
         }
         drop(q);
-        self.release_freed_space()
+        self.release_freed_space(true)
     }
 
     pub(crate) fn stop_reclaimer(&self) {

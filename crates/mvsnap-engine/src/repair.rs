@@ -125,6 +125,8 @@ fn touches_origin(l: &LostRange, no: u32) -> bool {
 fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
     let mut changed = false;
     let mut node_keys: HashMap<u32, u64> = HashMap::new();
+    // Nodes holding keys that no live snapshot uses: background reclaim drops their keys.
+    let mut dead: BTreeMap<u32, u32> = BTreeMap::new();
     let nos: Vec<u32> = st.origins.keys().copied().collect();
     for no in nos {
         let mut ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
@@ -139,6 +141,9 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
             })?;
             snapdata::for_each(&view, no, &mut |_, node, _| {
                 *node_keys.entry(node).or_default() += 1;
+                if !st.nodes.contains(node) {
+                    dead.insert(node, no);
+                }
             })?;
         }
         let mut live: BTreeMap<u32, u32> = BTreeMap::new();
@@ -166,6 +171,10 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
     if recorded != node_keys {
         changed = true;
         st.node_keys = node_keys;
+    }
+    if st.dead_nodes != dead {
+        changed = true;
+        st.dead_nodes = dead;
     }
     Ok(changed)
 }

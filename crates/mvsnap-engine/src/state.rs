@@ -97,6 +97,11 @@ pub struct State {
     pub nodes: Nodes,
     /// Keys per node, for `mappings` and space usage.
     pub node_keys: HashMap<u32, u64>,
+    /// Nodes of deleted writable snapshots whose keys are still in the tree (node -> origin):
+    /// dropping them walks that origin's `S` keys, so background reclaim does it in batches
+    /// (`Record::Reclaim`) rather than the delete. Node ids are never reused, so a dead
+    /// node's keys are never read again; its `node_keys` count says how many remain.
+    pub dead_nodes: BTreeMap<u32, u32>,
     /// Blocks of the tables the durable version points at (freed by the next tree commit).
     pub table_blocks: Vec<u64>,
     /// Data blocks records released since the last tree commit: freed in the space map at
@@ -184,6 +189,7 @@ impl State {
             meta,
             nodes: Nodes::new(),
             node_keys: HashMap::new(),
+            dead_nodes: BTreeMap::new(),
             table_blocks: Vec::new(),
             deferred_frees: Vec::new(),
             unsettled_slots: ExpiringMap::default(),
@@ -377,6 +383,13 @@ impl State {
                 for l in freed {
                     self.defer_free(l);
                 }
+                // Their keys went with the origin's.
+                self.dead_nodes.retain(|&node, &mut o| {
+                    if o == no {
+                        self.node_keys.remove(&node);
+                    }
+                    o != no
+                });
             }
             Record::SnapshotCreate { time, snaps } => {
                 for ns in snaps {
@@ -560,6 +573,24 @@ impl State {
                 for l in freed {
                     self.defer_free(l);
                 }
+                if self.has_dead_nodes(no) {
+                    let dead = &self.dead_nodes;
+                    let is_dead = |n: u32| dead.get(&n) == Some(&no);
+                    let dropped = self
+                        .meta
+                        .change(|t| snapdata::drop_dead(t, no, *first, *last, &is_dead))
+                        .map_err(perr)?;
+                    for (node, loc) in dropped {
+                        if let Some(n) = self.node_keys.get_mut(&node) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.node_keys.remove(&node);
+                                self.dead_nodes.remove(&node);
+                            }
+                        }
+                        self.defer_free(loc);
+                    }
+                }
             }
         }
         Ok(())
@@ -584,18 +615,22 @@ impl State {
         let mut cur = Some(leaf).filter(|&n| n != NO_NODE && self.nodes.contains(n));
         while let Some(x) = cur {
             let parent = self.nodes.parent_of(x);
-            let freed = self
-                .meta
-                .change(|t| snapdata::drop_node(t, origin, x))
-                .map_err(perr)?;
-            for l in freed {
-                self.defer_free(l);
+            // Its keys go in the background (the caller queues the origin): finding them
+            // walks every key of the origin's writable volumes.
+            if self.node_keys.get(&x).is_some_and(|&n| n > 0) {
+                self.dead_nodes.insert(x, origin);
+            } else {
+                self.node_keys.remove(&x);
             }
-            self.node_keys.remove(&x);
             self.nodes.remove(x);
             cur = parent.filter(|&p| !self.nodes.has_children(p));
         }
         Ok(())
+    }
+
+    /// Whether `origin` has keys of deleted writable snapshots left to drop.
+    pub fn has_dead_nodes(&self, origin: u32) -> bool {
+        self.dead_nodes.values().any(|&o| o == origin)
     }
 
     /// Forget hidden snapshots without children, walking up their ancestry.
@@ -661,7 +696,8 @@ impl State {
             })
             .sum();
         let nodes = 8 + 16 * self.nodes.len() as u64;
-        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4
+        let dead = 4 + 16 * self.dead_nodes.len() as u64;
+        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead
     }
 
     /// The tables' bytes for `events` (the newest [`TABLE_EVENTS`] of them are kept).
@@ -727,6 +763,13 @@ impl State {
             w.u64(e.time);
             w.u8(e.kind as u8);
             w.str(&e.message);
+        }
+        // Last, so tables written before it existed read as "none".
+        w.u32(self.dead_nodes.len() as u32);
+        for (&node, &origin) in &self.dead_nodes {
+            w.u32(node);
+            w.u32(origin);
+            w.u64(self.node_keys.get(&node).copied().unwrap_or(0));
         }
         w.into_inner()
     }
@@ -852,6 +895,24 @@ impl State {
                 kind,
                 message: r.str().ok_or_else(short)?,
             });
+        }
+        if r.remaining() != 0 {
+            let ndead = r.u32().ok_or_else(short)?;
+            for _ in 0..ndead {
+                let node = r.u32().ok_or_else(short)?;
+                let origin = r.u32().ok_or_else(short)?;
+                let keys = r.u64().ok_or_else(short)?;
+                if node == NO_NODE || node <= st.nodes.next_id() || st.nodes.contains(node) {
+                    return Err(format!("deleted snapshot node {node} out of range"));
+                }
+                if !st.origins.contains_key(&origin) || keys == 0 {
+                    return Err(format!(
+                        "deleted snapshot node {node}: origin {origin}, {keys} keys"
+                    ));
+                }
+                st.dead_nodes.insert(node, origin);
+                st.node_keys.insert(node, keys);
+            }
         }
         if r.remaining() != 0 {
             return Err("tables have trailing bytes".into());

@@ -543,16 +543,33 @@ impl Inner {
     }
 
     /// After a delete or reclaim: commit the tree, so what it freed can be used again and
-    /// its space goes back to the host now.
-    pub(crate) fn release_freed_space(&self) -> Result<()> {
+    /// its space goes back to the host. `wait`: return once that is done (close,
+    /// `wait_reclaimed`); else start the commit beside the writers (the reclaim thread), after
+    /// the one running, if any, is over.
+    pub(crate) fn release_freed_space(&self, wait: bool) -> Result<()> {
         if self.ephemeral || self.read_only {
             return Ok(());
         }
-        let mut st = self.state.write();
-        if st.deferred_frees.is_empty() {
-            return Ok(());
+        loop {
+            let mut st = self.state.write();
+            if st.deferred_frees.is_empty() {
+                // A commit running may still hold some (the reclaim thread started it).
+                return if wait {
+                    self.wait_inflight(&mut st)
+                } else {
+                    Ok(())
+                };
+            }
+            if wait {
+                return self.checkpoint_locked(&mut st);
+            }
+            self.finish_inflight(&mut st)?;
+            if !self.commit_running() {
+                return self.start_commit(&mut st);
+            }
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        self.checkpoint_locked(&mut st)
     }
 
     /// Before a record of `need` bytes: start a tree commit when the open transaction holds

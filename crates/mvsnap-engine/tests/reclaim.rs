@@ -119,3 +119,98 @@ fn the_reclaim_runs_by_itself() {
     }
     common::assert_clean(&s, "after the background reclaim");
 }
+
+/// Deleted writable snapshots: their own blocks (keys in `S`) used to be found by a walk of
+/// every key of the origin's writable volumes inside the delete, under the state lock. Now
+/// the delete names their nodes dead and the batches drop the keys. `w` writes 40,960 blocks
+/// (ten batches); `f`, a writable snapshot of `w`, shares them; `w` then `f` deleted (the
+/// second delete makes the shared node dead too); a crash right after; the reopen finishes
+/// the work beside a writer on `v`, another writable snapshot, which stays exact.
+#[test]
+fn deleted_writable_snapshots_are_reclaimed_in_batches_and_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 160 * MIB;
+    let content = pattern(31, size as usize);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(256 * MIB, 65536),
+        &[("o0", content.clone())],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    for tag in ["w", "v"] {
+        s.create_snapshot(&["o0"], Some(tag), "", true).unwrap();
+    }
+    let w = s.volume("o0@w").unwrap();
+    let data = pattern(32, MIB as usize);
+    for off in (0..size).step_by(MIB as usize) {
+        w.write_at(off, &data, false).unwrap();
+    }
+    w.flush().unwrap();
+    drop(w);
+    s.create_snapshot(&["o0@w"], Some("f"), "", true).unwrap();
+    let w = s.volume("o0@w").unwrap();
+    let blk = pattern(33, BLOCK as usize);
+    for i in 0..512u64 {
+        w.write_at(i * 7 * BLOCK, &blk, false).unwrap();
+    }
+    w.flush().unwrap();
+    drop(w);
+    let v = s.volume("o0@v").unwrap();
+    let mut v_now = content.clone();
+    for i in 0..1024u64 {
+        let off = (i * 40 + 3) * BLOCK;
+        v.write_at(off, &blk, false).unwrap();
+        v_now[off as usize..(off + BLOCK) as usize].copy_from_slice(&blk);
+    }
+    v.flush().unwrap();
+    drop(v);
+    let before = s.info().mappings;
+    assert!(before >= 40_960 + 512 + 1024, "{before} mappings");
+    s.delete_snapshot("o0@w").unwrap();
+    s.delete_snapshot("o0@f").unwrap();
+    common::assert_clean(&s, "right after the deletes");
+    // A crash right after the deletes: no close, the reclaim cut short.
+    drop(s);
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    let left = s.info().mappings;
+    let v = s.volume("o0@v").unwrap();
+    let blk2 = pattern(34, BLOCK as usize);
+    for i in 0..256u64 {
+        let off = (i * 101 + 5) * BLOCK;
+        v.write_at(off, &blk2, false).unwrap();
+        v_now[off as usize..(off + BLOCK) as usize].copy_from_slice(&blk2);
+    }
+    v.flush().unwrap();
+    common::assert_clean(&s, "during the reclaim");
+    drop(v);
+    s.wait_reclaimed().unwrap();
+    let after = s.info().mappings;
+    eprintln!("mappings: {before} before the deletes, {left} at reopen, {after} reclaimed");
+    assert!(
+        left > after,
+        "the crash should leave batches to do ({left} at reopen, {after} in the end)"
+    );
+    // Only `v`'s own blocks are left: 1,024 + 256 writes, some to the same block.
+    assert!(
+        (1024..=1024 + 256).contains(&after),
+        "{after} mappings left after the reclaim"
+    );
+    common::assert_clean(&s, "after the reclaim");
+    common::assert_image("o0@v", &read_all(&s, "o0@v"), &v_now);
+    common::assert_image("o0", &read_all(&s, "o0"), &content);
+    s.close().unwrap();
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    assert_eq!(s.info().mappings, after);
+    common::assert_clean(&s, "reopen");
+    // The freed blocks are free: a new writable snapshot can write as much again (the
+    // store could not hold both).
+    s.create_snapshot(&["o0"], Some("x"), "", true).unwrap();
+    let x = s.volume("o0@x").unwrap();
+    for off in (0..size).step_by(MIB as usize) {
+        x.write_at(off, &data, false).unwrap();
+    }
+    x.flush().unwrap();
+    drop(x);
+    common::assert_clean(&s, "rewriting the reclaimed space");
+    s.close().unwrap();
+}

@@ -126,26 +126,6 @@ pub fn for_each(v: &dyn View, origin: u32, f: &mut dyn FnMut(u64, Preserved)) ->
     })
 }
 
-/// The block of `origin`'s `n`th entry from block `from` on (`None`: fewer remain): one batch
-/// of background reclaim covers `from..=` that block, so a batch costs about `n` entries
-/// whatever the origin's size.
-pub fn nth_block(v: &dyn View, origin: u32, from: u64, n: usize) -> PResult<Option<u64>> {
-    let mut seen = 0;
-    let mut out = None;
-    btree::for_each_from(v, &key(origin, from, 0), &mut |k, _| match split_key(k) {
-        Some((o, b, _)) if o == origin => {
-            seen += 1;
-            if seen >= n {
-                out = Some(b);
-                return false;
-            }
-            true
-        }
-        _ => false,
-    })?;
-    Ok(out)
-}
-
 /// Record a copy of `block` for generations `lo..=hi`. Its range must not overlap another
 /// entry of the block (the caller preserves only what is not preserved yet).
 pub fn add<A: BlockAlloc>(

@@ -224,24 +224,35 @@ pub fn for_each(v: &dyn View, origin: u32, f: &mut dyn FnMut(u64, u32, u64)) -> 
     })
 }
 
-/// Drop every key of node `x` (a deleted leaf): returns their locations, to free.
-pub fn drop_node<A: BlockAlloc>(t: &mut Txn<A>, origin: u32, x: u32) -> PResult<Vec<u64>> {
+/// Drop the keys of `origin`'s blocks `first..=last` whose node `dead` names (nodes of
+/// deleted writable snapshots): returns (node, location) of each, to count and free.
+pub fn drop_dead<A: BlockAlloc>(
+    t: &mut Txn<A>,
+    origin: u32,
+    first: u64,
+    last: u64,
+    dead: &dyn Fn(u32) -> bool,
+) -> PResult<Vec<(u32, u64)>> {
     let mut keys = Vec::new();
-    btree::for_each_from(&*t, &key(origin, 0, 0), &mut |k, val| match split_key(k) {
-        Some((o, b, node)) if o == origin => {
-            if node == x {
-                keys.push((b, loc_of(val)));
+    btree::for_each_from(
+        &*t,
+        &key(origin, first, 0),
+        &mut |k, val| match split_key(k) {
+            Some((o, b, node)) if o == origin && b <= last => {
+                if dead(node) {
+                    keys.push((b, node, loc_of(val)));
+                }
+                true
             }
-            true
-        }
-        _ => false,
-    })?;
-    let mut freed = Vec::new();
-    for (b, loc) in keys {
-        t.remove(&key(origin, b, x))?;
-        freed.push(loc);
+            _ => false,
+        },
+    )?;
+    let mut dropped = Vec::with_capacity(keys.len());
+    for (b, node, loc) in keys {
+        t.remove(&key(origin, b, node))?;
+        dropped.push((node, loc));
     }
-    Ok(freed)
+    Ok(dropped)
 }
 
 #[cfg(test)]
@@ -315,10 +326,22 @@ mod tests {
             })
             .unwrap();
             assert_eq!(entries, pairs.len(), "seed {seed}: {} volumes", vols.len());
-            // Dropping a leaf frees exactly what it wrote and leaves the others intact.
+            // Dropping a dead leaf's keys, in two block ranges as background reclaim does,
+            // frees exactly what it wrote and leaves the others intact.
             let (victim, _) = vols.pop().unwrap();
-            let freed = meta.update_with(|t| drop_node(t, 9, victim)).unwrap();
-            assert!(freed.iter().all(|&l| l >= 10 && l < loc));
+            let wrote = pairs.iter().filter(|(n, _)| *n == victim).count();
+            let dead = |n: u32| n == victim;
+            let mut freed = meta
+                .update_with(|t| drop_dead(t, 9, 0, blocks / 2, &dead))
+                .unwrap();
+            freed.extend(
+                meta.update_with(|t| drop_dead(t, 9, blocks / 2 + 1, u64::MAX, &dead))
+                    .unwrap(),
+            );
+            assert_eq!(freed.len(), wrote, "seed {seed}");
+            assert!(freed
+                .iter()
+                .all(|&(n, l)| n == victim && l >= 10 && l < loc));
             for (node, map) in &vols {
                 for b in (0..blocks).step_by(13) {
                     let got = meta.with_view(|v| lookup(v, &nodes, 9, b, *node)).unwrap();
