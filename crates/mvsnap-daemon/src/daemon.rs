@@ -392,8 +392,8 @@ async fn reserve(
             return Err(match what {
                 Doomed::Snapshot(name) => format!(
                     "{name} is open by an NBD client or through its file under --mount (a loop \
-                     device, a process); close it, or use --force to disconnect NBD clients and \
-                     delete"
+                     device, a process); close it, or use --force to disconnect NBD clients, \
+                     fail every later I/O of open files, and delete"
                 ),
                 Doomed::Origin(id) => format!(
                     "origin {id} is open by an NBD client or through a file under --mount ({}); \
@@ -408,6 +408,14 @@ async fn reserve(
             if what.covers(&name) {
                 nbd.disconnect(&name).await;
             }
+        }
+        // An open file cannot be closed from here: it is cut off instead.
+        let cut = users.revoke(&what);
+        if cut > 0 {
+            tracing::warn!(
+                "{cut} open file(s) of {what} revoked by a forced delete: their I/O fails \
+                 from now on"
+            );
         }
         let r = tokio::task::spawn_blocking(move || {
             r.wait_unused(Duration::from_secs(30)).then_some(r)

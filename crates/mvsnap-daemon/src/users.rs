@@ -3,6 +3,7 @@
 //! cannot be opened. Front ends (NBD exports, FUSE files) count their users here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,15 @@ pub enum Doomed {
     Snapshot(String),
     /// An origin and every snapshot of it.
     Origin(String),
+}
+
+impl std::fmt::Display for Doomed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Doomed::Snapshot(name) => write!(f, "snapshot {name}"),
+            Doomed::Origin(id) => write!(f, "origin {id}"),
+        }
+    }
 }
 
 impl Doomed {
@@ -33,6 +43,8 @@ impl Doomed {
 #[derive(Default)]
 struct State {
     open: HashMap<String, usize>,
+    /// Uses that a forced delete may cut off (open files), by id: their volume and flag.
+    revocable: HashMap<u64, (String, Arc<AtomicBool>)>,
     /// Deletes in progress, by a sequence number.
     doomed: HashMap<u64, Doomed>,
     next: u64,
@@ -48,15 +60,32 @@ pub struct Users {
 pub struct Use {
     users: Arc<Users>,
     volume: String,
+    /// Set when a forced delete cut this use off: it no longer counts, and its owner fails
+    /// every later I/O.
+    revoked: Arc<AtomicBool>,
+    /// Its entry in `revocable`, if it may be cut off.
+    id: Option<u64>,
+}
+
+impl Use {
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Use {
     fn drop(&mut self) {
         let mut st = self.users.lock();
-        if let Some(n) = st.open.get_mut(&self.volume) {
-            *n -= 1;
-            if *n == 0 {
-                st.open.remove(&self.volume);
+        if let Some(id) = self.id {
+            st.revocable.remove(&id);
+        }
+        // A revoked use stopped counting when it was revoked.
+        if !self.revoked() {
+            if let Some(n) = st.open.get_mut(&self.volume) {
+                *n -= 1;
+                if *n == 0 {
+                    st.open.remove(&self.volume);
+                }
             }
         }
         drop(st);
@@ -107,15 +136,59 @@ impl Users {
 
     /// Count one more user of `volume`, unless a delete of it is in progress.
     pub fn enter(self: &Arc<Self>, volume: &str) -> Result<Use, String> {
+        self.enter_as(volume, false)
+    }
+
+    /// [`Users::enter`] for a user that cannot be disconnected (an open file): a forced
+    /// delete revokes it instead ([`Users::revoke`]).
+    pub fn enter_revocable(self: &Arc<Self>, volume: &str) -> Result<Use, String> {
+        self.enter_as(volume, true)
+    }
+
+    fn enter_as(self: &Arc<Self>, volume: &str, revocable: bool) -> Result<Use, String> {
         let mut st = self.lock();
         if st.doomed.values().any(|d| d.covers(volume)) {
             return Err(format!("{volume} is being deleted"));
         }
         *st.open.entry(volume.to_string()).or_default() += 1;
+        let revoked = Arc::new(AtomicBool::new(false));
+        let id = revocable.then(|| {
+            let id = st.next;
+            st.next += 1;
+            st.revocable
+                .insert(id, (volume.to_string(), revoked.clone()));
+            id
+        });
         Ok(Use {
             users: self.clone(),
             volume: volume.to_string(),
+            revoked,
+            id,
         })
+    }
+
+    /// Cut off the revocable uses of what `what` covers: they stop counting at once, and their
+    /// owners fail every later I/O. Returns how many.
+    pub fn revoke(&self, what: &Doomed) -> usize {
+        let mut st = self.lock();
+        let hit: Vec<(String, Arc<AtomicBool>)> = st
+            .revocable
+            .values()
+            .filter(|(v, flag)| what.covers(v) && !flag.load(Ordering::Acquire))
+            .cloned()
+            .collect();
+        for (volume, flag) in &hit {
+            flag.store(true, Ordering::Release);
+            if let Some(n) = st.open.get_mut(volume) {
+                *n -= 1;
+                if *n == 0 {
+                    st.open.remove(volume);
+                }
+            }
+        }
+        drop(st);
+        self.left.notify_all();
+        hit.len()
     }
 
     /// Reserve `what` for a delete. Unless `force`, refused with the volumes in use when any
@@ -174,5 +247,33 @@ mod tests {
         t.join().unwrap();
         drop(r);
         let _b = u.enter("d@a").unwrap();
+    }
+
+    #[test]
+    fn a_forced_delete_revokes_open_files_and_stops_waiting_for_them() {
+        let u = Arc::new(Users::default());
+        let file = u.enter_revocable("d@a").unwrap();
+        let other = u.enter_revocable("d@b").unwrap();
+        let nbd = u.enter("d@a").unwrap();
+        let r = u.reserve(Doomed::Snapshot("d@a".into()), true).unwrap();
+        assert_eq!(u.revoke(&Doomed::Snapshot("d@a".into())), 1);
+        assert!(file.revoked() && !other.revoked() && !nbd.revoked());
+        // The NBD client still counts; the file no longer does.
+        assert!(!r.wait_unused(Duration::from_millis(10)));
+        drop(nbd);
+        assert!(r.wait_unused(Duration::from_millis(10)));
+        // Its late release counts nothing twice.
+        drop(r);
+        let again = u.enter("d@a").unwrap();
+        drop(file);
+        let r = u.reserve(Doomed::Snapshot("d@a".into()), false);
+        assert!(
+            r.is_err(),
+            "the new user still counts after the revoked one left"
+        );
+        drop(again);
+        assert!(u.reserve(Doomed::Snapshot("d@a".into()), false).is_ok());
+        assert_eq!(u.revoke(&Doomed::Origin("d".into())), 1);
+        assert!(other.revoked());
     }
 }

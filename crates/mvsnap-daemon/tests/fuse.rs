@@ -3,7 +3,8 @@
 //! - The files: names, sizes, modes; reads and writes through a file and through NBD (nbdcopy,
 //!   qemu-io) on the same volume at once see the same bytes; fsync, punch-hole, zero-range and
 //!   SEEK_DATA/SEEK_HOLE; a snapshot made over the control socket appears as a file within a
-//!   second, is read-only, and cannot be deleted while its file is open.
+//!   second, is read-only, and cannot be deleted while its file is open (unless forced: the
+//!   open file then fails its I/O).
 //! - ext4 on `losetup` of the origin's file (buffered and --direct-io=on): a writer thread
 //!   writes files with known SHA-256 and fsyncs them while snapshots are taken with
 //!   `--freeze` and without; each frozen snapshot's loop device passes `e2fsck -fn` and mounts
@@ -408,6 +409,38 @@ fn files_list_sizes_modes_and_match_nbd() {
         vols.names()
     );
     assert!(fx.snapshot_names().is_empty());
+
+    // Forced: a file cannot be closed from the daemon's side, so it is cut off instead: the
+    // delete goes through at once, the name goes, and the holder's next read fails (EIO),
+    // like a pulled disk's. The origin is untouched.
+    let out = fx.ms(&["snapshot", "create", "disk0", "--tag", "s2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s2 = vols.file("disk0@s2");
+    assert!(
+        within(Duration::from_secs(1), || s2.exists()).is_some(),
+        "disk0@s2 not listed: {:?}",
+        vols.names()
+    );
+    let held = std::fs::File::open(&s2).unwrap();
+    let mut got = vec![0u8; 65536];
+    held.read_exact_at(&mut got, 0).unwrap();
+    assert_image("disk0@s2 before the delete", &got, &model[..65536]);
+    let out = fx.ms(&["snapshot", "delete", "--force", "disk0@s2"]);
+    assert!(out.status.success(), "forced delete: {}", text(&out));
+    let e = held.read_exact_at(&mut got, 0).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EIO),
+        "read after the forced delete: {e}"
+    );
+    assert!(
+        within(Duration::from_secs(2), || vols.names() == vec!["disk0"]).is_some(),
+        "disk0@s2 still listed: {:?}",
+        vols.names()
+    );
+    drop(held);
+    assert!(fx.snapshot_names().is_empty());
+    assert_image("origin file", &read_file(&disk), &model);
 
     fx.assert_check_clean("after the file tests");
     let st = d.terminate();

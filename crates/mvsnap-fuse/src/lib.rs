@@ -47,14 +47,25 @@ pub const MAX_IO: u32 = 1 << 20;
 /// the guard it returns is dropped when the file is released. An error refuses the open (the
 /// volume is being deleted).
 pub trait Gate: Send + Sync + 'static {
-    fn enter(&self, volume: &str) -> Result<Box<dyn Send + Sync>, String>;
+    fn enter(&self, volume: &str) -> Result<Box<dyn UseGuard>, String>;
 }
+
+/// What [`Gate::enter`] returns, held while the file is open.
+pub trait UseGuard: Send + Sync {
+    /// A forced delete took the volume away: every later I/O on the file fails (EIO), as on
+    /// a disk that was pulled. A file cannot be closed from this side.
+    fn revoked(&self) -> bool {
+        false
+    }
+}
+
+impl UseGuard for () {}
 
 /// No counting (tests, tools).
 pub struct NoGate;
 
 impl Gate for NoGate {
-    fn enter(&self, _volume: &str) -> Result<Box<dyn Send + Sync>, String> {
+    fn enter(&self, _volume: &str) -> Result<Box<dyn UseGuard>, String> {
         Ok(Box::new(()))
     }
 }
@@ -72,7 +83,7 @@ struct OpenFile {
     vol: Volume,
     /// Opened with O_SYNC/O_DSYNC: every write is durable before it is answered.
     sync: bool,
-    _use: Box<dyn Send + Sync>,
+    user: Box<dyn UseGuard>,
 }
 
 /// The FUSE file system: a root directory holding one file per volume.
@@ -228,7 +239,13 @@ impl VolumeFs {
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
-        self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
+        let f = self.files.read().get(&fh.0).cloned().ok_or(Errno::EBADF)?;
+        if f.user.revoked() {
+            // Deleted with --force: let go of the volume now, fail this and every later I/O.
+            self.files.write().remove(&fh.0);
+            return Err(Errno::EIO);
+        }
+        Ok(f)
     }
 
     /// `[offset, offset+len)` clipped to the volume; None if it starts at or past the end.
@@ -391,14 +408,9 @@ impl Filesystem for VolumeFs {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        self.files.write().insert(
-            fh,
-            Arc::new(OpenFile {
-                vol,
-                sync,
-                _use: user,
-            }),
-        );
+        self.files
+            .write()
+            .insert(fh, Arc::new(OpenFile { vol, sync, user }));
         reply.opened(
             FileHandle(fh),
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,

@@ -173,7 +173,8 @@ pub struct DeleteArgs {
     #[arg(short = 'n', long)]
     dry_run: bool,
 
-    /// Delete even while a client has it open (only a daemon has clients; offline there are none).
+    /// Delete even while a client has it open: a daemon disconnects its NBD clients, and files
+    /// open under `serve --mount` (a loop device, a process) fail every later I/O with EIO.
     #[arg(long)]
     force: bool,
 }
