@@ -732,21 +732,7 @@ fn fio_verify_through_the_loop_device_then_sigkill_and_restart() {
 
     // SIGKILL under load.
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, true);
-    let mut load = ChildGuard::spawn(
-        Command::new(&fio)
-            .args([
-                "--name=load",
-                "--ioengine=libaio",
-                "--direct=1",
-                "--rw=randrw",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=64M",
-                "--time_based",
-                "--runtime=60",
-            ])
-            .arg(format!("--filename={}", lo.dev())),
-    );
+    let mut load = fio_load(&fio, lo.dev(), &["--rw=randrw", "--bs=4k", "--size=64M"]);
     std::thread::sleep(Duration::from_secs(2));
     assert!(load.running(), "fio ended early");
     d.kill9();
@@ -830,20 +816,10 @@ fn sigterm_under_heavy_io_through_a_loop_device() {
     let d = fx.start_with(&["--mount", vols.arg()]);
     fx.snapshot("disk0", "before", false, "");
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, true);
-    let mut load = ChildGuard::spawn(
-        Command::new(&fio)
-            .args([
-                "--name=load",
-                "--ioengine=libaio",
-                "--direct=1",
-                "--rw=randwrite",
-                "--bs=64k",
-                "--iodepth=16",
-                "--time_based",
-                "--runtime=120",
-                "--fsync=32",
-            ])
-            .arg(format!("--filename={}", lo.dev())),
+    let mut load = fio_load(
+        &fio,
+        lo.dev(),
+        &["--rw=randwrite", "--bs=64k", "--fsync=32"],
     );
     // Well into the load: copy-outs for the snapshot, writes in flight.
     std::thread::sleep(Duration::from_secs(2));
@@ -890,4 +866,22 @@ fn sigterm_under_heavy_io_through_a_loop_device() {
     let st = d.terminate();
     assert!(st.success(), "{st}");
     fx.assert_check_clean("after the restart");
+}
+
+/// fio with libaio, O_DIRECT and 16 requests in flight on `dev` for up to two minutes (the
+/// tests stop the daemon under it), with `args` for the pattern.
+fn fio_load(fio: &Path, dev: &str, args: &[&str]) -> ChildGuard {
+    ChildGuard::spawn(
+        Command::new(fio)
+            .args([
+                "--name=load",
+                "--ioengine=libaio",
+                "--direct=1",
+                "--iodepth=16",
+                "--time_based",
+                "--runtime=120",
+            ])
+            .args(args)
+            .arg(format!("--filename={dev}")),
+    )
 }
