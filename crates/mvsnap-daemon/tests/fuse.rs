@@ -709,9 +709,12 @@ fn fio_verify_through_the_loop_device_then_sigkill_and_restart() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                // No state file left behind (in the working directory: the source tree).
+                "--verify_state_save=0",
                 "--randseed=42",
             ])
-            .arg(format!("--filename={}", lo.dev())),
+            .arg(format!("--filename={}", lo.dev()))
+            .current_dir(&fx.dir.path),
         TOOL_TIMEOUT,
     );
     let t = text(&out);
