@@ -192,6 +192,13 @@ impl Inner {
             return Ok(());
         }
         self.check_poison()?;
+        if !self.epoch_fresh.load(Ordering::Acquire) {
+            // The first commit of an open starts a new journal epoch, so nothing a crashed
+            // writer left past the replayed records can ever validate after it: that one runs
+            // to the end here. (A commit with nothing logged since the open, such as the
+            // reclaim thread's after a recovery, gets here.)
+            return self.checkpoint_locked(st);
+        }
         let job = self.freeze_commit(st, false)?;
         *self.inflight.lock() = Some(job);
         if self.committer.lock().is_some() && !self.closed.load(Ordering::Acquire) {

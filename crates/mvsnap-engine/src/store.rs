@@ -551,6 +551,12 @@ impl Inner {
             return Ok(());
         }
         loop {
+            // Closing (or dropped, as in a crash): the committer is gone, and `close` finishes
+            // what is left itself. Poisoned: nothing more is written.
+            if !wait && self.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.check_poison()?;
             let mut st = self.state.write();
             if st.deferred_frees.is_empty() {
                 // A commit running may still hold some (the reclaim thread started it).

@@ -63,6 +63,8 @@ use common::{first_diff, format_opts, pattern, read_all};
 
 const STORE_SIZE: u64 = 32 << 20;
 const MAX_SNAPS: usize = 8;
+/// Live snapshots of a deep case: room for a chain of more than 20.
+const DEEP_SNAPS: usize = 48;
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Life {
@@ -127,6 +129,10 @@ struct Case {
     faults: bool,
     /// A fault was injected since the last recovery: errors are expected.
     faulted: bool,
+    /// Deep snapshot trees: a new snapshot is taken of the newest live one of its origin
+    /// (chains of snapshots of snapshots; a delete in the middle leaves a hidden link), and
+    /// up to [`DEEP_SNAPS`] live at once.
+    deep: bool,
 }
 
 fn oname(i: usize) -> String {
@@ -135,13 +141,19 @@ fn oname(i: usize) -> String {
 
 impl Case {
     fn new(seed: u64) -> Case {
+        Case::with(seed, false)
+    }
+
+    /// `deep`: see [`Case::deep`]; such a case never runs on a full store (its chain must
+    /// grow).
+    fn with(seed: u64, deep: bool) -> Case {
         let mut rng = StdRng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
         let (chunk, named) = common::random_origins(&mut rng, seed);
         let norigins = named.len();
         let origins: Vec<(&str, Vec<u8>)> =
             named.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
-        let full = rng.random_bool(0.25);
+        let full = !deep && rng.random_bool(0.25);
         let faults = !full && rng.random_bool(0.25);
         let store_size = if full {
             let journal = mvsnap_engine::format::Geometry::default_journal_len(STORE_SIZE);
@@ -171,7 +183,35 @@ impl Case {
             invalid: Default::default(),
             faults,
             faulted: false,
+            deep,
         }
+    }
+
+    fn max_snaps(&self) -> usize {
+        if self.deep {
+            DEEP_SNAPS
+        } else {
+            MAX_SNAPS
+        }
+    }
+
+    /// The longest chain of parents among the live snapshots, as the store lists them.
+    fn depth(&self) -> usize {
+        let list = self.store().snapshots();
+        let parent: BTreeMap<&str, &str> = list
+            .iter()
+            .map(|i| (i.name.as_str(), i.parent.as_str()))
+            .collect();
+        let mut deepest = 0;
+        for start in parent.keys() {
+            let (mut n, mut cur) = (0, *start);
+            while let Some(p) = parent.get(cur) {
+                n += 1;
+                cur = p;
+            }
+            deepest = deepest.max(n);
+        }
+        deepest
     }
 
     #[track_caller]
@@ -326,7 +366,7 @@ impl Case {
         let kind = loop {
             let k = self.rng.random_range(0..100);
             let ok = match k {
-                43..=57 => self.snaps.len() < MAX_SNAPS,
+                43..=57 => self.snaps.len() < self.max_snaps(),
                 58..=84 => !wsnaps.is_empty(),
                 85..=91 => !self.snaps.is_empty(),
                 _ => true,
@@ -519,6 +559,17 @@ impl Case {
         // Sources: the origin or any snapshot; sometimes a set over both origins.
         let mut srcs: Vec<(String, usize)> = Vec::new();
         let pick = |c: &mut Case, o: usize| -> String {
+            if c.deep {
+                // The newest live snapshot of the origin: the chain grows.
+                if let Some((n, _)) = c
+                    .snaps
+                    .iter()
+                    .filter(|(_, s)| s.origin == o && s.life == Life::Live)
+                    .max_by_key(|(_, s)| s.set)
+                {
+                    return n.clone();
+                }
+            }
             let mut cands = vec![oname(o)];
             cands.extend(
                 c.snaps
@@ -528,7 +579,9 @@ impl Case {
             );
             cands[c.rng.random_range(0..cands.len())].clone()
         };
-        if self.origins.len() == 2 && self.rng.random_bool(0.25) {
+        // A deep case takes sets over both origins more often: both chains grow.
+        let both = if self.deep { 0.5 } else { 0.25 };
+        if self.origins.len() == 2 && self.rng.random_bool(both) {
             for o in 0..2 {
                 let n = pick(self, o);
                 srcs.push((n, o));
@@ -777,6 +830,39 @@ fn crash_during_recovery() {
             };
             c.round(mode, 1 + r);
         }
+    }
+}
+
+/// Snapshot trees of depth 20 and more (issue 8): 40 snapshots, each of the newest of its origin,
+/// about half writable, with bursts of writes into the origins and writable snapshots at every
+/// depth; then power cuts inside calls and between them (the same workload, its snapshots
+/// still mostly chained), every volume verified after each recovery.
+#[test]
+fn crash_in_deep_snapshot_trees() {
+    for seed in seeds(6_000, 40) {
+        let mut c = Case::with(seed, true);
+        for i in 0..40 {
+            if let Err(e) = c.create() {
+                c.fail(format!("create {i} of the chain: {e}"));
+            }
+            let wsnaps: Vec<String> = c
+                .snaps
+                .iter()
+                .filter(|(_, s)| s.writable)
+                .map(|(n, _)| n.clone())
+                .collect();
+            if let Err(e) = c.burst(&wsnaps) {
+                c.fail(format!("burst after create {i}: {e}"));
+            }
+        }
+        let depth = c.depth();
+        c.log.push(format!("--- chain built: depth {depth}"));
+        if depth < 20 {
+            c.fail(format!("the snapshot tree is only {depth} deep"));
+        }
+        c.round(Mode::Inside, 0);
+        c.round(Mode::Between, 0);
+        c.round(Mode::Inside, 1);
     }
 }
 
