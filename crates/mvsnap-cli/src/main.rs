@@ -146,6 +146,11 @@ fn usage_exit(path: &[String], kind: clap::error::ErrorKind, msg: &str) -> ! {
     sub.error(kind, msg).exit()
 }
 
+/// fuser's request buffers (16 MiB per FUSE event loop) on transparent huge pages: see
+/// `mvsnap_fuse::HugeBufAlloc`.
+#[global_allocator]
+static ALLOC: mvsnap_fuse::HugeBufAlloc = mvsnap_fuse::HugeBufAlloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let mut path = Vec::new();

@@ -15,8 +15,10 @@
 //! - `fsync`/`fdatasync` is a flush; `fallocate(PUNCH_HOLE)` a trim, `ZERO_RANGE` zero_range;
 //!   `lseek(SEEK_DATA/SEEK_HOLE)` answers from the engine's block status.
 
+mod alloc;
 mod mount;
 
+pub use alloc::HugeBufAlloc;
 pub use mount::{clear_stale, loop_devices_on, Mount, MountOptions};
 
 use std::collections::HashMap;
