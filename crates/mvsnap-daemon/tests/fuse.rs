@@ -250,7 +250,7 @@ fn files_list_sizes_modes_and_match_nbd() {
     let content = pattern_bytes(1, MIB as usize);
     let fx = Fixture::new("fuse-files", SIZE, &content);
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     assert!(
         d.ready.contains(&format!("mount={}", vols.arg())),
         "readiness line: {}",
@@ -576,7 +576,7 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
         &[],
     );
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, direct_io);
     // With discard: mkfs trims the device, which reaches the file as punch-hole.
     let mut c = Command::new(&mkfs);
@@ -692,7 +692,7 @@ fn fio_verify_through_the_loop_device_then_sigkill_and_restart() {
     let content = pattern_bytes(3, 4 * MIB as usize);
     let fx = Fixture::new("fuse-fio", SIZE, &content);
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
 
     // fio with verify on the loop device, direct I/O, QD16.
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, true);
@@ -749,7 +749,7 @@ fn fio_verify_through_the_loop_device_then_sigkill_and_restart() {
     );
 
     // The next daemon clears the stale mount and serves again.
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     assert!(
         d.log_text().contains("stale FUSE mount"),
         "no word of the stale mount: {}",
@@ -777,11 +777,11 @@ fn busy_mount_is_detached_lazily_on_sigterm() {
     need_root!();
     let fx = Fixture::new("fuse-busy", 16 * MIB, &pattern_bytes(4, 4096));
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), true, false);
     // Another daemon (another store) is not mounted over a live mount.
     let other = Fixture::new("fuse-busy2", 16 * MIB, &[]);
-    match other.try_start_with(&["--mount", vols.arg()]) {
+    match other.try_start_with(&["--mount", vols.arg()], &[]) {
         Ok(_) => panic!("a second daemon mounted over a live mount"),
         Err(e) => assert!(e.contains("already a mount point"), "{e}"),
     }
@@ -816,7 +816,7 @@ fn sigterm_under_heavy_io_through_a_loop_device() {
     let content = pattern_bytes(6, 64 * MIB as usize);
     let fx = Fixture::new("fuse-term-load", content.len() as u64, &content);
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     fx.snapshot("disk0", "before", false, "");
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, true);
     let mut load = fio_load(

@@ -171,7 +171,7 @@ fn start(fx: &Fixture, listen: &str, args: &[String]) -> (Daemon, u16) {
     let mut all: Vec<&str> = vec!["--listen", listen];
     all.extend(args.iter().map(String::as_str));
     let d = fx
-        .try_start_with(&all)
+        .try_start_with(&all, &[])
         .unwrap_or_else(|e| panic!("the daemon did not start: {e}"));
     let tcp = d
         .ready

@@ -292,13 +292,28 @@ impl Fixture {
     /// Start `mvsnap serve --nbd-socket SOCK` and wait for its readiness line.
     #[track_caller]
     pub fn start(&self) -> Daemon {
-        self.try_start()
+        self.start_with(&[], &[])
+    }
+
+    /// Start a daemon; `Err(its stderr)` if it exits without serving.
+    pub fn try_start(&self) -> Result<Daemon, String> {
+        self.try_start_with(&[], &[])
+    }
+
+    /// Start `mvsnap serve --nbd-socket SOCK ARGS...` (`--mount DIR`, `--listen`, TLS...) with
+    /// more environment variables (`NOTIFY_SOCKET`...).
+    #[track_caller]
+    pub fn start_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        self.try_start_with(args, env)
             .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
     }
 
-    /// Start `mvsnap serve --nbd-socket SOCK ARGS...` with more environment variables.
-    #[track_caller]
-    pub fn start_with_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+    /// `start_with`, or `Err(its stderr)` if it exits without serving.
+    pub fn try_start_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Result<Daemon, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let log = self
+            .dir
+            .join(&format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let mut cmd = self.mvsnap();
         cmd.arg("serve")
             .arg("--nbd-socket")
@@ -307,36 +322,7 @@ impl Fixture {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let log = self.dir.join("daemon-with.log");
-        Daemon::spawn(&mut cmd, &log).unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
-    }
-
-    /// Start a daemon; `Err(its stderr)` if it exits without serving.
-    pub fn try_start(&self) -> Result<Daemon, String> {
-        self.try_start_with(&[])
-    }
-
-    /// Start `mvsnap serve --nbd-socket SOCK EXTRA...` (e.g. `--mount DIR`).
-    #[track_caller]
-    pub fn start_with(&self, extra: &[&str]) -> Daemon {
-        self.try_start_with(extra)
-            .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
-    }
-
-    /// `try_start` with more `serve` arguments (`--listen`, TLS...).
-    pub fn try_start_with(&self, extra: &[&str]) -> Result<Daemon, String> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let log = self
-            .dir
-            .join(&format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
-        Daemon::spawn(
-            self.mvsnap()
-                .arg("serve")
-                .arg("--nbd-socket")
-                .arg(&self.sock)
-                .args(extra),
-            &log,
-        )
+        Daemon::spawn(&mut cmd, &log)
     }
 
     /// Read a whole export with nbdcopy (to stdout).
