@@ -173,12 +173,28 @@ impl Fixture {
         let _ = mvsnap_bin();
         let dir = TestDir::new(name);
         let store = dir.join("store.img");
-        let runtime = dir.join("run");
-        std::fs::create_dir_all(&runtime).unwrap();
         let origin = dir.join("disk0.img");
         std::fs::write(&origin, content).unwrap();
+        Fixture::at(dir, store, origin, size, "512M")
+    }
+
+    /// A fixture whose store and origin are at the given paths (anywhere: freeze.rs puts them
+    /// on the filesystem it freezes): the origin file is made `size` bytes (created if
+    /// missing, sparse), the store formatted with `--size STORE_SIZE` and the origin bound as
+    /// `disk0`. The runtime directory and the NBD socket are in `dir`.
+    pub fn at(
+        dir: TestDir,
+        store: PathBuf,
+        origin: PathBuf,
+        size: u64,
+        store_size: &str,
+    ) -> Fixture {
+        let runtime = dir.join("run");
+        std::fs::create_dir_all(&runtime).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
+            .create(true)
+            .truncate(false)
             .open(&origin)
             .unwrap()
             .set_len(size)
@@ -196,7 +212,7 @@ impl Fixture {
                 .env_remove("MVSNAP_STORE")
                 .arg("format")
                 .arg(&fx.store)
-                .args(["--size", "512M"]),
+                .args(["--size", store_size]),
         );
         fx.ms_ok(&[
             "origin",
