@@ -31,45 +31,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn missing_privileges() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (FUSE mounts, losetup and mount need it)".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} does not exist"));
-        }
-    }
-    None
-}
-
-macro_rules! need_root {
-    () => {
-        if let Some(why) = missing_privileges() {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "skipped: {why}");
-            return;
-        }
-    };
-}
-
-/// Try a few times: a just-closed device or mount may still be busy for a moment.
-fn retry(what: &str, mut f: impl FnMut() -> bool) -> bool {
-    for i in 0..20 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100 * (i + 1).min(5)));
-    }
-    eprintln!("giving up: {what}");
-    false
-}
-
-fn quiet(cmd: &mut Command) -> bool {
-    run(cmd, Duration::from_secs(60)).status.success()
-}
-
 /// The FUSE mount directory: on drop, a mount still there (a killed daemon's) is detached.
 struct MountDir(PathBuf);
 
@@ -107,99 +68,6 @@ impl Drop for MountDir {
             eprintln!("{} still mounted: umount -l", self.0.display());
             quiet(Command::new("umount").arg("-l").arg(&self.0));
         }
-    }
-}
-
-/// `losetup -f --show [-r] [--direct-io=on] FILE`; detached on drop.
-struct Loop {
-    dev: Option<String>,
-    losetup: PathBuf,
-}
-
-impl Loop {
-    fn attach(losetup: &Path, file: &Path, read_only: bool, direct_io: bool) -> Loop {
-        let mut c = Command::new(losetup);
-        c.args(["-f", "--show"]);
-        if read_only {
-            c.arg("-r");
-        }
-        if direct_io {
-            c.arg("--direct-io=on");
-        }
-        let out = run_ok(c.arg(file));
-        let dev = out.trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        let l = Loop {
-            dev: Some(dev),
-            losetup: losetup.to_path_buf(),
-        };
-        if direct_io {
-            let info = run_ok(
-                Command::new(losetup)
-                    .args(["-n", "-O", "DIO", "-l"])
-                    .arg(l.dev()),
-            );
-            assert_eq!(info.trim(), "1", "{} is not in direct I/O mode", l.dev());
-        }
-        l
-    }
-
-    fn dev(&self) -> &str {
-        self.dev.as_deref().unwrap()
-    }
-
-    fn detach(&mut self) {
-        if let Some(dev) = self.dev.take() {
-            let l = self.losetup.clone();
-            retry("losetup -d", || quiet(Command::new(&l).arg("-d").arg(&dev)));
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        self.detach();
-    }
-}
-
-/// `mount [-o OPTS] -t FS DEV DIR`; unmounted on drop.
-struct Mnt {
-    dir: Option<PathBuf>,
-}
-
-impl Mnt {
-    fn new(fs: Fs, dev: &str, dir: &Path, opts: Option<&str>) -> Mnt {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut c = Command::new("mount");
-        if let Some(o) = opts {
-            c.arg("-o").arg(o);
-        }
-        run_ok(c.args(["-t", fs.name()]).arg(dev).arg(dir));
-        Mnt {
-            dir: Some(dir.to_path_buf()),
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.as_ref().unwrap().join(p)
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.as_deref().unwrap()
-    }
-
-    fn unmount(&mut self) {
-        if let Some(dir) = self.dir.take() {
-            if !retry("umount", || quiet(Command::new("umount").arg(&dir))) {
-                quiet(Command::new("umount").arg("-l").arg(&dir));
-            }
-        }
-    }
-}
-
-impl Drop for Mnt {
-    fn drop(&mut self) {
-        self.unmount();
     }
 }
 
@@ -585,7 +453,7 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
         Fs::Xfs => c.args(["-q", "-f", "-L", "mvsnap"]),
     };
     run_ok(c.arg(lo.dev()));
-    let mut m = Mnt::new(fs, lo.dev(), &fx.dir.join("mnt"), None);
+    let mut m = Mnt::new(fs.name(), lo.dev(), &fx.dir.join("mnt"), None);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (written, w) = writer(m.dir().to_path_buf(), stop.clone(), 7);
@@ -614,7 +482,7 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
     );
     m.unmount();
     fsck_clean(fs, &checker, lo.dev(), "the origin");
-    let mut mo = Mnt::new(fs, lo.dev(), &fx.dir.join("mnt"), Some("ro"));
+    let mut mo = Mnt::new(fs.name(), lo.dev(), &fx.dir.join("mnt"), Some("ro"));
     assert_files("origin", &mo, &all);
     mo.unmount();
 
@@ -627,7 +495,12 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
             if fs == Fs::Ext4 {
                 fsck_clean(fs, &checker, ls.dev(), &name);
             }
-            let mut ms = Mnt::new(fs, ls.dev(), &fx.dir.join("mnt-snap"), Some(fs.clean_ro()));
+            let mut ms = Mnt::new(
+                fs.name(),
+                ls.dev(),
+                &fx.dir.join("mnt-snap"),
+                Some(fs.clean_ro()),
+            );
             assert_files(&name, &ms, files);
             ms.unmount();
             ls.detach();
@@ -651,12 +524,12 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
                     );
                 }
                 Fs::Xfs => {
-                    Mnt::new(fs, lw.dev(), &fx.dir.join("mnt-snap"), fs.nouuid()).unmount();
+                    Mnt::new(fs.name(), lw.dev(), &fx.dir.join("mnt-snap"), fs.nouuid()).unmount();
                 }
             }
             fsck_clean(fs, &checker, lw.dev(), &child);
             let ro = if fs == Fs::Xfs { "ro,nouuid" } else { "ro" };
-            let mut ms = Mnt::new(fs, lw.dev(), &fx.dir.join("mnt-snap"), Some(ro));
+            let mut ms = Mnt::new(fs.name(), lw.dev(), &fx.dir.join("mnt-snap"), Some(ro));
             assert_files(&child, &ms, files);
             ms.unmount();
             lw.detach();

@@ -552,6 +552,154 @@ impl Drop for ChildGuard {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Loop devices and mounts (filesystem.rs, fuse.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Why this machine cannot run a test with mounts and loop devices (not root, no FUSE, no
+/// loop devices), if it cannot.
+pub fn missing_privileges() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (FUSE mounts, losetup and mount need it)".into());
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            return Some(format!("{dev} does not exist"));
+        }
+    }
+    None
+}
+
+/// Return from the test, saying why, when [`missing_privileges`] finds a reason (even under
+/// `MVSNAP_REQUIRE_TOOLS=1`, which only makes *missing tools* fail).
+#[macro_export]
+macro_rules! need_root {
+    () => {
+        if let Some(why) = common::missing_privileges() {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// Try a few times: a just-closed device or mount may still be busy for a moment.
+pub fn retry(what: &str, mut f: impl FnMut() -> bool) -> bool {
+    for i in 0..20 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100 * (i + 1).min(5)));
+    }
+    eprintln!("giving up: {what}");
+    false
+}
+
+/// Run; true on exit status 0.
+pub fn quiet(cmd: &mut Command) -> bool {
+    run(cmd, Duration::from_secs(60)).status.success()
+}
+
+/// `losetup -f --show [-r] [--direct-io=on] FILE`; detached on drop.
+pub struct Loop {
+    dev: Option<String>,
+    losetup: PathBuf,
+}
+
+impl Loop {
+    pub fn attach(losetup: &Path, file: &Path, read_only: bool, direct_io: bool) -> Loop {
+        let mut c = Command::new(losetup);
+        c.args(["-f", "--show"]);
+        if read_only {
+            c.arg("-r");
+        }
+        if direct_io {
+            c.arg("--direct-io=on");
+        }
+        let out = run_ok(c.arg(file));
+        let dev = out.trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        let l = Loop {
+            dev: Some(dev),
+            losetup: losetup.to_path_buf(),
+        };
+        if direct_io {
+            let info = run_ok(
+                Command::new(losetup)
+                    .args(["-n", "-O", "DIO", "-l"])
+                    .arg(l.dev()),
+            );
+            assert_eq!(info.trim(), "1", "{} is not in direct I/O mode", l.dev());
+        }
+        l
+    }
+
+    pub fn dev(&self) -> &str {
+        self.dev.as_deref().unwrap()
+    }
+
+    pub fn detach(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            let l = self.losetup.clone();
+            retry("losetup -d", || quiet(Command::new(&l).arg("-d").arg(&dev)));
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// `mount [-o OPTS] -t FSTYPE DEV DIR`; unmounted on drop (lazily if it stays busy).
+pub struct Mnt {
+    dir: Option<PathBuf>,
+}
+
+impl Mnt {
+    pub fn new(fstype: &str, dev: &str, dir: &Path, opts: Option<&str>) -> Mnt {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut c = Command::new(sbin("mount"));
+        if let Some(o) = opts {
+            c.arg("-o").arg(o);
+        }
+        run_ok(c.args(["-t", fstype]).arg(dev).arg(dir));
+        Mnt {
+            dir: Some(dir.to_path_buf()),
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.as_ref().unwrap().join(p)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.as_deref().unwrap()
+    }
+
+    pub fn unmount(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let umount = sbin("umount");
+            if !retry("umount", || quiet(Command::new(&umount).arg(&dir))) {
+                quiet(Command::new(&umount).arg("-l").arg(&dir));
+            }
+        }
+    }
+}
+
+impl Drop for Mnt {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// A system tool by path where it is found (PATH or the sbin directories), else by name.
+fn sbin(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| PathBuf::from(name))
+}
+
+// ---------------------------------------------------------------------------------------------
 // The model
 // ---------------------------------------------------------------------------------------------
 
