@@ -88,22 +88,16 @@ fio_cmd() { # fio_cmd DEV RW BS QD OUT
 }
 
 measure() { # measure REP WHO LINE DEV
-    local rep=$1 who=$2 l=$3 dev=$4 name rw bs qd unit out v
+    local rep=$1 who=$2 l=$3 dev=$4 name rw bs qd unit out
     IFS='|' read -r name rw bs qd unit <<<"$l"
     out=$work/fio.out
     rm -f "$out"
     # No dirty pages of the previous line (the FUSE servers write the image through the page
     # cache; the faster a contender wrote, the more writeback it would inherit).
     sync
-    if ! eval "$(fio_cmd "$dev" "$rw" "$bs" "$qd" "$out")" >"$work/fio.log" 2>&1; then
-        cat "$work/fio.log" "$out" >&2 2>/dev/null || true
-        die "fio failed: $who $name"
-    fi
-    v=$(awk -F';' -v u="$unit" 'NF > 49 {
-            if (u == "IOPS") printf "%.0f", $8 + $49; else printf "%.1f", ($7 + $48) / 1024 }' "$out")
-    [ -n "$v" ] || { cat "$out" >&2; die "could not parse fio output: $who $name"; }
-    printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$who" "$name" "$v" "$(cut -d' ' -f1 /proc/loadavg)" >>"$results"
-    log "  rep $rep  $who  $name: $v $unit"
+    run_fio "$who $name" "$(fio_cmd "$dev" "$rw" "$bs" "$qd" "$out")"
+    record "$rep" "$who" "$name" "$unit"
+    log "  rep $rep  $who  $name: $V $unit"
 }
 
 attach() { # attach FILE: sets DEV to the loop device (no subshell: LOOPS must see it)

@@ -73,6 +73,25 @@ trap_cleanup() {
     trap 'exit 143' TERM
 }
 
+# run_fio WHAT CMD: run the fio command line CMD (its own output to $work/fio.log); on failure
+# show that log and $out, and die naming WHAT.
+run_fio() {
+    if ! eval "$2" >"$work/fio.log" 2>&1; then
+        cat "$work/fio.log" "$out" >&2 2>/dev/null || true
+        die "fio failed: $1"
+    fi
+}
+
+# record REP WHO LINE UNIT: fio's result in $out (terse v3: fields 7/8 = read KiB/s, IOPS;
+# 48/49 = write KiB/s, IOPS) as IOPS or MiB/s in V, appended to $results with the 1-minute load
+# average after it.
+record() {
+    V=$(awk -F';' -v u="$4" 'NF > 49 {
+            if (u == "IOPS") printf "%.0f", $8 + $49; else printf "%.1f", ($7 + $48) / 1024 }' "$out")
+    [ -n "$V" ] || { cat "$out" >&2; die "could not parse fio output: $2 $3"; }
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$V" "$(cut -d' ' -f1 /proc/loadavg)" >>"$results"
+}
+
 # build_mvsnap: build the release binary; MVSNAP becomes a private copy of it in $work (others
 # may rebuild target/ while we run).
 build_mvsnap() {

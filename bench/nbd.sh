@@ -100,22 +100,14 @@ fio_cmd() {
 # measure REP CONTENDER LINE SERVER EXPORT [RUNTIME RAMP]: one fio run, its result appended.
 measure() {
     local rep=$1 who=$2 name=$3 server=$4 export=$5 rt=${6:-$runtime} rp=${7:-$ramp}
-    local rw bs qd unit out v
+    local rw bs qd unit out
     rw=$(line_field "$name" 2) bs=$(line_field "$name" 3) qd=$(line_field "$name" 4)
     unit=$(line_field "$name" 5)
     out=$work/fio.out
     rm -f "$out"
-    if ! eval "$(fio_cmd "$(uri "$server" "$export")" "$rw" "$bs" "$qd" "$rt" "$rp" "$out")" \
-        >"$work/fio.log" 2>&1; then
-        cat "$work/fio.log" "$out" >&2 2>/dev/null || true
-        die "fio failed: $who $name"
-    fi
-    # terse v3: field 7/8 = read KiB/s, IOPS; 48/49 = write KiB/s, IOPS.
-    v=$(awk -F';' -v u="$unit" 'NF > 49 {
-            if (u == "IOPS") printf "%.0f", $8 + $49; else printf "%.1f", ($7 + $48) / 1024 }' "$out")
-    [ -n "$v" ] || { cat "$out" >&2; die "could not parse fio output: $who $name"; }
-    printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$who" "$name" "$v" "$(cut -d' ' -f1 /proc/loadavg)" >>"$results"
-    log "  rep $rep  $who  $name ($export): $v $unit"
+    run_fio "$who $name" "$(fio_cmd "$(uri "$server" "$export")" "$rw" "$bs" "$qd" "$rt" "$rp" "$out")"
+    record "$rep" "$who" "$name" "$unit"
+    log "  rep $rep  $who  $name ($export): $V $unit"
 }
 
 # ---------------------------------------------------------------- starting states
