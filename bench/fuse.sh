@@ -21,6 +21,8 @@
 # mount unmounted and the scratch directory removed, even on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH=fuse.sh
+source bench/lib.sh
 
 reps=3 runtime=10 ramp=2 size=1G dir=target quick=0 dio=on
 while [ $# -gt 0 ]; do
@@ -32,70 +34,37 @@ while [ $# -gt 0 ]; do
     --size) size=$2; shift ;;
     --dir) dir=$2; shift ;;
     --loop-dio) dio=$2; shift ;;
-    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "fuse.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) bad_argument "$1" ;;
     esac
     shift
 done
 
-exec 9>&2
-log() { echo "fuse.sh: $*" >&9; }
-die() { log "error: $*"; exit 1; }
-
-missing=()
-for t in cargo fio qemu-storage-daemon losetup findmnt awk sort; do
-    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
-done
-[ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (sudo bash scripts/install-deps.sh)"
+need_tools "sudo bash scripts/install-deps.sh" \
+    cargo fio qemu-storage-daemon losetup findmnt awk sort
 [ "$(id -u)" = 0 ] || die "needs root (FUSE mounts and loop devices)"
 
-mkdir -p "$dir"
-work=$(mktemp -d "$(cd "$dir" && pwd)/fuse-bench.XXXXXX")
-PIDS=() LOOPS=() MOUNTS=()
+make_work "$dir"
+LOOPS=() MOUNTS=()
+stopped="everything stopped"
 
-pid_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-stop_pid() {
-    local pid=$1 i
-    pid_alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 600; i++)); do
-        pid_alive "$pid" || return 0
-        sleep 0.1
-    done
-    log "pid $pid did not exit after SIGTERM; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-}
 detach_loops() {
     local l
     for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || log "losetup -d $l failed"; done
     LOOPS=()
 }
 stop_all() {
-    local p m
+    local m
     detach_loops
-    for p in "${PIDS[@]}"; do stop_pid "$p"; done
-    PIDS=()
+    stop_pids
     for m in "${MOUNTS[@]}"; do
         findmnt "$m" >/dev/null 2>&1 && { umount "$m" 2>/dev/null || umount -l "$m" || true; }
     done
     MOUNTS=()
 }
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_all
-    rm -rf "$work"
-    [ $rc -ne 0 ] && log "failed (exit status $rc); everything stopped, $work removed"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
-log "building mvsnap (release)"
-cargo build --release -q -p mvsnap-cli >&2 || die "cargo build --release -p mvsnap-cli failed"
-cp target/release/mvsnap "$work/mvsnap"
-MVSNAP=$work/mvsnap
+build_mvsnap
 export MVSNAP_RUNTIME_DIR=$work/run
 mkdir -p "$MVSNAP_RUNTIME_DIR"
 
@@ -119,22 +88,16 @@ fio_cmd() { # fio_cmd DEV RW BS QD OUT
 }
 
 measure() { # measure REP WHO LINE DEV
-    local rep=$1 who=$2 l=$3 dev=$4 name rw bs qd unit out v
+    local rep=$1 who=$2 l=$3 dev=$4 name rw bs qd unit out
     IFS='|' read -r name rw bs qd unit <<<"$l"
     out=$work/fio.out
     rm -f "$out"
     # No dirty pages of the previous line (the FUSE servers write the image through the page
     # cache; the faster a contender wrote, the more writeback it would inherit).
     sync
-    if ! eval "$(fio_cmd "$dev" "$rw" "$bs" "$qd" "$out")" >"$work/fio.log" 2>&1; then
-        cat "$work/fio.log" "$out" >&2 2>/dev/null || true
-        die "fio failed: $who $name"
-    fi
-    v=$(awk -F';' -v u="$unit" 'NF > 49 {
-            if (u == "IOPS") printf "%.0f", $8 + $49; else printf "%.1f", ($7 + $48) / 1024 }' "$out")
-    [ -n "$v" ] || { cat "$out" >&2; die "could not parse fio output: $who $name"; }
-    printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$who" "$name" "$v" "$(cut -d' ' -f1 /proc/loadavg)" >>"$results"
-    log "  rep $rep  $who  $name: $v $unit"
+    run_fio "$who $name" "$(fio_cmd "$dev" "$rw" "$bs" "$qd" "$out")"
+    record "$rep" "$who" "$name" "$unit"
+    log "  rep $rep  $who  $name: $V $unit"
 }
 
 attach() { # attach FILE: sets DEV to the loop device (no subshell: LOOPS must see it)

@@ -22,6 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+BENCH=nbd.sh
+source bench/lib.sh
 
 reps=3 runtime=10 ramp=2 window=10 size=2G dir=target raw_out="" quick=0 only=""
 while [ $# -gt 0 ]; do
@@ -36,69 +38,27 @@ while [ $# -gt 0 ]; do
     --raw) raw_out=$2; shift ;;
     --only) only=$2; shift
         [ "$only" = main ] || [ "$only" = fresh ] || { echo "nbd.sh: --only main|fresh" >&2; exit 2; } ;;
-    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "nbd.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) bad_argument "$1" ;;
     esac
     shift
 done
 
-# Messages go to fd 9, a copy of the original stderr: a trap runs with the redirections of the
-# command it interrupted (fio's log file), and its messages must not vanish there.
-exec 9>&2
-log() { echo "nbd.sh: $*" >&9; }
-die() { log "error: $*"; exit 1; }
-
 # ---------------------------------------------------------------- tools (installs nothing)
-missing=()
-for t in cargo fio qemu-nbd qemu-img nbdkit awk sort findmnt; do
-    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    die "missing tools: ${missing[*]} (install them with: sudo bash scripts/install-deps.sh; cargo from rustup)"
-fi
+need_tools "install them with: sudo bash scripts/install-deps.sh; cargo from rustup" \
+    cargo fio qemu-nbd qemu-img nbdkit awk sort findmnt
 fio --enghelp 2>/dev/null | grep -qx '[[:space:]]*nbd' ||
     die "this fio has no nbd ioengine (built without libnbd); install Debian's fio (scripts/install-deps.sh)"
 nbdkit file --version >/dev/null 2>&1 ||
     die "nbdkit has no file plugin; install nbdkit (scripts/install-deps.sh)"
 
 # ---------------------------------------------------------------- scratch dir and cleanup
-mkdir -p "$dir"
-work=$(mktemp -d "$(cd "$dir" && pwd)/nbd-bench.XXXXXX")
-PIDS=()          # servers we started and have not stopped yet (by pid, never by name)
-
-pid_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-
-# Stop one server: SIGTERM, wait up to 60 s (mvsnap checkpoints), then SIGKILL.
-stop_pid() {
-    local pid=$1 i
-    pid_alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 600; i++)); do
-        pid_alive "$pid" || return 0
-        sleep 0.1
-    done
-    log "pid $pid did not exit after SIGTERM; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? p
-    trap - EXIT INT TERM
-    for p in "${PIDS[@]}"; do stop_pid "$p"; done
-    rm -rf "$work"
-    [ $rc -ne 0 ] && log "failed (exit status $rc); servers stopped, $work removed"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+make_work "$dir"
+stop_all() { stop_pids; }
+trap_cleanup
 
 # ---------------------------------------------------------------- build
-log "building mvsnap (release)"
-cargo build --release -q -p mvsnap-cli >&2 || die "cargo build --release -p mvsnap-cli failed"
-# Others may rebuild target/ while we run: use a private copy of the binary.
-cp target/release/mvsnap "$work/mvsnap"
-MVSNAP=$work/mvsnap
+build_mvsnap
 
 img=$work/disk0.raw         # served by qemu-nbd, nbdkit and mvsnap (no snapshot) at once
 img10=$work/disk0-10.raw    # the origin of the 10-snapshot store
@@ -140,22 +100,14 @@ fio_cmd() {
 # measure REP CONTENDER LINE SERVER EXPORT [RUNTIME RAMP]: one fio run, its result appended.
 measure() {
     local rep=$1 who=$2 name=$3 server=$4 export=$5 rt=${6:-$runtime} rp=${7:-$ramp}
-    local rw bs qd unit out v
+    local rw bs qd unit out
     rw=$(line_field "$name" 2) bs=$(line_field "$name" 3) qd=$(line_field "$name" 4)
     unit=$(line_field "$name" 5)
     out=$work/fio.out
     rm -f "$out"
-    if ! eval "$(fio_cmd "$(uri "$server" "$export")" "$rw" "$bs" "$qd" "$rt" "$rp" "$out")" \
-        >"$work/fio.log" 2>&1; then
-        cat "$work/fio.log" "$out" >&2 2>/dev/null || true
-        die "fio failed: $who $name"
-    fi
-    # terse v3: field 7/8 = read KiB/s, IOPS; 48/49 = write KiB/s, IOPS.
-    v=$(awk -F';' -v u="$unit" 'NF > 49 {
-            if (u == "IOPS") printf "%.0f", $8 + $49; else printf "%.1f", ($7 + $48) / 1024 }' "$out")
-    [ -n "$v" ] || { cat "$out" >&2; die "could not parse fio output: $who $name"; }
-    printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$who" "$name" "$v" "$(cut -d' ' -f1 /proc/loadavg)" >>"$results"
-    log "  rep $rep  $who  $name ($export): $v $unit"
+    run_fio "$who $name" "$(fio_cmd "$(uri "$server" "$export")" "$rw" "$bs" "$qd" "$rt" "$rp" "$out")"
+    record "$rep" "$who" "$name" "$unit"
+    log "  rep $rep  $who  $name ($export): $V $unit"
 }
 
 # ---------------------------------------------------------------- starting states
@@ -183,9 +135,7 @@ wait_socket() {
 # Stop every server this script started, then drop their scratch files and sync, so the
 # next contender starts with no dirty pages of the previous one.
 stop_servers() {
-    local p
-    for p in "${PIDS[@]}"; do stop_pid "$p"; done
-    PIDS=()
+    stop_pids
     rm -rf "$work"/*.sock "$work"/*.qcow2 "$work"/*.store "$work"/*.pid "$work"/run
     sync
 }

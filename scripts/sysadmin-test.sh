@@ -11,7 +11,12 @@ cd "$(dirname "$0")/.."
 T=$(mktemp -d /tmp/mvsnap-sysadmin.XXXXXX)
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    # Reap each one at once, quietly: a job killed by a signal and reaped later (after the next
+    # command) makes bash print "Killed" and its command line.
+    for p in "${PIDS[@]}"; do
+        kill -9 "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
     rm -rf "$T"
 }
 trap cleanup EXIT

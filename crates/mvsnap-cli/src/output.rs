@@ -247,6 +247,30 @@ pub struct Column<T> {
     pub get: fn(&T) -> Value,
 }
 
+impl<T> Column<T> {
+    pub const fn new(name: &'static str, get: fn(&T) -> Value) -> Column<T> {
+        Column { name, get }
+    }
+}
+
+/// Print `rows` as a list command's `-o`, `-s` and `-S` ask: `sort_desc` wins over `sort`.
+pub fn print_table<T>(
+    rows: &[T],
+    columns: &[Column<T>],
+    chosen: &[String],
+    sort: Option<&str>,
+    sort_desc: Option<&str>,
+    style: &Style,
+) -> anyhow::Result<()> {
+    let (sort, desc) = match (sort, sort_desc) {
+        (_, Some(c)) => (Some(c), true),
+        (c, None) => (c, false),
+    };
+    let table = select(rows, columns, chosen, sort, desc, style);
+    out!("{}", table.render(""));
+    Ok(())
+}
+
 /// Rows as a table of the chosen columns (by name, in that order), sorted by the values of
 /// column `sort` if given (stable: ties keep the engine's order), descending if `descending`.
 pub fn select<T>(

@@ -3,30 +3,13 @@
 //! commands' terminal behaviour (run on a pseudo-terminal with `script`): `write`'s progress
 //! bar and refusal of a terminal stdin, `snapshot delete -r`'s confirmation.
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-fn mvsnap(store: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mvsnap"));
-    c.arg("--store")
-        .arg(store)
-        .env_remove("MVSNAP_STORE")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    c
-}
-
-#[track_caller]
-fn ok(c: &mut Command) -> std::process::Output {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use common::{mvsnap_store as mvsnap, ok};
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)

@@ -2,72 +2,19 @@
 //! through format, origin add, write, snapshot, cat, list and check. The longer scenario lives in
 //! scripts/cli-test.sh.
 
-use std::io::Write;
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
-struct Run {
-    code: i32,
-    stdout: Vec<u8>,
-    stderr: String,
-}
+use common::Run;
 
-impl Run {
-    fn from(out: Output) -> Run {
-        Run {
-            code: out.status.code().expect("exited normally"),
-            stdout: out.stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    fn stdout_str(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-
-    #[track_caller]
-    fn ok(self) -> Run {
-        assert_eq!(self.code, 0, "stderr: {}", self.stderr);
-        self
-    }
-
-    /// Exit status 1 and exactly one line on stderr, `mvsnap: error: ...` containing `what`.
-    #[track_caller]
-    fn one_line_error(self, what: &str) {
-        assert_eq!(self.code, 1, "stderr: {}", self.stderr);
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "stderr: {}", self.stderr);
-        assert!(lines[0].starts_with("mvsnap: error: "), "{}", lines[0]);
-        assert!(
-            lines[0].to_lowercase().contains(&what.to_lowercase()),
-            "{:?} does not mention {what:?}",
-            lines[0]
-        );
-    }
-}
-
+/// Stdin is an empty pipe, as for a command in a pipeline.
 fn mvsnap(args: &[&str]) -> Run {
     mvsnap_stdin(args, &[])
 }
 
 fn mvsnap_stdin(args: &[&str], stdin: &[u8]) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mvsnap"))
-        .args(args)
-        .env_remove("MVSNAP_STORE")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mvsnap");
-    let mut pipe = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = pipe.write_all(&data);
-    });
-    let out = child.wait_with_output().expect("wait for mvsnap");
-    writer.join().unwrap();
-    Run::from(out)
+    Run::with_stdin(common::mvsnap().args(args), stdin)
 }
 
 fn s(p: &Path) -> &str {
@@ -320,13 +267,10 @@ fn write_past_the_end_writes_nothing() {
     // The same from a regular file.
     let file = dir.path().join("patch.bin");
     std::fs::write(&file, &patch).unwrap();
-    let run = Run::from(
-        Command::new(env!("CARGO_BIN_EXE_mvsnap"))
+    let run = Run::of(
+        common::mvsnap()
             .args(["--store", st, "write", "disk.img", "--offset", "3M"])
-            .env_remove("MVSNAP_STORE")
-            .stdin(std::fs::File::open(&file).unwrap())
-            .output()
-            .unwrap(),
+            .stdin(std::fs::File::open(&file).unwrap()),
     );
     run.one_line_error("nothing was written");
     assert!(std::fs::read(&disk).unwrap() == v1, "the origin changed");

@@ -3,30 +3,19 @@
 //! (missing store, wrong volume, corrupt store file, a range past the end) exit 1 with one
 //! `mvsnap: error:` line.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use std::path::Path;
+
+use common::Run;
 
 fn run(args: &[&str], env_store: Option<&Path>) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mvsnap"));
-    cmd.args(args)
-        .env_remove("MVSNAP_STORE")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
+    let mut cmd = common::mvsnap();
+    cmd.args(args);
     if let Some(p) = env_store {
         cmd.env("MVSNAP_STORE", p);
     }
-    let out = cmd.output().expect("run mvsnap");
-    Run {
-        code: out.status.code().expect("exited normally"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::of(&mut cmd)
 }
 
 /// A store with origin `d` (1 MiB) and snapshots `d@a` <- `d@b`; returns (store, origin, dir).
@@ -165,7 +154,9 @@ fn usage_errors_exit_2() {
         if r.code != 2 || !r.stderr.contains(what) || !r.stdout.is_empty() {
             failures.push(format!(
                 "mvsnap {args:?}: exit {} (want 2), stderr {:?} (want {what:?}), stdout {:?}",
-                r.code, r.stderr, r.stdout
+                r.code,
+                r.stderr,
+                r.stdout_str()
             ));
         }
     }
@@ -260,7 +251,7 @@ fn runtime_errors_exit_1() {
         &["--store", s, "snapshot", "list", "-H", "-o", "name"],
         None,
     );
-    assert_eq!(r.stdout, "d@a\nd@b\n", "{}", r.stderr);
+    assert_eq!(r.stdout_str(), "d@a\nd@b\n", "{}", r.stderr);
 }
 
 /// Help shows each command's own flags: `--ephemeral` only where it means something, and with
@@ -284,13 +275,21 @@ fn help_shows_each_commands_own_flags() {
         args.push("--help");
         let r = run(&args, None);
         assert_eq!(r.code, 0);
-        assert!(!r.stdout.contains("--ephemeral"), "{cmd:?}: {}", r.stdout);
+        assert!(
+            !r.stdout_str().contains("--ephemeral"),
+            "{cmd:?}: {}",
+            r.stdout_str()
+        );
     }
     for cmd in [&["serve"][..], &["snapshot", "create"]] {
         let mut args = cmd.to_vec();
         args.push("--help");
         let r = run(&args, None);
-        assert!(r.stdout.contains("--ephemeral"), "{cmd:?}: {}", r.stdout);
+        assert!(
+            r.stdout_str().contains("--ephemeral"),
+            "{cmd:?}: {}",
+            r.stdout_str()
+        );
     }
     let r = run(&["write", "d"], Some(&store));
     assert_eq!(r.code, 2);
@@ -298,5 +297,9 @@ fn help_shows_each_commands_own_flags() {
     assert!(!usage.contains("--store"), "{usage}");
     assert!(usage.contains("--offset"), "{usage}");
     let r = run(&["write", "--help"], Some(&store));
-    assert!(r.stdout.contains("MVSNAP_STORE"), "{}", r.stdout);
+    assert!(
+        r.stdout_str().contains("MVSNAP_STORE"),
+        "{}",
+        r.stdout_str()
+    );
 }

@@ -1,20 +1,12 @@
 //! Man pages and shell completions generated from the command-line definition
 //! (`mvsnap generate`, which scripts/install.sh runs) describe the real flags.
 
+mod common;
+
 use std::process::Command;
 
 fn mvsnap(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_mvsnap"))
-        .args(args)
-        .env_remove("MVSNAP_STORE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::ok(common::mvsnap().args(args))
 }
 
 /// roff escapes `-` as `\-`: the page's text with that undone.

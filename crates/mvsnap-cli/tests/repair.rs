@@ -2,16 +2,18 @@
 //! `check` (exit 1), is repaired (exit 0, the report says what was rewritten), and then checks
 //! clean with every snapshot byte for byte as before.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 fn mvsnap(store: &Path, args: &[&str]) -> (i32, String, Vec<u8>) {
     mvsnap_in(store, args, Stdio::null())
 }
 
 fn mvsnap_in(store: &Path, args: &[&str], stdin: Stdio) -> (i32, String, Vec<u8>) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mvsnap"))
+    let out = common::mvsnap()
         .args(args)
         .env("MVSNAP_STORE", store)
         .env("MVSNAP_RUNTIME_DIR", store.parent().unwrap())

@@ -53,10 +53,10 @@ fn delete_of_an_open_snapshot_needs_force_and_disconnects() {
 
     // A client on disk0@s, and one on the origin.
     let mut c = RawClient::connect(&fx.sock);
-    c.handshake("disk0@s", false);
+    c.handshake("disk0@s", false, false);
     assert_eq!(c.read_simple(1, 0, 4096).unwrap(), vec![FILL; 4096]);
     let mut o = RawClient::connect(&fx.sock);
-    o.handshake("disk0", false);
+    o.handshake("disk0", false, false);
 
     // Refused without --force; the message says how.
     let out = fx.ms(&["snapshot", "delete", "disk0@s"]);
@@ -222,7 +222,7 @@ fn live_snapshots_are_exports_at_once() {
     let _d = fx.start();
     // A client writing to the origin all along.
     let mut writer = RawClient::connect(&fx.sock);
-    writer.handshake("disk0", false);
+    writer.handshake("disk0", false, false);
     for i in 0..5u8 {
         writer.write_req(i as u64, 0, &vec![i; 4096]);
         assert_eq!(writer.simple(), (i as u64, 0));
@@ -511,7 +511,7 @@ fn origin_remove_while_a_client_has_it_open() {
     let fx = Fixture::new("orm", SIZE, &vec![FILL; SIZE as usize]);
     let _d = fx.start();
     let mut c = RawClient::connect(&fx.sock);
-    c.handshake("disk0", false);
+    c.handshake("disk0", false, false);
     assert_eq!(c.read_simple(1, 0, 512).unwrap(), vec![FILL; 512]);
     let out = fx.ms(&["origin", "remove", "disk0"]);
     if out.status.success() {

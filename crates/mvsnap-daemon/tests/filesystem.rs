@@ -26,39 +26,7 @@ struct Tools {
     losetup: PathBuf,
     mkfs: PathBuf,
     e2fsck: PathBuf,
-    mount: PathBuf,
-    umount: PathBuf,
     blockdev: PathBuf,
-}
-
-/// Why this machine cannot run the test (not root, no FUSE, no loop devices), if it cannot.
-fn missing_privileges() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (mount, losetup and FUSE need it)".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} does not exist"));
-        }
-    }
-    None
-}
-
-/// Try a few times: a just-closed device or mount may still be busy for a moment.
-fn retry(what: &str, mut f: impl FnMut() -> bool) -> bool {
-    for i in 0..20 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100 * (i + 1).min(5)));
-    }
-    eprintln!("giving up: {what}");
-    false
-}
-
-fn quiet(cmd: &mut Command) -> bool {
-    run(cmd, Duration::from_secs(60)).status.success()
 }
 
 /// `nbdfuse [-r] DIR URI`: the export as the file DIR/nbd. Unmounted on drop.
@@ -136,86 +104,6 @@ impl Drop for Fuse {
     }
 }
 
-/// `losetup -f --show [-r] FILE`; detached on drop.
-struct Loop {
-    dev: Option<String>,
-    losetup: PathBuf,
-}
-
-impl Loop {
-    fn attach(t: &Tools, file: &Path, read_only: bool) -> Loop {
-        let mut c = Command::new(&t.losetup);
-        c.args(["-f", "--show"]);
-        if read_only {
-            c.arg("-r");
-        }
-        let out = run_ok(c.arg(file));
-        let dev = out.trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        Loop {
-            dev: Some(dev),
-            losetup: t.losetup.clone(),
-        }
-    }
-
-    fn dev(&self) -> &str {
-        self.dev.as_deref().unwrap()
-    }
-
-    fn detach(&mut self) {
-        if let Some(dev) = self.dev.take() {
-            let l = self.losetup.clone();
-            retry("losetup -d", || quiet(Command::new(&l).arg("-d").arg(&dev)));
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        self.detach();
-    }
-}
-
-/// `mount [-o OPTS] DEV DIR`; unmounted on drop.
-struct Mount {
-    dir: Option<PathBuf>,
-    umount: PathBuf,
-}
-
-impl Mount {
-    fn new(t: &Tools, dev: &str, dir: &Path, opts: Option<&str>) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut c = Command::new(&t.mount);
-        if let Some(o) = opts {
-            c.arg("-o").arg(o);
-        }
-        run_ok(c.args(["-t", "ext4"]).arg(dev).arg(dir));
-        Mount {
-            dir: Some(dir.to_path_buf()),
-            umount: t.umount.clone(),
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.as_ref().unwrap().join(p)
-    }
-
-    fn unmount(&mut self) {
-        if let Some(dir) = self.dir.take() {
-            let u = self.umount.clone();
-            if !retry("umount", || quiet(Command::new(&u).arg(&dir))) {
-                quiet(Command::new(&u).arg("-l").arg(&dir));
-            }
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        self.unmount();
-    }
-}
-
 /// Push everything the block device holds to the NBD server: fsync of the loop device
 /// reaches the FUSE file, whose fsync nbdfuse turns into an NBD flush.
 fn flush(t: &Tools, lo: &Loop) {
@@ -228,7 +116,7 @@ fn sha_of(p: &Path) -> Option<String> {
 
 #[test]
 fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
-    let [nbdfuse, fusermount, losetup, mkfs, e2fsck, mount, umount, blockdev] = need!(
+    let [nbdfuse, fusermount, losetup, mkfs, e2fsck, _mount, _umount, blockdev] = need!(
         "nbdfuse",
         "fusermount3",
         "losetup",
@@ -238,19 +126,13 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
         "umount",
         "blockdev"
     );
-    if let Some(why) = missing_privileges() {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "skipped: {why}");
-        return;
-    }
+    need_root!();
     let t = Tools {
         nbdfuse,
         fusermount,
         losetup,
         mkfs,
         e2fsck,
-        mount,
-        umount,
         blockdev,
     };
     let fx = Fixture::new("fs", SIZE, &[]);
@@ -264,7 +146,7 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
         false,
         &fx.dir.join("nbdfuse-origin.log"),
     );
-    let mut lo_o = Loop::attach(&t, &fuse_o.file(), false);
+    let mut lo_o = Loop::attach(&t.losetup, &fuse_o.file(), false, false);
     run_ok(
         Command::new(&t.mkfs)
             .args(["-q", "-E", "nodiscard", "-L", "mvsnap"])
@@ -279,7 +161,7 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
         ("dir/nested", pattern_bytes(4, 10_000)),
         ("text", b"hello from mvsnap\n".to_vec()),
     ];
-    let m = Mount::new(&t, lo_o.dev(), &fx.dir.join("mnt-origin"), None);
+    let m = Mnt::new("ext4", lo_o.dev(), &fx.dir.join("mnt-origin"), None);
     std::fs::create_dir_all(m.path("dir")).unwrap();
     for (name, data) in &files {
         std::fs::write(m.path(name), data).unwrap();
@@ -293,7 +175,7 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
     fx.snapshot("disk0", "fs1", false, "ext4 with five files");
 
     // Change the origin: overwrite, delete, append, create.
-    let mut m = Mount::new(&t, lo_o.dev(), &fx.dir.join("mnt-origin"), None);
+    let mut m = Mnt::new("ext4", lo_o.dev(), &fx.dir.join("mnt-origin"), None);
     let small2 = pattern_bytes(11, 8192);
     std::fs::write(m.path("small"), &small2).unwrap();
     std::fs::remove_file(m.path("one-mib")).unwrap();
@@ -316,7 +198,7 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
         true,
         &fx.dir.join("nbdfuse-snap.log"),
     );
-    let mut lo_s = Loop::attach(&t, &fuse_s.file(), true);
+    let mut lo_s = Loop::attach(&t.losetup, &fuse_s.file(), true, false);
     let out = run(
         Command::new(&t.e2fsck).args(["-fn"]).arg(lo_s.dev()),
         TOOL_TIMEOUT,
@@ -327,7 +209,12 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
         "e2fsck -fn of the snapshot is not clean: {}",
         text(&out)
     );
-    let mut ms = Mount::new(&t, lo_s.dev(), &fx.dir.join("mnt-snap"), Some("ro,noload"));
+    let mut ms = Mnt::new(
+        "ext4",
+        lo_s.dev(),
+        &fx.dir.join("mnt-snap"),
+        Some("ro,noload"),
+    );
     for (name, data) in &files {
         assert_eq!(
             sha_of(&ms.path(name)),
@@ -351,8 +238,8 @@ fn ext4_on_nbdfuse_loop_snapshot_keeps_old_files() {
         "e2fsck -fn of the origin: {}",
         text(&out)
     );
-    let mut mo = Mount::new(
-        &t,
+    let mut mo = Mnt::new(
+        "ext4",
         lo_o.dev(),
         &fx.dir.join("mnt-origin"),
         Some("ro,noload"),

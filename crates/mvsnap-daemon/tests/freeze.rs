@@ -82,41 +82,6 @@ impl Drop for FrozenFs {
     }
 }
 
-/// A fixture whose store and origin live on `fs`.
-fn fixture_on(dir: TestDir, fs: &FrozenFs) -> Fixture {
-    let store = fs.dir.join("store.img");
-    let origin = fs.dir.join("disk0.img");
-    std::fs::File::create(&origin)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    let runtime = dir.join("run");
-    std::fs::create_dir_all(&runtime).unwrap();
-    let fx = Fixture {
-        sock: dir.join("nbd.sock"),
-        dir,
-        store,
-        runtime,
-        origin,
-        size: 16 * MIB,
-    };
-    run_ok(
-        Command::new(mvsnap_bin())
-            .env_remove("MVSNAP_STORE")
-            .arg("format")
-            .arg(&fx.store)
-            .args(["--size", "64M"]),
-    );
-    fx.ms_ok(&[
-        "origin",
-        "add",
-        fx.origin.to_str().unwrap(),
-        "--id",
-        "disk0",
-    ]);
-    fx
-}
-
 #[test]
 fn a_stuck_snapshot_is_thawed_on_sigint_and_at_the_timeout() {
     let [_losetup, _mkfs, _fsfreeze, _dd] = need!("losetup", "mkfs.ext4", "fsfreeze", "dd");
@@ -130,7 +95,14 @@ fn a_stuck_snapshot_is_thawed_on_sigint_and_at_the_timeout() {
     // Dropped in reverse: the daemon, the fixture's directory, the filesystem, its directory.
     let fs_dir = TestDir::new("freezefs");
     let fs = FrozenFs::new(&fs_dir.join("fs.img"), &fs_dir.join("fs"));
-    let fx = fixture_on(TestDir::new("freeze"), &fs);
+    // The store and the origin on the filesystem being frozen.
+    let fx = Fixture::at(
+        TestDir::new("freeze"),
+        fs.dir.join("store.img"),
+        fs.dir.join("disk0.img"),
+        16 * MIB,
+        "64M",
+    );
     let d = fx.start();
     let mnt = fs.dir.to_str().unwrap().to_string();
 

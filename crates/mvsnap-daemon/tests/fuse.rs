@@ -31,45 +31,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn missing_privileges() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (FUSE mounts, losetup and mount need it)".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} does not exist"));
-        }
-    }
-    None
-}
-
-macro_rules! need_root {
-    () => {
-        if let Some(why) = missing_privileges() {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "skipped: {why}");
-            return;
-        }
-    };
-}
-
-/// Try a few times: a just-closed device or mount may still be busy for a moment.
-fn retry(what: &str, mut f: impl FnMut() -> bool) -> bool {
-    for i in 0..20 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100 * (i + 1).min(5)));
-    }
-    eprintln!("giving up: {what}");
-    false
-}
-
-fn quiet(cmd: &mut Command) -> bool {
-    run(cmd, Duration::from_secs(60)).status.success()
-}
-
 /// The FUSE mount directory: on drop, a mount still there (a killed daemon's) is detached.
 struct MountDir(PathBuf);
 
@@ -107,99 +68,6 @@ impl Drop for MountDir {
             eprintln!("{} still mounted: umount -l", self.0.display());
             quiet(Command::new("umount").arg("-l").arg(&self.0));
         }
-    }
-}
-
-/// `losetup -f --show [-r] [--direct-io=on] FILE`; detached on drop.
-struct Loop {
-    dev: Option<String>,
-    losetup: PathBuf,
-}
-
-impl Loop {
-    fn attach(losetup: &Path, file: &Path, read_only: bool, direct_io: bool) -> Loop {
-        let mut c = Command::new(losetup);
-        c.args(["-f", "--show"]);
-        if read_only {
-            c.arg("-r");
-        }
-        if direct_io {
-            c.arg("--direct-io=on");
-        }
-        let out = run_ok(c.arg(file));
-        let dev = out.trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        let l = Loop {
-            dev: Some(dev),
-            losetup: losetup.to_path_buf(),
-        };
-        if direct_io {
-            let info = run_ok(
-                Command::new(losetup)
-                    .args(["-n", "-O", "DIO", "-l"])
-                    .arg(l.dev()),
-            );
-            assert_eq!(info.trim(), "1", "{} is not in direct I/O mode", l.dev());
-        }
-        l
-    }
-
-    fn dev(&self) -> &str {
-        self.dev.as_deref().unwrap()
-    }
-
-    fn detach(&mut self) {
-        if let Some(dev) = self.dev.take() {
-            let l = self.losetup.clone();
-            retry("losetup -d", || quiet(Command::new(&l).arg("-d").arg(&dev)));
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        self.detach();
-    }
-}
-
-/// `mount [-o OPTS] -t FS DEV DIR`; unmounted on drop.
-struct Mnt {
-    dir: Option<PathBuf>,
-}
-
-impl Mnt {
-    fn new(fs: Fs, dev: &str, dir: &Path, opts: Option<&str>) -> Mnt {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut c = Command::new("mount");
-        if let Some(o) = opts {
-            c.arg("-o").arg(o);
-        }
-        run_ok(c.args(["-t", fs.name()]).arg(dev).arg(dir));
-        Mnt {
-            dir: Some(dir.to_path_buf()),
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.as_ref().unwrap().join(p)
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.as_deref().unwrap()
-    }
-
-    fn unmount(&mut self) {
-        if let Some(dir) = self.dir.take() {
-            if !retry("umount", || quiet(Command::new("umount").arg(&dir))) {
-                quiet(Command::new("umount").arg("-l").arg(&dir));
-            }
-        }
-    }
-}
-
-impl Drop for Mnt {
-    fn drop(&mut self) {
-        self.unmount();
     }
 }
 
@@ -250,7 +118,7 @@ fn files_list_sizes_modes_and_match_nbd() {
     let content = pattern_bytes(1, MIB as usize);
     let fx = Fixture::new("fuse-files", SIZE, &content);
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     assert!(
         d.ready.contains(&format!("mount={}", vols.arg())),
         "readiness line: {}",
@@ -576,7 +444,7 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
         &[],
     );
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, direct_io);
     // With discard: mkfs trims the device, which reaches the file as punch-hole.
     let mut c = Command::new(&mkfs);
@@ -585,7 +453,7 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
         Fs::Xfs => c.args(["-q", "-f", "-L", "mvsnap"]),
     };
     run_ok(c.arg(lo.dev()));
-    let mut m = Mnt::new(fs, lo.dev(), &fx.dir.join("mnt"), None);
+    let mut m = Mnt::new(fs.name(), lo.dev(), &fx.dir.join("mnt"), None);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (written, w) = writer(m.dir().to_path_buf(), stop.clone(), 7);
@@ -614,7 +482,7 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
     );
     m.unmount();
     fsck_clean(fs, &checker, lo.dev(), "the origin");
-    let mut mo = Mnt::new(fs, lo.dev(), &fx.dir.join("mnt"), Some("ro"));
+    let mut mo = Mnt::new(fs.name(), lo.dev(), &fx.dir.join("mnt"), Some("ro"));
     assert_files("origin", &mo, &all);
     mo.unmount();
 
@@ -627,7 +495,12 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
             if fs == Fs::Ext4 {
                 fsck_clean(fs, &checker, ls.dev(), &name);
             }
-            let mut ms = Mnt::new(fs, ls.dev(), &fx.dir.join("mnt-snap"), Some(fs.clean_ro()));
+            let mut ms = Mnt::new(
+                fs.name(),
+                ls.dev(),
+                &fx.dir.join("mnt-snap"),
+                Some(fs.clean_ro()),
+            );
             assert_files(&name, &ms, files);
             ms.unmount();
             ls.detach();
@@ -651,12 +524,12 @@ fn fs_with_snapshots(fs: Fs, direct_io: bool) {
                     );
                 }
                 Fs::Xfs => {
-                    Mnt::new(fs, lw.dev(), &fx.dir.join("mnt-snap"), fs.nouuid()).unmount();
+                    Mnt::new(fs.name(), lw.dev(), &fx.dir.join("mnt-snap"), fs.nouuid()).unmount();
                 }
             }
             fsck_clean(fs, &checker, lw.dev(), &child);
             let ro = if fs == Fs::Xfs { "ro,nouuid" } else { "ro" };
-            let mut ms = Mnt::new(fs, lw.dev(), &fx.dir.join("mnt-snap"), Some(ro));
+            let mut ms = Mnt::new(fs.name(), lw.dev(), &fx.dir.join("mnt-snap"), Some(ro));
             assert_files(&child, &ms, files);
             ms.unmount();
             lw.detach();
@@ -692,7 +565,7 @@ fn fio_verify_through_the_loop_device_then_sigkill_and_restart() {
     let content = pattern_bytes(3, 4 * MIB as usize);
     let fx = Fixture::new("fuse-fio", SIZE, &content);
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
 
     // fio with verify on the loop device, direct I/O, QD16.
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, true);
@@ -749,7 +622,7 @@ fn fio_verify_through_the_loop_device_then_sigkill_and_restart() {
     );
 
     // The next daemon clears the stale mount and serves again.
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     assert!(
         d.log_text().contains("stale FUSE mount"),
         "no word of the stale mount: {}",
@@ -777,11 +650,11 @@ fn busy_mount_is_detached_lazily_on_sigterm() {
     need_root!();
     let fx = Fixture::new("fuse-busy", 16 * MIB, &pattern_bytes(4, 4096));
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), true, false);
     // Another daemon (another store) is not mounted over a live mount.
     let other = Fixture::new("fuse-busy2", 16 * MIB, &[]);
-    match other.try_start_with(&["--mount", vols.arg()]) {
+    match other.try_start_with(&["--mount", vols.arg()], &[]) {
         Ok(_) => panic!("a second daemon mounted over a live mount"),
         Err(e) => assert!(e.contains("already a mount point"), "{e}"),
     }
@@ -816,7 +689,7 @@ fn sigterm_under_heavy_io_through_a_loop_device() {
     let content = pattern_bytes(6, 64 * MIB as usize);
     let fx = Fixture::new("fuse-term-load", content.len() as u64, &content);
     let vols = MountDir::new(&fx);
-    let d = fx.start_with(&["--mount", vols.arg()]);
+    let d = fx.start_with(&["--mount", vols.arg()], &[]);
     fx.snapshot("disk0", "before", false, "");
     let mut lo = Loop::attach(&losetup, &vols.file("disk0"), false, true);
     let mut load = fio_load(

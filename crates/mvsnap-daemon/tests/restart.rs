@@ -147,7 +147,7 @@ fn sigterm_with_writes_in_flight_answers_them_and_keeps_what_it_acknowledged() {
     let fx = Fixture::new("term", SIZE, &vec![0u8; SIZE as usize]);
     let d = fx.start();
     let mut c = RawClient::connect(&fx.sock);
-    c.handshake("disk0", false);
+    c.handshake("disk0", false, false);
     let data = |h: u64| pattern_bytes(0x7e000 + h, 4096);
     let mut sender = c.s.try_clone().unwrap();
     let sent = std::thread::spawn(move || {

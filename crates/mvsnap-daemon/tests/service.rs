@@ -36,7 +36,7 @@ fn systemd_hears_ready_and_stopping() {
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let d = fx.start_with_env(&[], &[("NOTIFY_SOCKET", path.as_path())]);
+    let d = fx.start_with(&[], &[("NOTIFY_SOCKET", path.as_path())]);
     let ready = recv_notice(&sock, "READY=1");
     assert!(
         ready.contains("STATUS=ready nbd=unix:"),

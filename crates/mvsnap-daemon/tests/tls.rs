@@ -27,36 +27,41 @@ fn openssl(bin: &Path, dir: &Path, args: &[&str]) {
     run_ok(Command::new(bin).current_dir(dir).args(args));
 }
 
+/// `openssl req -x509` of a new P-256 key, run in `dir`: `key` and `cert` (paths, relative to
+/// `dir` or absolute), valid two days, subject `/CN=CN`, then `extra` arguments (extensions,
+/// the signing CA; none: self-signed, a CA).
+fn new_cert(bin: &Path, dir: &Path, key: &str, cert: &str, cn: &str, extra: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let subject = format!("/CN={cn}");
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-subj",
+        &subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(bin, dir, &args);
+}
+
 /// A new CA in `dir`: ca-cert.pem, ca-key.pem.
 fn make_ca(bin: &Path, dir: &Path, name: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    openssl(
-        bin,
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    new_cert(bin, dir, "ca-key.pem", "ca-cert.pem", name, &[]);
 }
 
 /// `{what}-cert.pem` and `{what}-key.pem` in `out`, signed by the CA in `ca`; `what` is
 /// "server" (for localhost and 127.0.0.1) or "client".
 fn make_leaf(bin: &Path, ca: &Path, out: &Path, what: &str) {
-    std::fs::create_dir_all(out).unwrap();
     let (san, eku) = if what == "server" {
         (
             "subjectAltName=DNS:localhost,IP:127.0.0.1",
@@ -72,25 +77,13 @@ fn make_leaf(bin: &Path, ca: &Path, out: &Path, what: &str) {
     let cert = out.join(format!("{what}-cert.pem"));
     let ca_cert = ca.join("ca-cert.pem");
     let ca_key = ca.join("ca-key.pem");
-    openssl(
+    new_cert(
         bin,
         out,
+        key.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        &format!("test {what}"),
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=test {what}"),
             "-addext",
             san,
             "-addext",
@@ -171,7 +164,7 @@ fn start(fx: &Fixture, listen: &str, args: &[String]) -> (Daemon, u16) {
     let mut all: Vec<&str> = vec!["--listen", listen];
     all.extend(args.iter().map(String::as_str));
     let d = fx
-        .try_start_with(&all)
+        .try_start_with(&all, &[])
         .unwrap_or_else(|e| panic!("the daemon did not start: {e}"));
     let tcp = d
         .ready

@@ -39,7 +39,7 @@ fn assert_serves(fx: &Fixture, d: &mut Daemon, qemu_io: &Path, after: &str) {
         ],
     );
     let mut c = RawClient::connect(&fx.sock);
-    let (size, _) = c.handshake("disk0@ro", false);
+    let (size, _) = c.handshake("disk0@ro", false, false);
     assert_eq!(size, SIZE);
     assert_eq!(
         c.read_simple(1, 4096, 4096).expect("read"),
@@ -52,7 +52,7 @@ fn assert_serves(fx: &Fixture, d: &mut Daemon, qemu_io: &Path, after: &str) {
 /// Simple-reply client on `export`, after handshake.
 fn client(fx: &Fixture, export: &str) -> (RawClient, u16) {
     let mut c = RawClient::connect(&fx.sock);
-    let (size, flags) = c.handshake(export, false);
+    let (size, flags) = c.handshake(export, false, false);
     assert_eq!(size, SIZE);
     (c, flags)
 }

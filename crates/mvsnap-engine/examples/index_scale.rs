@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::{parse_count, MIB};
-use mvsnap_engine::{FormatOptions, OpenOptions, Store};
+use mvsnap_engine::{OpenOptions, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -81,17 +81,9 @@ fn one_size(dir: &Path, n: u64, writes: usize, cache: Option<u64>) -> R<()> {
     let origin = dir.join("origin.img");
     let store = dir.join("store.img");
     let size = n * BLOCK;
-    common::write_full_origin(&origin, size)?;
     let store_size = size + size / 8 + 256 * MIB;
-    Store::format(
-        &store,
-        &FormatOptions {
-            size: Some(store_size),
-            ..Default::default()
-        },
-    )?;
-    let s = Store::open(&store, &open_opts(cache))?;
-    s.add_origin(&origin, Some("o0"))?;
+    common::write_full_origin(&origin, size)?;
+    let s = common::store_with_origin(&store, store_size, &origin, &open_opts(cache))?;
     s.create_snapshot(&["o0"], Some("a"), "", false)?;
     let o = s.volume("o0")?;
     let rss0 = rss_kib();

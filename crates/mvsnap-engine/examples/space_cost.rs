@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use common::{parse_count, MIB};
-use mvsnap_engine::{FormatOptions, OpenOptions, Store};
+use mvsnap_engine::OpenOptions;
 
 type R<T> = Result<T, Box<dyn Error>>;
 
@@ -59,18 +59,10 @@ fn main() -> R<()> {
 fn run(work: &Path, size: u64) -> R<()> {
     let origin = work.join("origin.img");
     let store = work.join("store.img");
-    common::write_full_origin(&origin, size)?;
     // Room for part 3 (the whole origin preserved once) and parts 1-2.
     let store_size = size + size / 4 + 512 * MIB;
-    Store::format(
-        &store,
-        &FormatOptions {
-            size: Some(store_size),
-            ..Default::default()
-        },
-    )?;
-    let s = Store::open(&store, &OpenOptions::default())?;
-    s.add_origin(&origin, Some("o0"))?;
+    common::write_full_origin(&origin, size)?;
+    let s = common::store_with_origin(&store, store_size, &origin, &OpenOptions::default())?;
     let o = s.volume("o0")?;
     println!(
         "machine: {} cores; origin {} full of data; store {} file",

@@ -17,7 +17,7 @@ use std::error::Error;
 use std::path::PathBuf;
 
 use common::{parse_count, MIB};
-use mvsnap_engine::{FormatOptions, OpenOptions, Store};
+use mvsnap_engine::OpenOptions;
 
 type R<T> = Result<T, Box<dyn Error>>;
 
@@ -40,15 +40,12 @@ fn main() -> R<()> {
     let (origin, store) = (work.join("origin.img"), work.join("store.img"));
     let size = n * BLOCK;
     std::fs::File::create(&origin)?.set_len(size)?;
-    Store::format(
+    let s = common::store_with_origin(
         &store,
-        &FormatOptions {
-            size: Some(size + size / 4 + 512 * MIB),
-            ..Default::default()
-        },
+        size + size / 4 + 512 * MIB,
+        &origin,
+        &OpenOptions::default(),
     )?;
-    let s = Store::open(&store, &OpenOptions::default())?;
-    s.add_origin(&origin, Some("o0"))?;
     for tag in ["w", "v"] {
         s.create_snapshot(&["o0"], Some(tag), "", true)?;
     }

@@ -49,7 +49,7 @@ fn ok_and_verified(out: &std::process::Output) {
 
 #[test]
 fn qemu_io_patterns_aligned_and_unaligned() {
-    let qemu_io_bin = need!("qemu-io");
+    let [qemu_io_bin] = need!("qemu-io");
     let t = server();
     let uri = t.uri("disk");
     let out = qemu_io(
@@ -102,7 +102,7 @@ fn qemu_io_patterns_aligned_and_unaligned() {
 
 #[test]
 fn qemu_io_over_tcp() {
-    let qemu_io_bin = need!("qemu-io");
+    let [qemu_io_bin] = need!("qemu-io");
     let t = server();
     let uri = t.tcp_uri("disk");
     ok_and_verified(&qemu_io(
@@ -122,7 +122,7 @@ fn qemu_io_over_tcp() {
 
 #[test]
 fn qemu_io_read_only_export_refuses_writes() {
-    let qemu_io_bin = need!("qemu-io");
+    let [qemu_io_bin] = need!("qemu-io");
     let t = server();
     let e = t.export("disk@snap1");
     e.fill(0, &[0x42; 65536]);
@@ -148,7 +148,7 @@ fn qemu_io_read_only_export_refuses_writes() {
 
 #[test]
 fn qemu_img_convert_and_compare() {
-    let qemu_img = need!("qemu-img");
+    let [qemu_img] = need!("qemu-img");
     let t = server();
     // A source with data, zeroes and an unaligned tail of data.
     let mut src = vec![0u8; 64 * MIB as usize];
@@ -196,7 +196,7 @@ fn qemu_img_convert_and_compare() {
 
 #[test]
 fn nbdinfo_list_shows_names_and_descriptions() {
-    let nbdinfo = need!("nbdinfo");
+    let [nbdinfo] = need!("nbdinfo");
     let t = server();
     let out = run_ok(
         Command::new(&nbdinfo)
@@ -252,7 +252,7 @@ fn parse_map(out: &str) -> Vec<(u64, u64, u32)> {
 
 #[test]
 fn nbdinfo_map_reports_holes_and_data() {
-    let nbdinfo = need!("nbdinfo");
+    let [nbdinfo] = need!("nbdinfo");
     let t = server();
     let e = t.export("disk");
     e.fill(0, &[1; 8192]);
@@ -280,7 +280,7 @@ fn nbdinfo_map_reports_holes_and_data() {
 
 #[test]
 fn nbdinfo_map_on_a_huge_sparse_export() {
-    let nbdinfo = need!("nbdinfo");
+    let [nbdinfo] = need!("nbdinfo");
     let t = TestServer::start(vec![("huge", "16 GiB sparse", MemExport::new(16 << 30))]);
     let e = t.export("huge");
     e.fill(0, &[1; 4096]);
@@ -299,7 +299,7 @@ fn nbdinfo_map_on_a_huge_sparse_export() {
 
 #[test]
 fn nbdcopy_export_to_file_and_back() {
-    let nbdcopy = need!("nbdcopy");
+    let [nbdcopy] = need!("nbdcopy");
     let t = server();
     let e = t.export("disk");
     e.fill(123, &pattern_bytes(1, 3 * MIB as usize));
@@ -336,7 +336,7 @@ fn nbdcopy_export_to_file_and_back() {
 
 #[test]
 fn fio_random_writes_verified_with_several_jobs() {
-    let fio = need!("fio");
+    let [fio] = need!("fio");
     let t = server();
     let out = run_ok(
         Command::new(&fio)
@@ -370,7 +370,7 @@ fn fio_random_writes_verified_with_several_jobs() {
 
 #[test]
 fn fio_mixed_random_io_with_unaligned_sizes() {
-    let fio = need!("fio");
+    let [fio] = need!("fio");
     let t = server();
     let out = run_ok(
         Command::new(&fio)
@@ -399,7 +399,7 @@ fn fio_mixed_random_io_with_unaligned_sizes() {
 /// examples for `cargo test`; if this run did not (a filtered `--test`), say so and return.
 #[test]
 fn memserver_example_serves_clients() {
-    let nbdinfo = need!("nbdinfo");
+    let [nbdinfo] = need!("nbdinfo");
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()

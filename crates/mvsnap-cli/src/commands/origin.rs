@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 use mvsnap_engine::OriginInfo;
 
 use super::{print_json, Global};
-use crate::output::{out, outln};
-use crate::output::{select, Column, Style, Value};
+use crate::output::outln;
+use crate::output::{print_table, Column, Style, Value};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -88,22 +88,10 @@ impl RemoveArgs {
 
 /// The columns of `origin list` (for -o and -s).
 const COLUMNS: &[Column<OriginInfo>] = &[
-    Column {
-        name: "id",
-        get: |o| Value::Text(o.id.clone()),
-    },
-    Column {
-        name: "size",
-        get: |o| Value::Size(o.size),
-    },
-    Column {
-        name: "snapshots",
-        get: |o| Value::Count(o.snapshots as u64),
-    },
-    Column {
-        name: "path",
-        get: |o| Value::Text(o.path.clone()),
-    },
+    Column::new("id", |o| Value::Text(o.id.clone())),
+    Column::new("size", |o| Value::Size(o.size)),
+    Column::new("snapshots", |o| Value::Count(o.snapshots as u64)),
+    Column::new("path", |o| Value::Text(o.path.clone())),
 ];
 
 const COLUMN_NAMES: [&str; 4] = ["id", "size", "snapshots", "path"];
@@ -150,12 +138,13 @@ impl ListArgs {
         if self.json {
             return print_json(&origins);
         }
-        let (sort, desc) = match (&self.sort, &self.sort_desc) {
-            (_, Some(c)) => (Some(c.as_str()), true),
-            (c, None) => (c.as_deref(), false),
-        };
-        let table = select(&origins, COLUMNS, &self.columns, sort, desc, &self.style);
-        out!("{}", table.render(""));
-        Ok(())
+        print_table(
+            &origins,
+            COLUMNS,
+            &self.columns,
+            self.sort.as_deref(),
+            self.sort_desc.as_deref(),
+            &self.style,
+        )
     }
 }

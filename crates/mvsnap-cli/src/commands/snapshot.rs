@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use mvsnap_engine::{SnapshotInfo, SnapshotState};
 
 use super::{print_json, Global};
-use crate::output::{out, outln};
-use crate::output::{select, Column, Style, Value};
+use crate::output::outln;
+use crate::output::{print_table, Column, Style, Value};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -313,50 +313,21 @@ fn delete_plan(all: &[SnapshotInfo], names: &[String], recursive: bool) -> Resul
 
 /// The columns of `snapshot list` (for -o and -s).
 const COLUMNS: &[Column<SnapshotInfo>] = &[
-    Column {
-        name: "name",
-        get: |s| Value::Text(s.name.clone()),
-    },
-    Column {
-        name: "origin",
-        get: |s| Value::Text(s.origin.clone()),
-    },
-    Column {
-        name: "tag",
-        get: |s| Value::Text(s.tag.clone()),
-    },
-    Column {
-        name: "parent",
-        get: |s| Value::Text(s.parent.clone()),
-    },
-    Column {
-        name: "created",
-        get: |s| Value::Time(s.created),
-    },
-    Column {
-        name: "state",
-        get: |s| Value::Text(state_name(s.state).into()),
-    },
-    Column {
-        name: "writable",
-        get: |s| Value::Text(if s.writable { "yes" } else { "no" }.into()),
-    },
-    Column {
-        name: "exclusive",
-        get: |s| Value::Size(s.exclusive_bytes),
-    },
-    Column {
-        name: "shared",
-        get: |s| Value::Size(s.shared_bytes),
-    },
-    Column {
-        name: "memo",
-        get: |s| Value::Text(memo_cell(s)),
-    },
-    Column {
-        name: "reason",
-        get: |s| Value::Text(s.reason.clone().unwrap_or_default()),
-    },
+    Column::new("name", |s| Value::Text(s.name.clone())),
+    Column::new("origin", |s| Value::Text(s.origin.clone())),
+    Column::new("tag", |s| Value::Text(s.tag.clone())),
+    Column::new("parent", |s| Value::Text(s.parent.clone())),
+    Column::new("created", |s| Value::Time(s.created)),
+    Column::new("state", |s| Value::Text(state_name(s.state).into())),
+    Column::new("writable", |s| {
+        Value::Text(if s.writable { "yes" } else { "no" }.into())
+    }),
+    Column::new("exclusive", |s| Value::Size(s.exclusive_bytes)),
+    Column::new("shared", |s| Value::Size(s.shared_bytes)),
+    Column::new("memo", |s| Value::Text(memo_cell(s))),
+    Column::new("reason", |s| {
+        Value::Text(s.reason.clone().unwrap_or_default())
+    }),
 ];
 
 const COLUMN_NAMES: [&str; 11] = [
@@ -453,13 +424,14 @@ impl ListArgs {
         if self.json {
             return print_json(&snapshots);
         }
-        let (sort, desc) = match (&self.sort, &self.sort_desc) {
-            (_, Some(c)) => (Some(c.as_str()), true),
-            (c, None) => (c.as_deref(), false),
-        };
-        let table = select(&snapshots, COLUMNS, &self.columns, sort, desc, &self.style);
-        out!("{}", table.render(""));
-        Ok(())
+        print_table(
+            &snapshots,
+            COLUMNS,
+            &self.columns,
+            self.sort.as_deref(),
+            self.sort_desc.as_deref(),
+            &self.style,
+        )
     }
 }
 

@@ -1,27 +1,21 @@
 //! Shared harness of the daemon's tests with real clients: a store and an origin in a temporary
 //! directory, the `mvsnap` binary (built if missing or stale), a daemon guard that always kills
-//! its process, external tools with a deadline, SHA-256, a seeded RNG, an in-memory model of the
-//! expected images, and a small blocking raw NBD client for hand-made protocol tests.
+//! its process, and an in-memory model of the expected images. What every suite shares
+//! (external tools with a deadline, SHA-256, a seeded RNG, image comparison, a raw NBD client)
+//! comes from mvsnap-testkit, re-exported here.
 //!
 //! Every daemon runs with its own `MVSNAP_RUNTIME_DIR` (inside the test's directory), so the
 //! control sockets of tests running in parallel never collide.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+pub use mvsnap_testkit::*;
+
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-use mvsnap_nbd::proto;
-
-pub const KIB: u64 = 1024;
-pub const MIB: u64 = 1024 * 1024;
-
-/// Deadline of one external command (a hung client fails the test instead of hanging it).
-pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
 // Temporary directories
@@ -159,350 +153,6 @@ pub fn mvsnap_bin() -> &'static Path {
 }
 
 // ---------------------------------------------------------------------------------------------
-// External tools
-// ---------------------------------------------------------------------------------------------
-
-/// Find an external tool on PATH (and in the sbin directories, where mkfs/losetup live).
-/// Missing: fail if `MVSNAP_REQUIRE_TOOLS=1`, else print `skipped: NAME not found` and `None`.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    if let Some(p) = find_tool(name) {
-        return Some(p);
-    }
-    if std::env::var("MVSNAP_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{name} not found and MVSNAP_REQUIRE_TOOLS=1 (scripts/install-deps.sh installs it)");
-    }
-    // To the real stderr, past the harness's capture, so it is always seen.
-    let _ = writeln!(std::io::stderr(), "skipped: {name} not found");
-    None
-}
-
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> =
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
-    for d in ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        dirs.push(PathBuf::from(d));
-    }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-/// `let Some(qemu_io) = need!("qemu-io") else { return };` shorthand; several at once:
-/// `let [a, b] = need!("a", "b");`.
-#[macro_export]
-macro_rules! need {
-    ($($name:expr),+ $(,)?) => {
-        [$(match common::tool($name) {
-            Some(p) => p,
-            None => return,
-        }),+]
-    };
-}
-
-/// Time since the first use, for the logs.
-pub fn since_start() -> Duration {
-    static T0: OnceLock<Instant> = OnceLock::new();
-    T0.get_or_init(Instant::now).elapsed()
-}
-
-/// Run a command with a deadline; prints the command and its output (shown on failure).
-pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let desc = format!("[{:.2?}] {cmd:?}", since_start());
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
-    let start = Instant::now();
-    let out = wait_output(&mut child, timeout, &desc);
-    let took = start.elapsed();
-    // Only the beginning: outputs may be whole images.
-    let show = |b: &[u8]| {
-        let s = String::from_utf8_lossy(&b[..b.len().min(4000)]);
-        if s.contains('\u{fffd}') {
-            format!("[{} bytes of binary output]\n", b.len())
-        } else if b.len() > 4000 {
-            format!("{s}...[{} bytes]\n", b.len())
-        } else {
-            s.into_owned()
-        }
-    };
-    eprintln!(
-        "$ {desc}\n-> {} in {took:.2?}\n{}{}",
-        out.status,
-        show(&out.stdout),
-        show(&out.stderr)
-    );
-    out
-}
-
-/// Collect a spawned child's stdout/stderr (if piped) and status, killing it after `timeout`.
-pub fn wait_output(child: &mut Child, timeout: Duration, desc: &str) -> Output {
-    let so = child.stdout.take();
-    let se = child.stderr.take();
-    let drain = |p: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut v);
-            }
-            v
-        })
-    };
-    let t_out = drain(so.map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let t_err = drain(se.map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let status = wait_timeout(child, timeout).unwrap_or_else(|| {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("timed out after {timeout:?}: {desc}");
-    });
-    Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
-}
-
-/// Wait for a child at most `timeout`; `None` if it is still running.
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        if start.elapsed() > timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// stdout + stderr as text.
-pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Run and require exit status 0; returns stdout+stderr as text.
-#[track_caller]
-pub fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd, TOOL_TIMEOUT);
-    let t = text(&out);
-    assert!(out.status.success(), "command failed: {cmd:?}\n{t}");
-    t
-}
-
-// ---------------------------------------------------------------------------------------------
-// Checksums and random data
-// ---------------------------------------------------------------------------------------------
-
-/// SHA-256 (FIPS 180-4), streaming. The workspace's test dependencies are not ours to change,
-/// so it is here; `sha256_known_vectors` in qemu_io.rs checks it against known digests.
-pub struct Sha256 {
-    h: [u32; 8],
-    buf: [u8; 64],
-    buf_len: usize,
-    total: u64,
-}
-
-const SHA256_K: [u32; 64] = [
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-];
-
-impl Default for Sha256 {
-    fn default() -> Self {
-        Sha256 {
-            h: [
-                0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-                0x5be0cd19,
-            ],
-            buf: [0; 64],
-            buf_len: 0,
-            total: 0,
-        }
-    }
-}
-
-impl Sha256 {
-    fn block(&mut self, b: &[u8]) {
-        let b: &[u8; 64] = b.try_into().unwrap();
-        let mut w = [0u32; 64];
-        for (i, c) in b.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.h;
-        for (k, wi) in SHA256_K.iter().zip(w.iter()) {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = h
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(*k)
-                .wrapping_add(*wi);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            h = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (s, v) in self.h.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.total += data.len() as u64;
-        if self.buf_len > 0 {
-            let n = (64 - self.buf_len).min(data.len());
-            self.buf[self.buf_len..self.buf_len + n].copy_from_slice(&data[..n]);
-            self.buf_len += n;
-            data = &data[n..];
-            if self.buf_len == 64 {
-                let b = self.buf;
-                self.block(&b);
-                self.buf_len = 0;
-            }
-        }
-        while data.len() >= 64 {
-            self.block(&data[..64]);
-            data = &data[64..];
-        }
-        self.buf[..data.len()].copy_from_slice(data);
-        self.buf_len = data.len();
-    }
-
-    pub fn hex(mut self) -> String {
-        let bits = self.total.wrapping_mul(8);
-        let mut pad = vec![0x80u8];
-        let rem = (self.total as usize + 1) % 64;
-        let zeros = if rem <= 56 { 56 - rem } else { 120 - rem };
-        pad.resize(1 + zeros, 0);
-        pad.extend_from_slice(&bits.to_be_bytes());
-        let total = self.total;
-        self.update(&pad);
-        self.total = total;
-        debug_assert_eq!(self.buf_len, 0);
-        self.h.iter().map(|w| format!("{w:08x}")).collect()
-    }
-}
-
-pub fn sha256(data: &[u8]) -> String {
-    let mut h = Sha256::default();
-    h.update(data);
-    h.hex()
-}
-
-pub fn sha256_file(p: &Path) -> String {
-    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
-    let mut h = Sha256::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return h.hex();
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-/// splitmix64: small, seedable, good enough for test data and random moments.
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// Seeded from `MVSNAP_TEST_SEED` if set, else from the clock; the seed is printed so a
-    /// failure can be replayed.
-    pub fn from_env(what: &str) -> Rng {
-        let seed = std::env::var("MVSNAP_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("{what}: seed {seed} (MVSNAP_TEST_SEED={seed} replays it)");
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn pattern_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng(seed).fill(&mut v);
-    v
-}
-
-/// Where two images first differ, for messages.
-pub fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("length {} != expected {}", got.len(), want.len()));
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let end = (i..got.len())
-        .find(|&j| got[j] == want[j])
-        .unwrap_or(got.len());
-    Some(format!(
-        "first difference at byte {i} (block {} of 4 KiB), {} bytes differ from there: \
-         got {:02x?}, expected {:02x?}",
-        i / 4096,
-        end - i,
-        &got[i..(i + 8).min(end)],
-        &want[i..(i + 8).min(end)]
-    ))
-}
-
-#[track_caller]
-pub fn assert_image(what: &str, got: &[u8], want: &[u8]) {
-    if let Some(d) = first_diff(got, want) {
-        panic!("{what}: content differs from the model: {d}");
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // A store, an origin and a daemon
 // ---------------------------------------------------------------------------------------------
 
@@ -523,12 +173,28 @@ impl Fixture {
         let _ = mvsnap_bin();
         let dir = TestDir::new(name);
         let store = dir.join("store.img");
-        let runtime = dir.join("run");
-        std::fs::create_dir_all(&runtime).unwrap();
         let origin = dir.join("disk0.img");
         std::fs::write(&origin, content).unwrap();
+        Fixture::at(dir, store, origin, size, "512M")
+    }
+
+    /// A fixture whose store and origin are at the given paths (anywhere: freeze.rs puts them
+    /// on the filesystem it freezes): the origin file is made `size` bytes (created if
+    /// missing, sparse), the store formatted with `--size STORE_SIZE` and the origin bound as
+    /// `disk0`. The runtime directory and the NBD socket are in `dir`.
+    pub fn at(
+        dir: TestDir,
+        store: PathBuf,
+        origin: PathBuf,
+        size: u64,
+        store_size: &str,
+    ) -> Fixture {
+        let runtime = dir.join("run");
+        std::fs::create_dir_all(&runtime).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
+            .create(true)
+            .truncate(false)
             .open(&origin)
             .unwrap()
             .set_len(size)
@@ -546,7 +212,7 @@ impl Fixture {
                 .env_remove("MVSNAP_STORE")
                 .arg("format")
                 .arg(&fx.store)
-                .args(["--size", "512M"]),
+                .args(["--size", store_size]),
         );
         fx.ms_ok(&[
             "origin",
@@ -642,13 +308,28 @@ impl Fixture {
     /// Start `mvsnap serve --nbd-socket SOCK` and wait for its readiness line.
     #[track_caller]
     pub fn start(&self) -> Daemon {
-        self.try_start()
+        self.start_with(&[], &[])
+    }
+
+    /// Start a daemon; `Err(its stderr)` if it exits without serving.
+    pub fn try_start(&self) -> Result<Daemon, String> {
+        self.try_start_with(&[], &[])
+    }
+
+    /// Start `mvsnap serve --nbd-socket SOCK ARGS...` (`--mount DIR`, `--listen`, TLS...) with
+    /// more environment variables (`NOTIFY_SOCKET`...).
+    #[track_caller]
+    pub fn start_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        self.try_start_with(args, env)
             .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
     }
 
-    /// Start `mvsnap serve --nbd-socket SOCK ARGS...` with more environment variables.
-    #[track_caller]
-    pub fn start_with_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+    /// `start_with`, or `Err(its stderr)` if it exits without serving.
+    pub fn try_start_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Result<Daemon, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let log = self
+            .dir
+            .join(&format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let mut cmd = self.mvsnap();
         cmd.arg("serve")
             .arg("--nbd-socket")
@@ -657,36 +338,7 @@ impl Fixture {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let log = self.dir.join("daemon-with.log");
-        Daemon::spawn(&mut cmd, &log).unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
-    }
-
-    /// Start a daemon; `Err(its stderr)` if it exits without serving.
-    pub fn try_start(&self) -> Result<Daemon, String> {
-        self.try_start_with(&[])
-    }
-
-    /// Start `mvsnap serve --nbd-socket SOCK EXTRA...` (e.g. `--mount DIR`).
-    #[track_caller]
-    pub fn start_with(&self, extra: &[&str]) -> Daemon {
-        self.try_start_with(extra)
-            .unwrap_or_else(|e| panic!("the daemon did not start: {e}"))
-    }
-
-    /// `try_start` with more `serve` arguments (`--listen`, TLS...).
-    pub fn try_start_with(&self, extra: &[&str]) -> Result<Daemon, String> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let log = self
-            .dir
-            .join(&format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
-        Daemon::spawn(
-            self.mvsnap()
-                .arg("serve")
-                .arg("--nbd-socket")
-                .arg(&self.sock)
-                .args(extra),
-            &log,
-        )
+        Daemon::spawn(&mut cmd, &log)
     }
 
     /// Read a whole export with nbdcopy (to stdout).
@@ -900,224 +552,158 @@ impl Drop for ChildGuard {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Loop devices and mounts (filesystem.rs, fuse.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Why this machine cannot run a test with mounts and loop devices (not root, no FUSE, no
+/// loop devices), if it cannot.
+pub fn missing_privileges() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (FUSE mounts, losetup and mount need it)".into());
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            return Some(format!("{dev} does not exist"));
+        }
+    }
+    None
+}
+
+/// Return from the test, saying why, when [`missing_privileges`] finds a reason (even under
+/// `MVSNAP_REQUIRE_TOOLS=1`, which only makes *missing tools* fail).
+#[macro_export]
+macro_rules! need_root {
+    () => {
+        if let Some(why) = common::missing_privileges() {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// Try a few times: a just-closed device or mount may still be busy for a moment.
+pub fn retry(what: &str, mut f: impl FnMut() -> bool) -> bool {
+    for i in 0..20 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100 * (i + 1).min(5)));
+    }
+    eprintln!("giving up: {what}");
+    false
+}
+
+/// Run; true on exit status 0.
+pub fn quiet(cmd: &mut Command) -> bool {
+    run(cmd, Duration::from_secs(60)).status.success()
+}
+
+/// `losetup -f --show [-r] [--direct-io=on] FILE`; detached on drop.
+pub struct Loop {
+    dev: Option<String>,
+    losetup: PathBuf,
+}
+
+impl Loop {
+    pub fn attach(losetup: &Path, file: &Path, read_only: bool, direct_io: bool) -> Loop {
+        let mut c = Command::new(losetup);
+        c.args(["-f", "--show"]);
+        if read_only {
+            c.arg("-r");
+        }
+        if direct_io {
+            c.arg("--direct-io=on");
+        }
+        let out = run_ok(c.arg(file));
+        let dev = out.trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        let l = Loop {
+            dev: Some(dev),
+            losetup: losetup.to_path_buf(),
+        };
+        if direct_io {
+            let info = run_ok(
+                Command::new(losetup)
+                    .args(["-n", "-O", "DIO", "-l"])
+                    .arg(l.dev()),
+            );
+            assert_eq!(info.trim(), "1", "{} is not in direct I/O mode", l.dev());
+        }
+        l
+    }
+
+    pub fn dev(&self) -> &str {
+        self.dev.as_deref().unwrap()
+    }
+
+    pub fn detach(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            let l = self.losetup.clone();
+            retry("losetup -d", || quiet(Command::new(&l).arg("-d").arg(&dev)));
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// `mount [-o OPTS] -t FSTYPE DEV DIR`; unmounted on drop (lazily if it stays busy).
+pub struct Mnt {
+    dir: Option<PathBuf>,
+}
+
+impl Mnt {
+    pub fn new(fstype: &str, dev: &str, dir: &Path, opts: Option<&str>) -> Mnt {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut c = Command::new(sbin("mount"));
+        if let Some(o) = opts {
+            c.arg("-o").arg(o);
+        }
+        run_ok(c.args(["-t", fstype]).arg(dev).arg(dir));
+        Mnt {
+            dir: Some(dir.to_path_buf()),
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.as_ref().unwrap().join(p)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.as_deref().unwrap()
+    }
+
+    pub fn unmount(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let umount = sbin("umount");
+            if !retry("umount", || quiet(Command::new(&umount).arg(&dir))) {
+                quiet(Command::new(&umount).arg("-l").arg(&dir));
+            }
+        }
+    }
+}
+
+impl Drop for Mnt {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// A system tool by path where it is found (PATH or the sbin directories), else by name.
+fn sbin(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| PathBuf::from(name))
+}
+
+// ---------------------------------------------------------------------------------------------
 // The model
 // ---------------------------------------------------------------------------------------------
 
 /// `write -P BYTE OFF LEN` on the model.
 pub fn fill(model: &mut [u8], off: u64, len: u64, byte: u8) {
     model[off as usize..(off + len) as usize].fill(byte);
-}
-
-// ---------------------------------------------------------------------------------------------
-// A raw blocking NBD client
-// ---------------------------------------------------------------------------------------------
-
-/// One reply to an option: type and data.
-pub type OptReply = (u32, Vec<u8>);
-
-#[derive(Debug)]
-pub enum Reply {
-    Simple {
-        handle: u64,
-        error: u32,
-    },
-    Chunk {
-        flags: u16,
-        reply_type: u16,
-        handle: u64,
-        payload: Vec<u8>,
-    },
-}
-
-pub struct RawClient {
-    pub s: UnixStream,
-}
-
-impl RawClient {
-    pub fn connect(sock: &Path) -> RawClient {
-        let s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        RawClient { s }
-    }
-
-    pub fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).unwrap();
-    }
-
-    /// Send; false if the server has closed the connection.
-    pub fn try_send(&mut self, b: &[u8]) -> bool {
-        self.s.write_all(b).is_ok()
-    }
-
-    pub fn recv(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.s.read_exact(&mut v).unwrap();
-        v
-    }
-
-    /// True once the server has closed its side (EOF or reset) within the read timeout;
-    /// bytes still arriving are skipped.
-    pub fn closed_within(&mut self, timeout: Duration) -> bool {
-        self.s.set_read_timeout(Some(timeout)).unwrap();
-        let mut b = [0u8; 4096];
-        let start = Instant::now();
-        loop {
-            match self.s.read(&mut b) {
-                Ok(0) => return true,
-                Ok(_) if start.elapsed() < timeout => continue,
-                Ok(_) => return false,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return false
-                }
-                Err(_) => return true,
-            }
-        }
-    }
-
-    /// Read the greeting and send client flags.
-    pub fn greet(&mut self, client_flags: u32) {
-        let g = self.recv(proto::HANDSHAKE_LEN);
-        assert_eq!(&g[0..8], b"NBDMAGIC");
-        assert_eq!(&g[8..16], b"IHAVEOPT");
-        self.send(&client_flags.to_be_bytes());
-    }
-
-    pub fn send_option(&mut self, opt: u32, data: &[u8]) {
-        let mut b = proto::encode_option_header(opt, data.len() as u32).to_vec();
-        b.extend_from_slice(data);
-        self.send(&b);
-    }
-
-    pub fn read_option_reply(&mut self, opt: u32) -> OptReply {
-        let h = self.recv(proto::OPTION_REPLY_HEADER_LEN);
-        let h = proto::decode_option_reply_header(h.as_slice().try_into().unwrap()).unwrap();
-        assert_eq!(h.option, opt);
-        let data = self.recv(h.length as usize);
-        (h.reply_type, data)
-    }
-
-    /// Send an option and collect replies up to the final one (ACK or an error).
-    pub fn option(&mut self, opt: u32, data: &[u8]) -> Vec<OptReply> {
-        self.send_option(opt, data);
-        let mut v = Vec::new();
-        loop {
-            let r = self.read_option_reply(opt);
-            let last = r.0 == proto::REP_ACK || r.0 & (1 << 31) != 0;
-            v.push(r);
-            if last {
-                return v;
-            }
-        }
-    }
-
-    /// Greet (fixed newstyle, no zeroes), optionally negotiate structured replies, then GO.
-    pub fn handshake(&mut self, name: &str, structured: bool) -> (u64, u16) {
-        self.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
-        if structured {
-            let r = self.option(proto::OPT_STRUCTURED_REPLY, &[]);
-            assert_eq!(r, vec![(proto::REP_ACK, vec![])]);
-        }
-        self.go(name)
-            .unwrap_or_else(|e| panic!("GO {name} failed: {e:?}"))
-    }
-
-    /// NBD_OPT_GO; Ok((size, flags)) or Err(final error reply).
-    pub fn go(&mut self, name: &str) -> Result<(u64, u16), OptReply> {
-        let body = proto::encode_info_request(&proto::InfoRequest {
-            name: name.into(),
-            requests: vec![proto::INFO_BLOCK_SIZE],
-        });
-        let replies = self.option(proto::OPT_GO, &body);
-        let last = replies.last().unwrap().clone();
-        if last.0 != proto::REP_ACK {
-            return Err(last);
-        }
-        let info = replies
-            .iter()
-            .find(|r| r.0 == proto::REP_INFO && r.1[0..2] == [0, 0])
-            .expect("no NBD_INFO_EXPORT");
-        let size = u64::from_be_bytes(info.1[2..10].try_into().unwrap());
-        let flags = u16::from_be_bytes(info.1[10..12].try_into().unwrap());
-        Ok((size, flags))
-    }
-
-    pub fn request(&mut self, command: u16, flags: u16, handle: u64, offset: u64, length: u32) {
-        self.send(&proto::encode_request(&proto::Request {
-            flags,
-            command,
-            handle,
-            offset,
-            length,
-        }));
-    }
-
-    pub fn write_req(&mut self, handle: u64, offset: u64, data: &[u8]) {
-        let mut b = proto::encode_request(&proto::Request {
-            flags: 0,
-            command: proto::CMD_WRITE,
-            handle,
-            offset,
-            length: data.len() as u32,
-        })
-        .to_vec();
-        b.extend_from_slice(data);
-        self.send(&b);
-    }
-
-    /// One reply header (either kind); for a structured one, its payload too.
-    pub fn reply(&mut self) -> Reply {
-        let magic = self.recv(4);
-        let len = proto::reply_header_len(magic.as_slice().try_into().unwrap())
-            .unwrap_or_else(|e| panic!("bad reply magic {magic:02x?}: {e}"));
-        let mut h = magic;
-        h.extend(self.recv(len - 4));
-        match proto::decode_reply_header(&h).unwrap() {
-            proto::ReplyHeader::Simple(s) => Reply::Simple {
-                handle: s.handle,
-                error: s.error,
-            },
-            proto::ReplyHeader::Structured(c) => {
-                let payload = self.recv(c.length as usize);
-                Reply::Chunk {
-                    flags: c.flags,
-                    reply_type: c.reply_type,
-                    handle: c.handle,
-                    payload,
-                }
-            }
-        }
-    }
-
-    /// A simple reply's (handle, error).
-    pub fn simple(&mut self) -> (u64, u32) {
-        match self.reply() {
-            Reply::Simple { handle, error } => (handle, error),
-            other => panic!("expected a simple reply, got {other:?}"),
-        }
-    }
-
-    /// READ on a connection without structured replies: Ok(data) or Err(errno).
-    pub fn read_simple(&mut self, handle: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        self.request(proto::CMD_READ, 0, handle, offset, len);
-        let (h, err) = self.simple();
-        assert_eq!(h, handle);
-        if err != 0 {
-            return Err(err);
-        }
-        Ok(self.recv(len as usize))
-    }
-
-    /// NBD_CMD_DISC, then the server must close.
-    pub fn disconnect(mut self) {
-        self.request(proto::CMD_DISC, 0, 0, 0, 0);
-        assert!(
-            self.closed_within(Duration::from_secs(10)),
-            "server did not close after NBD_CMD_DISC"
-        );
-    }
 }

@@ -1,9 +1,12 @@
-//! What the scale examples share: an origin full of data and their size arguments.
+//! What the scale examples share: an origin full of data, a new store with an origin bound,
+//! and their size arguments.
 // Each example uses a part of it.
 #![allow(dead_code)]
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use mvsnap_engine::{FormatOptions, OpenOptions, Store};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -19,6 +22,26 @@ pub fn write_full_origin(path: &Path, size: u64) -> std::io::Result<()> {
         f.write_all_at(&buf, off)?;
     }
     f.sync_all()
+}
+
+/// A new store `store` of `store_size` bytes, opened with `opts`, with the file `origin` bound
+/// as `o0`.
+pub fn store_with_origin(
+    store: &Path,
+    store_size: u64,
+    origin: &Path,
+    opts: &OpenOptions,
+) -> Result<Store, Box<dyn std::error::Error>> {
+    Store::format(
+        store,
+        &FormatOptions {
+            size: Some(store_size),
+            ..Default::default()
+        },
+    )?;
+    let s = Store::open(store, opts)?;
+    s.add_origin(origin, Some("o0"))?;
+    Ok(s)
 }
 
 /// A count or a size: digits with an optional K, M or G (binary multiples).

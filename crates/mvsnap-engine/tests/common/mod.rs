@@ -1,4 +1,5 @@
-//! Helpers shared by the engine's integration tests (model, crash, bad input).
+//! Helpers shared by the engine's integration tests (model, crash, bad input); those of every
+//! suite (image comparison, patterns) come from mvsnap-testkit.
 #![allow(dead_code)]
 
 pub mod track;
@@ -7,21 +8,15 @@ use std::path::{Path, PathBuf};
 
 use mvsnap_engine::crashsim::SimMachine;
 use mvsnap_engine::{FormatOptions, OpenOptions, Store};
+pub use mvsnap_testkit::*;
 
-/// Deterministic pseudo-random bytes (splitmix64): cheap enough to fill megabytes per step.
+/// Deterministic pseudo-random bytes: the testkit's generator, its seed mixed once more so that
+/// a seed gives the bytes it always gave here (crash cases are replayed by seed).
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
-    while out.len() < len {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        out.extend_from_slice(&z.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    pattern_bytes(
+        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03,
+        len,
+    )
 }
 
 /// The whole content of a volume.
@@ -34,37 +29,6 @@ pub fn try_read_all(s: &Store, name: &str) -> mvsnap_engine::Result<Vec<u8>> {
     let mut buf = vec![0u8; v.size() as usize];
     v.read_at(0, &mut buf)?;
     Ok(buf)
-}
-
-/// Where two images first differ, for readable failures: `None` when equal.
-pub fn first_diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got == want {
-        return None;
-    }
-    if got.len() != want.len() {
-        return Some(format!("length {} != expected {}", got.len(), want.len()));
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let end = (i..got.len())
-        .find(|&j| got[j] == want[j])
-        .unwrap_or(got.len());
-    let ndiff = got.iter().zip(want).filter(|(a, b)| a != b).count();
-    Some(format!(
-        "first difference at byte {i} (block {}, 64K-chunk {}): got {:#04x}, expected {:#04x}; \
-         run of {} bytes; {ndiff} bytes differ in all",
-        i / 4096,
-        i / 65536,
-        got[i],
-        want[i],
-        end - i
-    ))
-}
-
-#[track_caller]
-pub fn assert_image(what: &str, got: &[u8], want: &[u8]) {
-    if let Some(d) = first_diff(got, want) {
-        panic!("{what}: content differs from the model: {d}");
-    }
 }
 
 #[track_caller]

@@ -1,0 +1,102 @@
+# What the NBD and FUSE benchmarks (bench/nbd.sh, bench/fuse.sh) share, sourced after
+# `set -euo pipefail`, the `cd` to the checkout and `BENCH=NAME.sh` (the name in messages):
+# usage and argument errors, messages, tool checks, the scratch directory, stopping servers by
+# pid (never by name), the cleanup trap, and a private copy of the release binary.
+# The script defines `stop_all` (what to stop at the end: its servers, mounts, devices) and may
+# set `stopped` (what the failure message says was stopped).
+
+# The script's header comment, as its --help prints it.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+bad_argument() { echo "$BENCH: unknown argument: $1 (see --help)" >&2; exit 2; }
+
+# Messages go to fd 9, a copy of the original stderr: a trap runs with the redirections of the
+# command it interrupted (fio's log file), and its messages must not vanish there.
+exec 9>&2
+log() { echo "$BENCH: $*" >&9; }
+die() { log "error: $*"; exit 1; }
+
+# need_tools HINT TOOL...: die naming every tool not on PATH, with HINT (how to install them).
+need_tools() {
+    local hint=$1 t missing=()
+    shift
+    for t in "$@"; do
+        command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+    done
+    [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} ($hint)"
+}
+
+# make_work DIR: $work, a fresh scratch directory below DIR (NAME-bench.XXXXXX), removed by
+# the cleanup trap whatever happens.
+make_work() {
+    mkdir -p "$1"
+    work=$(mktemp -d "$(cd "$1" && pwd)/${BENCH%.sh}-bench.XXXXXX")
+}
+
+PIDS=()          # servers we started and have not stopped yet (by pid, never by name)
+stopped="servers stopped"
+
+pid_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# Stop one server: SIGTERM, wait up to 60 s (mvsnap checkpoints), then SIGKILL.
+stop_pid() {
+    local pid=$1 i
+    pid_alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 600; i++)); do
+        pid_alive "$pid" || return 0
+        sleep 0.1
+    done
+    log "pid $pid did not exit after SIGTERM; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+# Stop every server in PIDS.
+stop_pids() {
+    local p
+    for p in "${PIDS[@]}"; do stop_pid "$p"; done
+    PIDS=()
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_all
+    rm -rf "$work"
+    [ $rc -ne 0 ] && log "failed (exit status $rc); $stopped, $work removed"
+    exit $rc
+}
+
+# From here on, the end of the script (or an interrupt) stops everything and removes $work.
+trap_cleanup() {
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+# run_fio WHAT CMD: run the fio command line CMD (its own output to $work/fio.log); on failure
+# show that log and $out, and die naming WHAT.
+run_fio() {
+    if ! eval "$2" >"$work/fio.log" 2>&1; then
+        cat "$work/fio.log" "$out" >&2 2>/dev/null || true
+        die "fio failed: $1"
+    fi
+}
+
+# record REP WHO LINE UNIT: fio's result in $out (terse v3: fields 7/8 = read KiB/s, IOPS;
+# 48/49 = write KiB/s, IOPS) as IOPS or MiB/s in V, appended to $results with the 1-minute load
+# average after it.
+record() {
+    V=$(awk -F';' -v u="$4" 'NF > 49 {
+            if (u == "IOPS") printf "%.0f", $8 + $49; else printf "%.1f", ($7 + $48) / 1024 }' "$out")
+    [ -n "$V" ] || { cat "$out" >&2; die "could not parse fio output: $2 $3"; }
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$V" "$(cut -d' ' -f1 /proc/loadavg)" >>"$results"
+}
+
+# build_mvsnap: build the release binary; MVSNAP becomes a private copy of it in $work (others
+# may rebuild target/ while we run).
+build_mvsnap() {
+    log "building mvsnap (release)"
+    cargo build --release -q -p mvsnap-cli >&2 || die "cargo build --release -p mvsnap-cli failed"
+    cp target/release/mvsnap "$work/mvsnap"
+    MVSNAP=$work/mvsnap
+}
