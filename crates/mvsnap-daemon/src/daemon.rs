@@ -221,6 +221,10 @@ async fn run(
             ready.push_str(" tls=on");
         }
     }
+    // Before anyone can learn our pid (registry, pidfile, readiness line, sd_notify): a
+    // SIGTERM from then on shuts down cleanly instead of killing the process.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Where we are, for commands started with another runtime directory, and for systemd.
     let _registration = crate::service::register(
         &key,
@@ -257,8 +261,6 @@ async fn run(
     tracing::info!("{ready}");
     crate::service::notify_ready(&ready);
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),

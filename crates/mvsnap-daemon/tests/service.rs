@@ -286,3 +286,49 @@ fn spawn_daemon(cmd: &mut Command, log: &std::path::Path) -> ChildGuard {
     );
     ChildGuard(Some(c))
 }
+
+/// A supervisor may signal the daemon as soon as it can know its pid: from the pidfile on,
+/// SIGTERM is a clean stop (exit 0), never a kill. The handler used to be installed after the
+/// pidfile, the registry entry and the readiness line, so a prompt SIGTERM killed the daemon.
+#[test]
+fn sigterm_as_soon_as_the_pidfile_appears_is_a_clean_stop() {
+    let fx = Fixture::new("svc-early-term", 8 * MIB, &[]);
+    for round in 0..5 {
+        let pidfile = fx.dir.join(&format!("early-{round}.pid"));
+        let mut child = fx
+            .mvsnap()
+            .args(["serve", "--pidfile"])
+            .arg(&pidfile)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no pidfile within 60 s");
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        assert_eq!(pid as u32, child.id(), "the pidfile names the daemon");
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let Some(st) = wait_timeout(&mut child, Duration::from_secs(60)) else {
+            let _ = child.kill();
+            panic!("round {round}: the daemon did not stop within 60 s of SIGTERM");
+        };
+        assert!(
+            st.success(),
+            "round {round}: SIGTERM right after the pidfile appeared: {st}"
+        );
+        assert!(
+            !pidfile.exists(),
+            "round {round}: the pidfile goes with the daemon"
+        );
+    }
+    fx.assert_check_clean("after the early stops");
+}
