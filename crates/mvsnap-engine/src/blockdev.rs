@@ -171,6 +171,91 @@ impl BlockDev for FileDev {
     }
 }
 
+/// A device whose syncs, once one failed, all fail: the first failure stops it.
+///
+/// Linux reports a failed fsync once per open file and drops the dirty pages it covered, so
+/// the next fsync on the same file succeeds although those writes never reached the disk. With
+/// several threads syncing one device (the group commit, the tree committer, copy-outs), a
+/// thread whose writes were dropped by *another* thread's failed sync would see its own sync
+/// succeed and vouch for them: a commit header made durable over nodes that are not, a flush
+/// acknowledged over a lost journal record. So syncs run one at a time, and after a failure
+/// every later one reports it too, until the device is opened again.
+pub struct FailStop {
+    dev: Arc<dyn BlockDev>,
+    /// The first failed sync's error, set before the lock is released.
+    failed: parking_lot::Mutex<Option<String>>,
+}
+
+impl FailStop {
+    pub fn wrap(dev: Arc<dyn BlockDev>) -> Arc<dyn BlockDev> {
+        Arc::new(FailStop {
+            dev,
+            failed: parking_lot::Mutex::new(None),
+        })
+    }
+}
+
+impl BlockDev for FailStop {
+    fn len(&self) -> io::Result<u64> {
+        self.dev.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        // Held across the sync: a sync that starts after a failed one must see the failure,
+        // and one running beside it could return first.
+        let mut failed = self.failed.lock();
+        if let Some(first) = failed.as_ref() {
+            return Err(io::Error::other(format!(
+                "an earlier sync of this device failed ({first}); what was written since \
+                 may be lost"
+            )));
+        }
+        self.dev
+            .sync()
+            .inspect_err(|e| *failed = Some(e.to_string()))
+    }
+
+    fn grow(&self, len: u64) -> io::Result<()> {
+        self.dev.grow(len)
+    }
+
+    fn can_grow(&self) -> bool {
+        self.dev.can_grow()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.dev.discard(offset, len)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.dev.punch(offset, len)
+    }
+
+    fn can_punch(&self) -> bool {
+        self.dev.can_punch()
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<crate::types::Extent>> {
+        self.dev.allocation(offset, len)
+    }
+
+    fn drop_cache(&self) -> io::Result<()> {
+        self.dev.drop_cache()
+    }
+
+    fn path(&self) -> &Path {
+        self.dev.path()
+    }
+}
+
 /// Opens real files and block devices.
 pub struct FileOpener;
 
@@ -193,4 +278,34 @@ impl DeviceOpener for FileOpener {
 /// Exclusive advisory lock on the store file so two processes never write one store.
 pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
     crate::sys::flock(file.as_raw_fd(), exclusive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crashsim::SimDisk;
+
+    #[test]
+    fn after_a_failed_sync_every_sync_fails() {
+        let disk = Arc::new(SimDisk::new("/sim/failstop", vec![0u8; 8192], false));
+        let dev = FailStop::wrap(disk.clone());
+        dev.write_at(&[1u8; 4096], 0).unwrap();
+        dev.sync().unwrap();
+        dev.write_at(&[2u8; 4096], 4096).unwrap();
+        disk.fail_sync_after(1);
+        dev.sync().expect_err("the planted failure");
+        // The disk itself would now report success: the dropped write is gone silently.
+        dev.write_at(&[3u8; 4096], 0).unwrap();
+        let again = dev.sync().expect_err("a later sync").to_string();
+        assert!(
+            again.contains("an earlier sync of this device failed"),
+            "{again}"
+        );
+        disk.sync().expect("the disk alone says all is well");
+        assert_eq!(
+            disk.durable_image()[4096],
+            0,
+            "the dropped write never became durable"
+        );
+    }
 }

@@ -17,7 +17,9 @@
 //! durable (the space map hands out only blocks free in the durable, frozen and working
 //! versions); the records a frozen version covers stay in the journal until its header is
 //! durable; a crash meanwhile recovers the old version and replays the journal from its start,
-//! through the sealed records and on into those logged after the seal.
+//! through the sealed records and on into those logged after the seal. The commit's own sync
+//! vouches for its writes even if another thread's sync of the store failed meanwhile (and
+//! Linux dropped them): the store device fail-stops (`blockdev::FailStop`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -67,7 +67,7 @@ pub(crate) fn spawn_reclaimer(inner: &Arc<Inner>) -> std::io::Result<()> {
             match inner.reclaim_batch() {
                 Ok(_) if inner.reclaimer.queue.lock().origins.is_empty() => {
                     // All done: commit, so the freed blocks go back to the host.
-                    if let Err(e) = inner.release_freed_space() {
+                    if let Err(e) = inner.release_freed_space(false) {
                         tracing::warn!("reclaim: giving space back: {e}");
                     }
                 }
@@ -236,7 +236,7 @@ impl Inner {
             }
         }
         drop(q);
-        self.release_freed_space()
+        self.release_freed_space(true)
     }
 
     pub(crate) fn stop_reclaimer(&self) {

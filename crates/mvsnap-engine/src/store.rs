@@ -543,19 +543,39 @@ impl Inner {
     }
 
     /// After a delete or reclaim: commit the tree, so what it freed can be used again and
-    /// its space goes back to the host now. Under the state lock, to the end: a commit
-    /// started beside the writers here (the reclaim thread's) failed the crash test of deep
-    /// snapshot trees with host I/O errors (a tree node lost after recovery; cause not found
-    /// yet), so it stays the synchronous one that test passes with.
-    pub(crate) fn release_freed_space(&self) -> Result<()> {
+    /// its space goes back to the host. `wait`: return once that is done (close,
+    /// `wait_reclaimed`); else start the commit beside the writers (the reclaim thread), after
+    /// the one running, if any, is over.
+    pub(crate) fn release_freed_space(&self, wait: bool) -> Result<()> {
         if self.ephemeral || self.read_only {
             return Ok(());
         }
-        let mut st = self.state.write();
-        if st.deferred_frees.is_empty() {
-            return Ok(());
+        loop {
+            // Closing (or dropped, as in a crash): the committer is gone, and `close` finishes
+            // what is left itself. Poisoned: nothing more is written.
+            if !wait && self.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.check_poison()?;
+            let mut st = self.state.write();
+            if st.deferred_frees.is_empty() {
+                // A commit running may still hold some (the reclaim thread started it).
+                return if wait {
+                    self.wait_inflight(&mut st)
+                } else {
+                    Ok(())
+                };
+            }
+            if wait {
+                return self.checkpoint_locked(&mut st);
+            }
+            self.finish_inflight(&mut st)?;
+            if !self.commit_running() {
+                return self.start_commit(&mut st);
+            }
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        self.checkpoint_locked(&mut st)
     }
 
     /// Before a record of `need` bytes: start a tree commit when the open transaction holds
@@ -973,6 +993,7 @@ impl Store {
         opener: Arc<dyn DeviceOpener>,
         opts: &OpenOptions,
     ) -> Result<Store> {
+        let dev = crate::blockdev::FailStop::wrap(dev);
         let path = dev.path().to_path_buf();
         // Recovery must judge what is on the device, not what the page cache still shows: after
         // a failed sync (a poisoned store, then a restart in the same boot) the cache holds
@@ -1352,7 +1373,7 @@ impl Store {
                 size,
             },
         )?;
-        st.origins.get_mut(&no).unwrap().dev = Ok(dev);
+        st.origins.get_mut(&no).unwrap().dev = Ok(crate::blockdev::FailStop::wrap(dev));
         let seq = self.inner.appended_seq();
         drop(st);
         self.inner.wait_durable(seq)?;
@@ -1859,7 +1880,7 @@ fn open_origin(
         }
         .to_string());
     }
-    Ok(dev)
+    Ok(crate::blockdev::FailStop::wrap(dev))
 }
 
 /// Writes of the tables' blocks: (byte offset in the store, block).

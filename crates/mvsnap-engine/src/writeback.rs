@@ -116,7 +116,7 @@ impl Writeback {
         self.threads.lock().push(issuer);
         let wb = self.clone();
         let committer = std::thread::Builder::new()
-            .name("mvsnap-commit".into())
+            .name("mvsnap-group".into())
             .spawn(move || wb.committer(inner))?;
         self.threads.lock().push(committer);
         Ok(())

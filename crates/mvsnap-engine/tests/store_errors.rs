@@ -4,8 +4,11 @@
 
 mod common;
 
-use mvsnap_engine::crashsim::{CrashPolicy, SimMachine};
-use mvsnap_engine::{Error, OpenOptions, Store, Volume};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use mvsnap_engine::crashsim::{CrashPolicy, SimDisk, SimMachine};
+use mvsnap_engine::{BlockDev, Error, OpenOptions, Store, Volume};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -335,4 +338,132 @@ fn writable_snapshot_write_error_fails_only_that_write() {
     s.close().unwrap();
     let s = power_cut(&m);
     common::assert_image("o0@w after a power cut", &read_all(&s, "o0@w"), &want);
+}
+
+/// The store disk, with a way to stop the tree committer at the sync of a commit's nodes (they
+/// are written, not yet durable) until the test says go.
+struct HoldCommitter {
+    disk: Arc<SimDisk>,
+    armed: AtomicBool,
+    reached: Mutex<mpsc::Sender<()>>,
+    go: Mutex<mpsc::Receiver<()>>,
+}
+
+impl BlockDev for HoldCommitter {
+    fn len(&self) -> std::io::Result<u64> {
+        self.disk.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.disk.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.disk.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if std::thread::current().name() == Some("mvsnap-commit")
+            && self.armed.swap(false, Ordering::AcqRel)
+        {
+            self.reached.lock().unwrap().send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+        }
+        self.disk.sync()
+    }
+    fn grow(&self, len: u64) -> std::io::Result<()> {
+        self.disk.grow(len)
+    }
+    fn can_grow(&self) -> bool {
+        self.disk.can_grow()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.discard(offset, len)
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.punch(offset, len)
+    }
+    fn can_punch(&self) -> bool {
+        self.disk.can_punch()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<mvsnap_engine::Extent>> {
+        self.disk.allocation(offset, len)
+    }
+    fn drop_cache(&self) -> std::io::Result<()> {
+        BlockDev::drop_cache(&*self.disk)
+    }
+    fn path(&self) -> &std::path::Path {
+        self.disk.path()
+    }
+}
+
+/// Found by the deep-snapshot crash test with host I/O errors: the committer wrote a commit's
+/// first blocks, another thread's sync of the store failed (Linux drops the dirty pages it
+/// covered and reports that once), then the committer's own sync succeeded (nothing left to
+/// write) and it made its header durable over blocks that never reached the disk. After a
+/// power cut the store's newest header pointed at tables and nodes that were not there.
+#[test]
+fn a_commit_is_not_made_durable_after_another_threads_sync_failed() {
+    let content = pattern(11, 32 * MIB);
+    let (dir, m, s) = setup(128 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.create_snapshot(&["o0"], Some("w"), "", true).unwrap();
+    s.close().unwrap();
+
+    let disk = m.store_disk().unwrap();
+    let (reached_tx, reached) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let hold = Arc::new(HoldCommitter {
+        disk: disk.clone(),
+        armed: AtomicBool::new(false),
+        reached: Mutex::new(reached_tx),
+        go: Mutex::new(go_rx),
+    });
+    // A small cache: a commit every few dozen dirty nodes.
+    let opts = OpenOptions {
+        cache_bytes: Some(MIB as u64),
+        ..Default::default()
+    };
+    let s = Store::open_with(hold.clone(), None, m.opener(), &opts).unwrap();
+    let o = s.volume("o0").unwrap();
+    let w = s.volume("o0@w").unwrap();
+    hold.armed.store(true, Ordering::Release);
+    // First writes all over the origin until the committer starts a commit (and stops).
+    let blocks = content.len() / 4096;
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            for i in 0..blocks {
+                if !hold.armed.load(Ordering::Acquire) {
+                    return;
+                }
+                let at = (i * 7919) % blocks * 4096;
+                o.write_at(at as u64, &[i as u8; 4096], false).unwrap();
+            }
+        });
+    });
+    reached
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the writes started a background commit");
+
+    // Another thread's sync fails and drops what the committer has written so far. (If syncs
+    // of the store run one at a time, it waits for the committer's: then give up waiting.)
+    disk.fail_sync_after(1);
+    let flushed = std::thread::scope(|sc| {
+        let flush = sc.spawn(|| w.flush());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !flush.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        go.send(()).unwrap();
+        flush.join().unwrap()
+    });
+    flushed.expect_err("the store's sync failed");
+    drop((o, w));
+    let _ = s.close();
+
+    let s = power_cut(&m);
+    common::assert_image(
+        "snapshot a after the power cut",
+        &read_all(&s, "o0@a"),
+        &content,
+    );
+    common::assert_clean(&s, "the power cut");
+    drop(dir);
 }
