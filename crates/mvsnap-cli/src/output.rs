@@ -3,6 +3,8 @@
 
 use std::io::{IsTerminal, Write};
 
+use clap::builder::PossibleValuesParser;
+
 /// Stdout was closed by its reader (`mvsnap check | head`): `main` exits quietly.
 #[derive(Debug)]
 pub struct StdoutClosed;
@@ -177,6 +179,85 @@ impl Progress {
             Progress::Json { .. } => self.json_line(true),
             Progress::Hidden => {}
         }
+    }
+}
+
+/// Pretty JSON on stdout, for scripts.
+pub fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// What a listing's table offers: its columns (for -o, -s, -S), the default ones, and the help
+/// lines that differ between listings.
+pub trait Listed: std::fmt::Debug + Send + Sync + 'static {
+    const NAMES: &'static [&'static str];
+    const DEFAULT: &'static str;
+    /// Help of -s, saying what order the rows come in without it.
+    const SORT_HELP: &'static str;
+    /// Help of --json, naming the fields.
+    const JSON_HELP: &'static str;
+}
+
+/// The options of every listing (`origin list`, `snapshot list`): a table of chosen columns,
+/// sorted, styled; or JSON.
+#[derive(Debug, clap::Args)]
+pub struct Listing<L: Listed> {
+    #[command(flatten)]
+    pub style: Style,
+
+    /// The columns to show, in order, comma-separated.
+    #[arg(short = 'o', value_name = "COL,...", value_delimiter = ',',
+          default_value = L::DEFAULT, hide_default_value = true,
+          value_parser = PossibleValuesParser::new(L::NAMES.iter().copied()), ignore_case = true)]
+    pub columns: Vec<String>,
+
+    #[arg(short = 's', value_name = "COL", conflicts_with = "sort_desc",
+          hide_possible_values = true, help = L::SORT_HELP,
+          value_parser = PossibleValuesParser::new(L::NAMES.iter().copied()), ignore_case = true)]
+    pub sort: Option<String>,
+
+    /// Sort by this column, descending.
+    #[arg(short = 'S', value_name = "COL", hide_possible_values = true,
+          value_parser = PossibleValuesParser::new(L::NAMES.iter().copied()), ignore_case = true)]
+    pub sort_desc: Option<String>,
+
+    #[arg(long, help = L::JSON_HELP,
+          conflicts_with_all = ["columns", "sort", "sort_desc", "scripted", "exact"])]
+    pub json: bool,
+
+    #[arg(skip)]
+    listed: std::marker::PhantomData<L>,
+}
+
+impl<L: Listed> Listing<L> {
+    /// The rows as the options say: JSON, or a table of `columns`.
+    pub fn print<T: serde::Serialize>(
+        &self,
+        rows: &[T],
+        columns: &[Column<T>],
+    ) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(rows);
+        }
+        print_table(
+            rows,
+            columns,
+            &self.columns,
+            self.sort.as_deref(),
+            self.sort_desc.as_deref(),
+            &self.style,
+        )
+    }
+}
+
+/// A listing's column names are its table's, in order, and its defaults are among them.
+#[cfg(test)]
+pub fn assert_listed<L: Listed, T>(columns: &[Column<T>]) {
+    let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
+    assert_eq!(names, L::NAMES);
+    for c in L::DEFAULT.split(',') {
+        assert!(L::NAMES.contains(&c), "{c}");
     }
 }
 

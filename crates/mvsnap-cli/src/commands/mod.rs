@@ -13,7 +13,6 @@ pub mod write;
 
 use std::path::{Path, PathBuf};
 
-use crate::output::outln;
 use anyhow::Result;
 use mvsnap_daemon::Session;
 
@@ -75,8 +74,4 @@ impl Global {
     }
 }
 
-/// Print a value as pretty JSON on stdout.
-pub fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<()> {
-    outln!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
+pub use crate::output::print_json;

@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use mvsnap_engine::OriginInfo;
 
-use super::{print_json, Global};
+use super::Global;
 use crate::output::outln;
-use crate::output::{print_table, Column, Style, Value};
+use crate::output::{Column, Listed, Listing, Value};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -87,14 +86,24 @@ impl RemoveArgs {
 }
 
 /// The columns of `origin list` (for -o and -s).
-const COLUMNS: &[Column<OriginInfo>] = &[
+pub(crate) const COLUMNS: &[Column<OriginInfo>] = &[
     Column::new("id", |o| Value::Text(o.id.clone())),
     Column::new("size", |o| Value::Size(o.size)),
     Column::new("snapshots", |o| Value::Count(o.snapshots as u64)),
     Column::new("path", |o| Value::Text(o.path.clone())),
 ];
 
-const COLUMN_NAMES: [&str; 4] = ["id", "size", "snapshots", "path"];
+/// `origin list`'s table.
+#[derive(Debug)]
+pub struct OriginColumns;
+
+impl Listed for OriginColumns {
+    const NAMES: &'static [&'static str] = &["id", "size", "snapshots", "path"];
+    const DEFAULT: &'static str = "id,size,snapshots,path";
+    const SORT_HELP: &'static str =
+        "Sort by this column, ascending (sizes as numbers) [default: the store's order]";
+    const JSON_HELP: &'static str = "Print JSON (an array of {id, path, size, snapshots})";
+}
 
 /// List the origins bound to the store.
 #[derive(Debug, Args)]
@@ -107,27 +116,7 @@ Examples:
 Columns (-o, -s): id, size, snapshots, path. SIZE in binary units (1 KiB = 1024; -p: bytes).")]
 pub struct ListArgs {
     #[command(flatten)]
-    style: Style,
-
-    /// The columns to show, in order, comma-separated.
-    #[arg(short = 'o', value_name = "COL,...", value_delimiter = ',',
-          default_value = "id,size,snapshots,path", hide_default_value = true,
-          value_parser = PossibleValuesParser::new(COLUMN_NAMES), ignore_case = true)]
-    columns: Vec<String>,
-
-    /// Sort by this column, ascending (sizes as numbers) [default: the store's order].
-    #[arg(short = 's', value_name = "COL", conflicts_with = "sort_desc", hide_possible_values = true,
-          value_parser = PossibleValuesParser::new(COLUMN_NAMES), ignore_case = true)]
-    sort: Option<String>,
-
-    /// Sort by this column, descending.
-    #[arg(short = 'S', value_name = "COL", hide_possible_values = true,
-          value_parser = PossibleValuesParser::new(COLUMN_NAMES), ignore_case = true)]
-    sort_desc: Option<String>,
-
-    /// Print JSON (an array of {id, path, size, snapshots}).
-    #[arg(long, conflicts_with_all = ["columns", "sort", "sort_desc", "scripted", "exact"])]
-    json: bool,
+    list: Listing<OriginColumns>,
 }
 
 impl ListArgs {
@@ -135,16 +124,6 @@ impl ListArgs {
         let mut store = global.open_read_only()?;
         let origins = store.origins()?;
         store.close()?;
-        if self.json {
-            return print_json(&origins);
-        }
-        print_table(
-            &origins,
-            COLUMNS,
-            &self.columns,
-            self.sort.as_deref(),
-            self.sort_desc.as_deref(),
-            &self.style,
-        )
+        self.list.print(&origins, COLUMNS)
     }
 }

@@ -4,13 +4,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{bail, Context, Result};
-use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use mvsnap_engine::{SnapshotInfo, SnapshotState};
 
-use super::{print_json, Global};
+use super::Global;
 use crate::output::outln;
-use crate::output::{print_table, Column, Style, Value};
+use crate::output::{Column, Listed, Listing, Value};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -330,21 +329,30 @@ const COLUMNS: &[Column<SnapshotInfo>] = &[
     }),
 ];
 
-const COLUMN_NAMES: [&str; 11] = [
-    "name",
-    "origin",
-    "tag",
-    "parent",
-    "created",
-    "state",
-    "writable",
-    "exclusive",
-    "shared",
-    "memo",
-    "reason",
-];
+/// `snapshot list`'s table.
+#[derive(Debug)]
+pub struct SnapshotColumns;
 
-const DEFAULT_COLUMNS: &str = "name,parent,created,state,writable,exclusive,shared,memo";
+impl Listed for SnapshotColumns {
+    const NAMES: &'static [&'static str] = &[
+        "name",
+        "origin",
+        "tag",
+        "parent",
+        "created",
+        "state",
+        "writable",
+        "exclusive",
+        "shared",
+        "memo",
+        "reason",
+    ];
+    const DEFAULT: &'static str = "name,parent,created,state,writable,exclusive,shared,memo";
+    const SORT_HELP: &'static str =
+        "Sort by this column, ascending (sizes and times as numbers) [default: creation order]";
+    const JSON_HELP: &'static str = "Print JSON: an array of snapshot objects (name, origin, \
+        tag, parent, memo, created, writable, state, reason, exclusive_bytes, shared_bytes)";
+}
 
 /// List snapshots: a table, or JSON for scripts.
 #[derive(Debug, Args)]
@@ -366,31 +374,7 @@ pub struct ListArgs {
     filter: Vec<String>,
 
     #[command(flatten)]
-    style: Style,
-
-    /// The columns to show, in order, comma-separated.
-    #[arg(short = 'o', value_name = "COL,...", value_delimiter = ',',
-          default_value = DEFAULT_COLUMNS, hide_default_value = true,
-          value_parser = PossibleValuesParser::new(COLUMN_NAMES),
-          ignore_case = true)]
-    columns: Vec<String>,
-
-    /// Sort by this column, ascending (sizes and times as numbers) [default: creation order].
-    #[arg(short = 's', value_name = "COL", conflicts_with = "sort_desc", hide_possible_values = true,
-          value_parser = PossibleValuesParser::new(COLUMN_NAMES),
-          ignore_case = true)]
-    sort: Option<String>,
-
-    /// Sort by this column, descending.
-    #[arg(short = 'S', value_name = "COL", hide_possible_values = true,
-          value_parser = PossibleValuesParser::new(COLUMN_NAMES),
-          ignore_case = true)]
-    sort_desc: Option<String>,
-
-    /// Print JSON: an array of snapshot objects (name, origin, tag, parent, memo, created,
-    /// writable, state, reason, exclusive_bytes, shared_bytes).
-    #[arg(long, conflicts_with_all = ["columns", "sort", "sort_desc", "scripted", "exact"])]
-    json: bool,
+    list: Listing<SnapshotColumns>,
 }
 
 impl ListArgs {
@@ -421,17 +405,7 @@ impl ListArgs {
             }
             snapshots.retain(|s| self.filter.iter().any(|f| *f == s.name || *f == s.origin));
         }
-        if self.json {
-            return print_json(&snapshots);
-        }
-        print_table(
-            &snapshots,
-            COLUMNS,
-            &self.columns,
-            self.sort.as_deref(),
-            self.sort_desc.as_deref(),
-            &self.style,
-        )
+        self.list.print(&snapshots, COLUMNS)
     }
 }
 
@@ -534,10 +508,9 @@ mod tests {
 
     #[test]
     fn column_names_match() {
-        let names: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
-        assert_eq!(names, COLUMN_NAMES);
-        for c in DEFAULT_COLUMNS.split(',') {
-            assert!(COLUMN_NAMES.contains(&c));
-        }
+        crate::output::assert_listed::<SnapshotColumns, _>(COLUMNS);
+        crate::output::assert_listed::<super::super::origin::OriginColumns, _>(
+            super::super::origin::COLUMNS,
+        );
     }
 }
