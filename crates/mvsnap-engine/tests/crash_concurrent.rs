@@ -27,8 +27,10 @@
 //!
 //! What it does not model: a flush by one thread vouching for another thread's writes (each
 //! worker counts only its own flushes, which is weaker, never wrong); which of two racing
-//! writes to a shared block is durable (only that the bytes are one of theirs); host I/O errors
-//! and a full store (tests/crash.rs); crashes during recovery (tests/crash.rs).
+//! writes to a shared block is durable (only that the bytes are one of theirs); host errors
+//! other than a failed sync, and a full store (tests/crash.rs); crashes during recovery
+//! (tests/crash.rs). A quarter of the rounds plant one failed sync on the store or an origin:
+//! from then on calls may fail, and a failed flush vouches for nothing.
 //!
 //! `MVSNAP_CRASH_SEED=N` runs one case with that seed; `MVSNAP_CRASH_CASES=N` runs N cases.
 
@@ -126,9 +128,15 @@ impl Round<'_> {
         self.failure.lock().unwrap().is_some()
     }
 
-    /// An error is expected only once the power is off; say whether the thread goes on.
+    /// A planted sync failure has happened on some disk.
+    fn faulted(&self) -> bool {
+        self.m.disks().iter().any(|d| d.stats().failed_syncs > 0)
+    }
+
+    /// An error is expected only once the power is off or a planted sync failed; say whether
+    /// the thread goes on.
     fn error(&self, who: &str, what: &str, e: &mvsnap_engine::Error) -> bool {
-        if !self.m.is_off() {
+        if !self.m.is_off() && !self.faulted() {
             self.failed(format!(
                 "{who}: {what}: unexpected error with power on: {e}"
             ));
@@ -398,6 +406,19 @@ impl Case {
         if let Some(c) = cut {
             self.m.power_off_after(c);
         }
+        // A quarter of the rounds: one sync of the store or of an origin fails, as the host
+        // reports EIO (Linux drops the dirty pages it covered). Threads then sync beside each
+        // other after the failure, which is how a commit once went durable over lost nodes.
+        if self.rng.random_bool(0.25) {
+            let disks = self.m.disks();
+            let d = &disks[self.rng.random_range(0..disks.len())];
+            let n = self.rng.random_range(1..30);
+            d.fail_sync_after(n);
+            self.log.push(format!(
+                "--- fault: sync {n} ahead on {} fails",
+                mvsnap_engine::BlockDev::path(&**d).display()
+            ));
+        }
         let seeds: Vec<u64> = (0..=WORKERS).map(|_| self.rng.random()).collect();
         let ops: Vec<usize> = (0..WORKERS)
             .map(|_| self.rng.random_range(20..80))
@@ -458,7 +479,7 @@ impl Case {
                         }
                         Some(got)
                     }
-                    Err(e) if self.m.is_off() => {
+                    Err(e) if self.m.is_off() || r.faulted() => {
                         self.log.push(format!("(read of {} failed: {e})", c.name));
                         None
                     }
