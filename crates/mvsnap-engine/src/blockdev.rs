@@ -285,6 +285,78 @@ mod tests {
     use super::*;
     use crate::crashsim::SimDisk;
 
+    /// A device with only what every device must have (no grow, punch or allocation map).
+    struct Plain(parking_lot::Mutex<Vec<u8>>, PathBuf);
+
+    impl BlockDev for Plain {
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.0.lock().len() as u64)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0.lock()[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let o = offset as usize;
+            self.0.lock()[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn grow(&self, _len: u64) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+        fn can_grow(&self) -> bool {
+            false
+        }
+        fn path(&self) -> &Path {
+            &self.1
+        }
+    }
+
+    /// Everything but `sync` is the device's own answer, whatever the device.
+    #[test]
+    fn fail_stop_passes_everything_else_through() {
+        let sim = Arc::new(SimDisk::new("/sim/pass", vec![7u8; 8192], true));
+        let dev = FailStop::wrap(sim.clone());
+        assert_eq!(dev.path(), Path::new("/sim/pass"));
+        assert!(dev.can_grow() && dev.can_punch());
+        dev.grow(16384).unwrap();
+        assert_eq!(dev.len().unwrap(), 16384);
+        dev.write_at(&[9u8; 4096], 4096).unwrap();
+        let mut buf = [0u8; 4096];
+        dev.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [9u8; 4096]);
+        dev.discard(4096, 4096).unwrap();
+        sim.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0u8; 4096], "discard reached the device");
+        dev.write_at(&[5u8; 4096], 0).unwrap();
+        dev.punch(0, 4096).unwrap();
+        sim.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0u8; 4096], "punch reached the device");
+        assert_eq!(
+            dev.allocation(0, 16384).unwrap(),
+            sim.allocation(0, 16384).unwrap()
+        );
+        dev.drop_cache().unwrap();
+
+        let plain = FailStop::wrap(Arc::new(Plain(
+            parking_lot::Mutex::new(vec![1u8; 4096]),
+            PathBuf::from("/plain"),
+        )));
+        assert!(!plain.can_grow() && !plain.can_punch());
+        assert!(plain.grow(8192).is_err());
+        assert_eq!(
+            plain.punch(0, 4096).unwrap_err().kind(),
+            io::ErrorKind::Unsupported
+        );
+        let all_data = plain.allocation(0, 4096).unwrap();
+        assert_eq!(all_data.len(), 1);
+        assert!(!all_data[0].zero && all_data[0].length == 4096);
+    }
+
     #[test]
     fn after_a_failed_sync_every_sync_fails() {
         let disk = Arc::new(SimDisk::new("/sim/failstop", vec![0u8; 8192], false));
