@@ -2,7 +2,7 @@
 //! journal record, so that live operations and recovery go through exactly the same code.
 //!
 //! Format v2: the index lives in the store's copy-on-write B+tree (`pdata`), read through a
-//! bounded cache; records change the tree's open transaction, and a tree commit (store.rs)
+//! bounded cache; records change the tree's open transaction, and a tree commit (commit.rs)
 //! makes it durable with one root flip. What stays in RAM is one row per origin, snapshot and
 //! snapshot-tree node (the *tables*, written whole at each tree commit) plus the counters that
 //! `list` reads.
