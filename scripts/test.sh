@@ -48,6 +48,10 @@ step "NBD benchmark smoke run (bench/nbd.sh --quick)"
 bash bench/nbd.sh --quick >target/nbd-bench-quick.md
 grep -A 10 '^#### No snapshot' target/nbd-bench-quick.md
 
+step "index size sweep smoke run (bench/scale.sh --quick)"
+bash bench/scale.sh --quick >target/scale-bench-quick.md
+grep -A 3 '^| mappings' target/scale-bench-quick.md
+
 step "FUSE benchmark smoke run (bench/fuse.sh --quick)"
 # Loop devices over the mvsnap file, qemu-storage-daemon's FUSE export and the plain file.
 if [ "$(id -u)" = 0 ] && [ -e /dev/fuse ] && [ -e /dev/loop-control ]; then

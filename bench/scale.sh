@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Index size sweep over NBD (issue 8, "Measure"): how the daemon behaves as its index grows.
+# For each size N (mappings = 4 KiB blocks preserved), against mvsnap and, as the peer, a
+# qcow2 `extended_l2` overlay chain served by qemu-nbd:
+#   1. an origin of N x 4 KiB full of data (fio, 1 MiB writes), a store, `serve`, snapshot s1;
+#      the origin overwritten over NBD with 1 MiB writes: N copy-outs, N mappings;
+#      snapshot s2 (so the next writes are first writes again);
+#   2. the daemon stopped, the page cache dropped, `serve` again: open time (start to socket),
+#      RSS right after;
+#   3. fio 4 KiB random writes, QD16, for --runtime seconds (first writes: each a copy-out
+#      into the big index): IOPS, completion latency p50/p99.99/max, the daemon's RSS after;
+#   4. snapshots up to --snapshots in all, then `mvsnap snapshot list --json` timed (the whole
+#      CLI call: process start, control socket, the list; median of 5);
+#   5. the peer: overlay ov1 over the same origin filled with 1 MiB writes (N x 4 KiB of
+#      allocated subclusters), a fresh overlay ov2 on top (the "snapshot"), served by qemu-nbd,
+#      the same fio run as 3.
+#
+# Usage: bench/scale.sh [--quick] [--mappings LIST] [--runtime S] [--snapshots N] [--dir DIR]
+#   --quick        CI smoke run: 64K mappings, 3 s of fio, 20 snapshots
+#   --mappings L   comma-separated sizes, K/M suffixes (default 1M,2M,4M)
+#   --runtime S    fio runtime of step 3 and 5 (default 30)
+#   --snapshots N  snapshots in the store for the list timing (default 1000)
+#   --dir DIR      where the scratch files go (default target/; 4M needs ~40 GB free)
+#
+# Prints Markdown on stdout; progress on stderr. Installs nothing: run scripts/install-deps.sh
+# (as root) for fio, qemu-nbd, qemu-img. Dropping the page cache needs root (skipped without).
+# Every server it starts is stopped by pid and the scratch directory removed, even on failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BENCH=scale.sh
+. bench/lib.sh
+
+mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0
+while [ $# -gt 0 ]; do
+    case $1 in
+    --quick) quick=1 mappings=64K runtime=3 nsnaps=20 ;;
+    --mappings) mappings=$2; shift ;;
+    --runtime) runtime=$2; shift ;;
+    --snapshots) nsnaps=$2; shift ;;
+    --dir) dir=$2; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) bad_argument "$1" ;;
+    esac
+    shift
+done
+
+need_tools "run scripts/install-deps.sh as root" cargo fio qemu-nbd qemu-img python3 numfmt
+make_work "$dir"
+stop_all() { stop_pids; }
+trap_cleanup
+build_mvsnap
+
+wait_socket() {
+    local i
+    for ((i = 0; i < 600; i++)); do
+        [ -S "$1" ] && return 0
+        sleep 0.05
+    done
+    die "no socket at $1"
+}
+
+drop_caches() {
+    sync
+    if [ -w /proc/sys/vm/drop_caches ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+
+rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+now_ms() { date +%s%3N; }
+
+mvs() { MVSNAP_RUNTIME_DIR=$work/run "$MVSNAP" --store "$work/s.store" "$@"; }
+
+start_serve() { # start_serve: serve the store on $work/s.sock; PID in $spid
+    local out
+    rm -f "$work/s.sock"
+    out=$(mvs serve --nbd-socket "$work/s.sock" --detach) || die "mvsnap serve failed"
+    spid=$(echo "$out" | awk '$1 == "pid" { print $2 }')
+    [ -n "$spid" ] || die "no pid in mvsnap serve output: $out"
+    PIDS+=("$spid")
+    wait_socket "$work/s.sock"
+}
+
+stop_serve() {
+    stop_pid "$spid"
+    PIDS=()
+}
+
+# fio_json URI OUT: the 4 KiB random-write run, JSON to OUT.
+fio_json() {
+    fio --name=scale --ioengine=nbd "--uri=$1" --rw=randwrite --bs=4k --iodepth=16 \
+        --time_based "--runtime=$runtime" --randseed=7 --lat_percentiles=1 \
+        --percentile_list=50:99:99.9:99.99 --output-format=json "--output=$2" \
+        >"$work/fio.log" 2>&1 || { cat "$work/fio.log" >&2; die "fio failed"; }
+}
+
+# fio_summary OUT: "IOPS p50_ms p9999_ms max_ms" from fio's JSON.
+fio_summary() {
+    python3 - "$1" <<'EOF'
+import json, sys
+w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+lat = w.get("clat_ns") or w["lat_ns"]
+p = lat["percentile"]
+def ms(ns): return ns / 1e6
+print("%.0f %.3f %.2f %.2f" % (w["iops"], ms(p["50.000000"]), ms(p["99.990000"]), ms(lat["max"])))
+EOF
+}
+
+fill() { # fill FILE BYTES
+    fio --name=fill "--filename=$1" "--size=$2" --rw=write --bs=1m --ioengine=psync \
+        --end_fsync=1 --randseed=1 --output=/dev/null >/dev/null 2>&1 || die "filling $1 failed"
+}
+
+overwrite_nbd() { # overwrite_nbd URI BYTES: 1 MiB writes over NBD, a different pattern
+    fio --name=over --ioengine=nbd "--uri=$1" --rw=write --bs=1m --iodepth=8 "--size=$2" \
+        --randseed=2 --output=/dev/null >"$work/fio.log" 2>&1 ||
+        { cat "$work/fio.log" >&2; die "overwrite failed"; }
+}
+
+results=()
+for m in ${mappings//,/ }; do
+    n=$(numfmt --from=iec "$m")
+    bytes=$((n * 4096))
+    log "== $m mappings ($((bytes >> 20)) MiB origin); load $(cut -d' ' -f1 /proc/loadavg)"
+    origin=$work/origin.raw
+    fill "$origin" "$bytes"
+    store_size=$(( (bytes + bytes / 4 + (1 << 30)) >> 20 ))M
+    "$MVSNAP" format "$work/s.store" --size "$store_size" >&2
+    mvs origin add "$origin" --id disk0 >&2
+    mkdir -p "$work/run"
+    start_serve
+    mvs snapshot create disk0 --tag s1 >/dev/null
+    t0=$(now_ms)
+    overwrite_nbd "nbd+unix:///disk0?socket=$work/s.sock" "$bytes"
+    build_s=$(( ($(now_ms) - t0) / 1000 ))
+    mvs snapshot create disk0 --tag s2 >/dev/null
+    stop_serve
+    drop_caches
+    t0=$(now_ms)
+    start_serve
+    open_ms=$(( $(now_ms) - t0 ))
+    rss_open=$(rss_mib "$spid")
+    load0=$(cut -d' ' -f1 /proc/loadavg)
+    fio_json "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
+    read -r iops p50 p9999 max < <(fio_summary "$work/m.json")
+    rss_after=$(rss_mib "$spid")
+    load1=$(cut -d' ' -f1 /proc/loadavg)
+    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1)"
+    for ((i = 3; i <= nsnaps; i++)); do
+        mvs snapshot create disk0 --tag "l$i" >/dev/null
+    done
+    list=()
+    for i in 1 2 3 4 5; do
+        t0=$(now_ms)
+        mvs snapshot list --json >/dev/null
+        list+=($(( $(now_ms) - t0 )))
+    done
+    list_ms=$(printf '%s\n' "${list[@]}" | sort -n | sed -n 3p)
+    count=$(mvs snapshot list -H -o name | wc -l)
+    [ "$count" = "$nsnaps" ] || die "the store lists $count snapshots, not $nsnaps"
+    log "  mvsnap: snapshot list of $count snapshots: ${list[*]} ms (median $list_ms)"
+    stop_serve
+    rm -f "$work/s.store"
+
+    # The peer: base (raw) <- ov1 (N x 4 KiB written) <- ov2 (fresh, the "snapshot").
+    qemu-img create -q -f qcow2 -F raw -b "$origin" -o extended_l2=on,cluster_size=64k \
+        "$work/ov1.qcow2"
+    qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 -x disk0 \
+        -k "$work/q.sock" --fork "--pid-file=$work/q.pid" "$work/ov1.qcow2" >&2
+    PIDS+=("$(cat "$work/q.pid")")
+    wait_socket "$work/q.sock"
+    overwrite_nbd "nbd+unix:///disk0?socket=$work/q.sock" "$bytes"
+    stop_pids
+    rm -f "$work/q.sock"
+    qemu-img create -q -f qcow2 -F qcow2 -b "$work/ov1.qcow2" -o extended_l2=on,cluster_size=64k \
+        "$work/ov2.qcow2"
+    drop_caches
+    qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 -x disk0 \
+        -k "$work/q.sock" --fork "--pid-file=$work/q.pid" "$work/ov2.qcow2" >&2
+    qpid=$(cat "$work/q.pid")
+    PIDS+=("$qpid")
+    wait_socket "$work/q.sock"
+    qload0=$(cut -d' ' -f1 /proc/loadavg)
+    fio_json "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
+    read -r qiops qp50 qp9999 qmax < <(fio_summary "$work/q.json")
+    qrss=$(rss_mib "$qpid")
+    stop_pids
+    rm -f "$work"/*.qcow2 "$work/q.sock" "$origin"
+    log "  qcow2 el2: $qiops IOPS, p50 $qp50 ms, p99.99 $qp9999 ms, max $qmax ms, RSS $qrss MiB (load $qload0)"
+    results+=("$m|$build_s|$open_ms|$rss_open|$rss_after|$iops|$p50|$p9999|$max|$load0-$load1|$list_ms|$qiops|$qp50|$qp9999|$qmax|$qrss|$qload0")
+done
+
+echo "### Index size sweep over NBD ($(date -u +%FT%TZ))"
+echo
+echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r); scratch on $(df -T "$work" | awk 'NR == 2 { print $2 }')"
+echo "- $(fio --version); $(qemu-nbd --version | head -1)"
+echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps"
+echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1"
+echo "- qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 (overlays with extended_l2=on,cluster_size=64k)"
+echo
+echo "| mappings | build (s) | open (ms) | RSS open / after (MiB) | mvsnap IOPS | p50 (ms) | p99.99 (ms) | max (ms) | load | list of $nsnaps (ms) | qcow2 el2 IOPS | p50 | p99.99 | max | qemu-nbd RSS | load | IOPS ratio |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"
+for r in "${results[@]}"; do
+    IFS='|' read -r m b o r0 r1 i p5 p9 mx l lm qi qp5 qp9 qmx qr ql <<<"$r"
+    ratio=$(awk -v a="$i" -v b="$qi" 'BEGIN { printf "%.2f", a / b }')
+    echo "| $m | $b | $o | $r0 / $r1 | $i | $p5 | $p9 | $mx | $l | $lm | $qi | $qp5 | $qp9 | $qmx | $qr | $ql | ${ratio}x |"
+done
