@@ -6,7 +6,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use mvsnap_engine::{OpenOptions, Store};
+use mvsnap_engine::{OpenOptions, SnapshotState, Store};
 
 use common::{format_opts, pattern, read_all};
 
@@ -429,4 +429,61 @@ fn which(tool: &str) -> bool {
         .arg(format!("command -v {tool}"))
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Found by bench/scale.sh: a full store invalidated ~300 snapshots of an origin with a big
+/// index, the reclaim that followed dirtied node after node inside the metadata reserve while
+/// a tree commit ran beside it, the reserve ran out ("apply: no free block for metadata"),
+/// the store was poisoned and every later origin write failed with EIO. An origin write must
+/// never fail for lack of COW space: the snapshots go, the writes go on.
+#[test]
+fn a_full_store_invalidating_hundreds_of_snapshots_keeps_the_origin_writable() {
+    const BLOCKS: usize = 32_768; // a 128 MiB origin
+    let dir = tempfile::tempdir().unwrap();
+    let content = pattern(3, BLOCKS * 4096);
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(192 << 20, 65536),
+        &[("o0", content)],
+    );
+    // A small cache makes a small dirty limit, and so a small metadata reserve: the index
+    // here is big against it, as 1M mappings are against the default 64 MiB cache.
+    let opts = OpenOptions {
+        cache_bytes: Some(1 << 20),
+        ..Default::default()
+    };
+    let s = Store::open(&store, &opts).unwrap();
+    let o = s.volume("o0").unwrap();
+    s.create_snapshot(&["o0"], Some("s1"), "", false).unwrap();
+    let mib = vec![0x5au8; 1 << 20];
+    for at in (0..BLOCKS as u64 * 4096).step_by(1 << 20) {
+        o.write_at(at, &mib, false).unwrap();
+    }
+    for i in 0..300 {
+        s.create_snapshot(&["o0"], Some(&format!("t{i}")), "", false)
+            .unwrap();
+    }
+    // First writes all over the origin until the store is full, and on.
+    let mut rng = 0x2545f4914f6cdd1du64;
+    for i in 0..3 * BLOCKS {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let at = (rng % BLOCKS as u64) * 4096;
+        if let Err(e) = o.write_at(at, &[i as u8; 4096], false) {
+            panic!("origin write {i} failed: {e}");
+        }
+    }
+    o.flush().expect("the origin's flush");
+    let states: Vec<_> = s.snapshots().into_iter().map(|i| i.state).collect();
+    assert!(
+        states.contains(&SnapshotState::Invalid),
+        "the store never filled: nothing was invalidated"
+    );
+    s.wait_reclaimed().unwrap();
+    s.create_snapshot(&["o0"], Some("after"), "", false)
+        .expect("a snapshot once the space came back");
+    common::assert_clean(&s, "the full store");
+    drop(o);
+    s.close().unwrap();
 }

@@ -199,6 +199,17 @@ impl Inner {
                 self.wait_inflight(st)?;
             }
         }
+        // Inside the metadata reserve (the store is full and data is refused): the blocks the
+        // open transaction shadowed come back only with a commit, and with one running beside
+        // the writers the next transaction may take as many again first, more than the
+        // reserve holds (a full store invalidating hundreds of snapshots, then reclaiming,
+        // ran out and poisoned the store). So commit to the end, a few nodes at a time.
+        if !self.ephemeral
+            && st.meta.usable_free_blocks() < self.reserve_blocks(st)
+            && (nodes >= (limit / 4).max(4) || self.commit_running())
+        {
+            return self.checkpoint_locked(st);
+        }
         let (full, half) = {
             let j = self.journal.lock();
             (j.nearly_full(need), j.used() * 2 > j.region_len)
