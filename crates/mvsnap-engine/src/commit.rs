@@ -165,7 +165,11 @@ impl Inner {
             format::crc(format::SALT_CHECKPOINT, &stream) as u64,
             self.geo.slot_offset(0) + st.meta.limit() * META_BLOCK,
             mark.pos,
-            0,
+            if self.closing_clean.load(Ordering::Acquire) {
+                format::ORIGINS_CLEAN
+            } else {
+                0
+            },
         ];
         // Copies being written whose records come after the seal: free in the new version
         // (nothing there points at them), still taken in the next transaction.

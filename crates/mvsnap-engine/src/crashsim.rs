@@ -334,6 +334,7 @@ struct DiskState {
     space_limit: Option<u64>,
     /// Writes whose sync failed: visible, never durable (Linux drops their dirty state).
     lost_writes: u64,
+    cache_drops: u64,
 }
 
 /// Counters of one disk, for tests that check what was (not) written.
@@ -349,6 +350,8 @@ pub struct DiskStats {
     pub pending: usize,
     /// Operations a failed sync dropped: they will never be durable.
     pub lost: u64,
+    /// Times the page cache was dropped.
+    pub cache_drops: u64,
 }
 
 /// An in-memory device with a volatile and a durable image; see the module documentation.
@@ -378,6 +381,7 @@ impl SimDisk {
                 failed_syncs: 0,
                 space_limit: None,
                 lost_writes: 0,
+                cache_drops: 0,
             }),
         }
     }
@@ -467,6 +471,7 @@ impl SimDisk {
         }
         img.resize(st.volatile.len);
         st.volatile = img;
+        st.cache_drops += 1;
     }
 
     pub fn stats(&self) -> DiskStats {
@@ -478,6 +483,7 @@ impl SimDisk {
             failed_syncs: st.failed_syncs,
             pending: st.pending.len(),
             lost: st.lost_writes,
+            cache_drops: st.cache_drops,
         }
     }
 

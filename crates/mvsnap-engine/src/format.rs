@@ -25,6 +25,13 @@ pub const NO_SLOT: u32 = u32::MAX;
 pub const SALT_SUPERBLOCK: u32 = 0x5342_0001;
 pub const SALT_CHECKPOINT: u32 = 0x434b_0002;
 
+/// Metadata header user word 7 when the session that wrote the header closed cleanly: every
+/// origin write it made was synced without error, so the origins' page cache shows what their
+/// devices hold and the next open may keep it (copy-outs then read the cache, not the disk).
+/// Any other value: drop the origins' caches at open (a failed sync may have left pages there
+/// that the device never got). The first origin write of an open writes a header without it.
+pub const ORIGINS_CLEAN: u64 = u64::from_le_bytes(*b"CLEANORG");
+
 pub fn crc(salt: u32, data: &[u8]) -> u32 {
     crc32c::crc32c_append(salt, data)
 }

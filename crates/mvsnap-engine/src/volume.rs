@@ -307,6 +307,7 @@ impl Volume {
         if !may_trim || len == 0 {
             return self.write_zeroes(offset, len, fua);
         }
+        self.inner.before_origin_write()?;
         let cs = self.inner.geo.chunk_size as u64;
         // In pieces, so the state lock is not held across the copy-outs of a huge range.
         const PIECE: u64 = 8 << 20;
@@ -460,9 +461,12 @@ impl Volume {
         data: &[u8],
         fua: bool,
     ) -> Result<()> {
+        self.inner.before_origin_write()?;
         let _gate = gate.read();
         // No poison check here: on a poisoned store a write that needs no copy-out still goes
         // to the origin (it changes nothing the store vouches for); `preserve` refuses the rest.
+        // (Unless it is the open's first after a clean close: the header it must write first
+        // cannot be written on a poisoned store.)
         let cs = self.inner.geo.chunk_size as u64;
         let (first, last) = (offset / cs, (offset + data.len() as u64 - 1) / cs);
         let mut wait_seq;

@@ -98,6 +98,110 @@ fn failed_origin_sync_fails_every_later_flush() {
     s.close().unwrap();
 }
 
+/// An open keeps the origins' page cache only after a clean close (copy-outs then read the
+/// cache, as any other reader of the device would); after a session that wrote an origin and
+/// did not close cleanly, it drops it.
+#[test]
+fn origin_cache_is_kept_only_after_a_clean_close() {
+    let content = pattern(6, MIB);
+    let (dir, m, s) = setup(16 << 20, &content);
+    let disk = m.disk(&dir.path().join("o0")).unwrap();
+    let drops = || disk.stats().cache_drops;
+    s.volume("o0")
+        .unwrap()
+        .write_at(0, &[1; 4096], false)
+        .unwrap();
+    s.close().unwrap();
+    let clean = drops();
+    let s = m.open_store(&OpenOptions::default()).unwrap();
+    assert_eq!(drops(), clean, "kept after a clean close");
+    s.close().unwrap();
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    drop(m.open_store(&ro).unwrap());
+    assert_eq!(drops(), clean, "kept after a session that wrote nothing");
+    let s = m.open_store(&OpenOptions::default()).unwrap();
+    s.volume("o0")
+        .unwrap()
+        .write_at(4096, &[2; 4096], true)
+        .unwrap();
+    drop(s); // the daemon dies
+    drop(m.open_store(&ro).unwrap());
+    assert_eq!(
+        drops(),
+        clean + 1,
+        "dropped after a session that did not close"
+    );
+    let s = m.open_store(&OpenOptions::default()).unwrap();
+    assert_eq!(drops(), clean + 2, "still not vouched for");
+    s.close().unwrap();
+    drop(m.open_store(&OpenOptions::default()).unwrap());
+    assert_eq!(drops(), clean + 2, "vouched for again after a clean close");
+}
+
+/// After a clean close the next open keeps the origin's page cache. When that session then
+/// loses an origin write to a failed sync and ends without a clean close, the cache shows bytes
+/// the device never got: the open after it must not serve them. (The session's first origin
+/// write makes the header stop vouching for the cache before anything reaches the origin.)
+#[test]
+fn an_origin_write_lost_after_a_clean_close_is_not_served_from_the_cache() {
+    for close_attempt in [false, true] {
+        let content = pattern(7, MIB);
+        let (dir, m, s) = setup(16 << 20, &content);
+        s.close().unwrap();
+        let s = m.open_store(&OpenOptions::default()).unwrap();
+        let o = s.volume("o0").unwrap();
+        o.write_at(8192, &[0xaa; 4096], false).unwrap();
+        m.disk(&dir.path().join("o0")).unwrap().fail_sync_after(1);
+        o.flush().expect_err("the sync fails");
+        drop(o);
+        if close_attempt {
+            assert!(s.clone().close().is_err(), "close reports the lost write");
+        }
+        drop(s);
+        // Same boot: the cache still shows 0xaa, the device the old bytes.
+        let s = m.open_store(&OpenOptions::default()).unwrap();
+        common::assert_image(
+            &format!("o0 after a same-boot restart (close attempted: {close_attempt})"),
+            &read_all(&s, "o0"),
+            &content,
+        );
+        s.close().unwrap();
+    }
+}
+
+/// The same for an ephemeral session, which writes no header of its own and syncs nothing:
+/// the host's writeback of its origin write fails, the session dies, and the next open must
+/// not serve the lost bytes from the cache.
+#[test]
+fn an_origin_write_lost_in_an_ephemeral_session_is_not_served_from_the_cache() {
+    let content = pattern(8, MIB);
+    let (dir, m, s) = setup(16 << 20, &content);
+    s.close().unwrap();
+    let eph = OpenOptions {
+        ephemeral: true,
+        ..Default::default()
+    };
+    let s = m.open_store(&eph).unwrap();
+    s.volume("o0")
+        .unwrap()
+        .write_at(8192, &[0xaa; 4096], false)
+        .unwrap();
+    let disk = m.disk(&dir.path().join("o0")).unwrap();
+    disk.fail_sync_after(1);
+    BlockDev::sync(&*disk).expect_err("the host's writeback fails");
+    drop(s);
+    let s = m.open_store(&OpenOptions::default()).unwrap();
+    common::assert_image(
+        "o0 after an ephemeral session lost a write",
+        &read_all(&s, "o0"),
+        &content,
+    );
+    s.close().unwrap();
+}
+
 /// An origin with an acknowledged, unsynced write whose next sync will fail (EIO).
 fn unsynced_write_then_failing_sync(seed: u64) -> (tempfile::TempDir, Store, Volume) {
     let (dir, m, s) = setup(16 << 20, &pattern(seed, MIB));

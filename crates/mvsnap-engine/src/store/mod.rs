@@ -79,6 +79,11 @@ pub(crate) struct Inner {
     pub(crate) epoch_fresh: AtomicBool,
     /// Something changed since the last checkpoint: close must write one.
     pub(crate) dirty: AtomicBool,
+    /// The durable header does not vouch for the origins' page cache (`ORIGINS_CLEAN` absent):
+    /// origin writes may go ahead. False after a clean close until the first origin write.
+    pub(crate) origins_marked_unclean: AtomicBool,
+    /// The commit being frozen is a clean close's last: its header vouches for the origins.
+    pub(crate) closing_clean: AtomicBool,
     /// Commits records nobody waits for (unflushed writable-snapshot writes), so the window a
     /// crash can lose stays short and quarantined slots come back.
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -217,6 +222,22 @@ impl Inner {
         })
     }
 
+    /// Called before an origin write reaches its device. After a clean close the durable
+    /// header vouches for the origins' page cache, and the next open kept it; before this open
+    /// writes an origin, a header that no longer vouches must be durable, or a failed sync and
+    /// a crash now would leave pages the device never got trusted at the next open.
+    pub(crate) fn before_origin_write(&self) -> Result<()> {
+        if self.origins_marked_unclean.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut st = self.state.write();
+        if !self.origins_marked_unclean.load(Ordering::Acquire) {
+            self.checkpoint_locked(&mut st)?;
+            self.origins_marked_unclean.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn remember_origin_error(&self, no: u32, msg: &str) {
         tracing::error!(
             origin = no,
@@ -342,11 +363,14 @@ impl Store {
                 self.inner.sync_origin(no, &**d)?;
             }
         }
-        if !self.inner.dirty.load(Ordering::Acquire) {
+        // Every origin write of this open is durable: the header may say so again.
+        let header_vouches = !self.inner.origins_marked_unclean.load(Ordering::Acquire);
+        if !self.inner.dirty.load(Ordering::Acquire) && header_vouches {
             // No metadata changed, so the store's bytes stay as they were; but writes into
             // blocks a writable snapshot already owned may still be in the page cache.
             return self.inner.store_sync();
         }
+        self.inner.closing_clean.store(true, Ordering::Release);
         self.inner.checkpoint_locked(&mut st)
     }
 

@@ -345,12 +345,26 @@ impl Store {
                     Error::corrupt(&path, format!("metadata: {e}"))
                 }
             })?;
-        if opts.ephemeral {
-            meta.set_sync(false);
-        }
         // Blocks past the end of a file not grown that far are never handed out.
         meta.set_limit(geo.slots_for_len(len));
-        let user = meta.user();
+        let mut user = meta.user();
+        // Only a clean close vouches for the origins' page cache (format::ORIGINS_CLEAN).
+        let origins_clean = user[7] == format::ORIGINS_CLEAN && !opts.ephemeral;
+        if opts.ephemeral {
+            // An ephemeral session writes its origins but never a header: one that vouches for
+            // their cache must stop before it starts (same tree, same journal position).
+            if user[7] == format::ORIGINS_CLEAN && !opts.read_only {
+                user[7] = 0;
+                meta.commit(user).map_err(|e| {
+                    Error::io(
+                        "write the metadata header of",
+                        &path,
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
+            }
+            meta.set_sync(false);
+        }
         let (epoch, journal_seq, first_table, table_len, table_crc, journal_start) =
             (user[0], user[1], user[2], user[3], user[4] as u32, user[6]);
         // What refers past the end of a shorter file says first that the store is truncated.
@@ -441,7 +455,14 @@ impl Store {
 
         // 3. The origins.
         for o in st.origins.values_mut() {
-            o.dev = open_origin(&*opener, &o.path, &o.id, o.size, !opts.read_only);
+            o.dev = open_origin(
+                &*opener,
+                &o.path,
+                &o.id,
+                o.size,
+                !opts.read_only,
+                !origins_clean,
+            );
             if o.dev.is_err() {
                 o.found_size = opener
                     .open(Path::new(&o.path), false)
@@ -486,6 +507,11 @@ impl Store {
             origin_errors: Mutex::new(HashMap::new()),
             superblock_damage: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
+            // Read-only and ephemeral opens write no header: nothing to mark.
+            origins_marked_unclean: AtomicBool::new(
+                !origins_clean || opts.read_only || opts.ephemeral,
+            ),
+            closing_clean: AtomicBool::new(false),
             flusher: Mutex::new(None),
             inflight: Mutex::new(None),
             copies_done: AtomicU64::new(0),
@@ -543,13 +569,17 @@ fn open_origin(
     id: &str,
     size: u64,
     writable: bool,
+    drop_cache: bool,
 ) -> Result<Arc<dyn BlockDev>, String> {
     let dev = opener
         .open(Path::new(path), writable)
         .map_err(|e| format!("origin {id}: cannot open {path}: {e}"))?;
-    // As for the store: reads (recovery's checks, copy-outs) must see the device.
-    dev.drop_cache()
-        .map_err(|e| format!("origin {id}: {path}: dropping its cache: {e}"))?;
+    // As for the store: unless the last session closed cleanly, reads (copy-outs, clients')
+    // must see the device, not pages a failed sync left in the cache.
+    if drop_cache {
+        dev.drop_cache()
+            .map_err(|e| format!("origin {id}: {path}: dropping its cache: {e}"))?;
+    }
     let found = dev.len().map_err(|e| format!("origin {id}: {path}: {e}"))?;
     if found != size {
         return Err(Error::OriginSizeChanged {
