@@ -190,6 +190,11 @@ impl Writeback {
         self.queued.load(Ordering::Acquire) == 0
     }
 
+    /// Bytes of origin writes held in RAM until their copy-outs are durable.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queue.lock().bytes as u64
+    }
+
     /// Whether a write to this range must be queued behind an earlier queued one.
     pub fn overlaps(&self, origin: u32, offset: u64, len: u64) -> bool {
         !self.is_empty() && self.queue.lock().overlaps(origin, offset, len)

@@ -110,6 +110,15 @@ impl InfoArgs {
                 ),
             ]);
         }
+        // With the cache, what the daemon's memory holds for the store.
+        t.row(vec![
+            "uncommitted metadata".into(),
+            st.size(info.dirty_bytes),
+        ]);
+        t.row(vec![
+            "queued origin writes".into(),
+            st.size(info.queued_write_bytes),
+        ]);
         t.row(vec![
             "mode".into(),
             if info.ephemeral {

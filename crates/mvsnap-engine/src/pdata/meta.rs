@@ -368,6 +368,11 @@ impl Meta {
         self.pending.dirty_nodes()
     }
 
+    /// Nodes of the commit being written (held in RAM until it finishes).
+    pub fn frozen_nodes(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |(nodes, _)| nodes.len())
+    }
+
     pub fn free_blocks(&self) -> u64 {
         self.map.free_blocks()
     }
