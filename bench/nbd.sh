@@ -224,11 +224,12 @@ CONTENDERS=(
 # Right after a fresh snapshot: one server at a time, each from a freshly written image.
 FRESH=(mvsnap-fresh mvsnap-fresh-prezero mvsnap-fresh-cached qcow2-el2 qcow2-64k)
 
-# The diagnostic "cached" row: mvsnap drops the origin's page cache when it opens it (after a
-# failed writeback the cache may hold data the device never got), so right after `serve` every
-# copy-out reads its old block from the device, while qemu's 4 KiB writes into an extended_l2
-# overlay never read the base. This row reads the image back into the page cache after the
-# daemon started, as the other rows assume it to be. In 4 KiB pages (readahead off): a plain
+# The diagnostic "cached" row: mvsnap keeps the origin's page cache at open only when the
+# last session closed cleanly (after a failed writeback the cache may hold data the device
+# never got; FORMAT.md), as it did here (`origin add` closed cleanly), so right after `serve`
+# copy-outs read their old blocks from the cache the fill left (large folios). Until
+# 750456e it always dropped it, and every copy-out read the device. This row reads the image
+# back into the page cache after the daemon started, in 4 KiB pages (readahead off): a plain
 # sequential read fills the cache with large folios, and on them each 4 KiB write of ext4
 # (Linux 6.18) costs tens of microseconds (docs/BENCHMARKS.md).
 CACHE_CMD="fio --name=cache --filename=IMG --size=$size --rw=read --bs=1m --ioengine=psync --invalidate=0 --fadvise_hint=random"
