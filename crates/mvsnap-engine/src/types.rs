@@ -128,13 +128,15 @@ pub struct StoreInfo {
     pub cache_bytes: u64,
     #[serde(default)]
     pub cache_used_bytes: u64,
-    /// Tree nodes changed and not committed yet (the open transaction's, and those of the
-    /// commit being written): held in RAM beside the cache until their commit is durable (or,
-    /// for an ephemeral store, until they are written out uncommitted).
+    /// Tree nodes changed since the last commit: held in RAM beside the cache until the next
+    /// commit (or, for an ephemeral store, until they are written out uncommitted).
     #[serde(default)]
     pub dirty_bytes: u64,
+    /// Tree nodes of the commit being written: held in RAM until it is durable.
+    #[serde(default)]
+    pub committing_bytes: u64,
     /// Origin writes answered and held in RAM until their copy-outs are durable (at most
-    /// 64 MiB). With the cache and `dirty_bytes`, what the daemon's RSS holds for the store.
+    /// 64 MiB). With the cache and the two above, what the daemon's memory holds for the store.
     #[serde(default)]
     pub queued_write_bytes: u64,
     pub ephemeral: bool,

@@ -444,13 +444,34 @@ fn writable_snapshot_write_error_fails_only_that_write() {
     common::assert_image("o0@w after a power cut", &read_all(&s, "o0@w"), &want);
 }
 
-/// The store disk, with a way to stop the tree committer at the sync of a commit's nodes (they
-/// are written, not yet durable) until the test says go.
+/// The store disk, with a way to stop one background thread (the tree committer at the sync
+/// of a commit's nodes, written but not yet durable; or the group committer) at its next sync
+/// until the test says go.
 struct HoldCommitter {
     disk: Arc<SimDisk>,
+    thread: &'static str,
     armed: AtomicBool,
     reached: Mutex<mpsc::Sender<()>>,
     go: Mutex<mpsc::Receiver<()>>,
+}
+
+impl HoldCommitter {
+    /// The device, a receiver told when the thread is held, and the sender that lets it go.
+    fn new(
+        disk: Arc<SimDisk>,
+        thread: &'static str,
+    ) -> (Arc<HoldCommitter>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        let hold = Arc::new(HoldCommitter {
+            disk,
+            thread,
+            armed: AtomicBool::new(false),
+            reached: Mutex::new(reached_tx),
+            go: Mutex::new(go_rx),
+        });
+        (hold, reached, go)
+    }
 }
 
 impl BlockDev for HoldCommitter {
@@ -464,7 +485,7 @@ impl BlockDev for HoldCommitter {
         self.disk.write_at(buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
-        if std::thread::current().name() == Some("mvsnap-commit")
+        if std::thread::current().name() == Some(self.thread)
             && self.armed.swap(false, Ordering::AcqRel)
         {
             self.reached.lock().unwrap().send(()).unwrap();
@@ -512,14 +533,7 @@ fn a_commit_is_not_made_durable_after_another_threads_sync_failed() {
     s.close().unwrap();
 
     let disk = m.store_disk().unwrap();
-    let (reached_tx, reached) = mpsc::channel();
-    let (go, go_rx) = mpsc::channel();
-    let hold = Arc::new(HoldCommitter {
-        disk: disk.clone(),
-        armed: AtomicBool::new(false),
-        reached: Mutex::new(reached_tx),
-        go: Mutex::new(go_rx),
-    });
+    let (hold, reached, go) = HoldCommitter::new(disk.clone(), "mvsnap-commit");
     // A small cache: a commit every few dozen dirty nodes.
     let opts = OpenOptions {
         cache_bytes: Some(MIB as u64),
@@ -545,6 +559,11 @@ fn a_commit_is_not_made_durable_after_another_threads_sync_failed() {
     reached
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("the writes started a background commit");
+    // `info` counts the nodes of the commit being written (held in RAM until it is durable).
+    assert!(
+        s.info().committing_bytes >= 4096,
+        "committing bytes while a commit is being written"
+    );
 
     // Another thread's sync fails and drops what the committer has written so far. (If syncs
     // of the store run one at a time, it waits for the committer's: then give up waiting.)
@@ -570,4 +589,38 @@ fn a_commit_is_not_made_durable_after_another_threads_sync_failed() {
     );
     common::assert_clean(&s, "the power cut");
     drop(dir);
+}
+
+/// `info` counts what the store holds in RAM beside its node cache: origin writes queued until
+/// their copy-outs are durable, and (above) the nodes of a commit being written.
+#[test]
+fn info_counts_origin_writes_queued_behind_their_copy_outs() {
+    let content = pattern(13, MIB);
+    let (_dir, m, s) = setup(16 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.close().unwrap();
+    let (hold, reached, go) = HoldCommitter::new(m.store_disk().unwrap(), "mvsnap-group");
+    let s = Store::open_with(hold.clone(), None, m.opener(), &OpenOptions::default()).unwrap();
+    let o = s.volume("o0").unwrap();
+    assert_eq!(s.info().queued_write_bytes, 0);
+    hold.armed.store(true, Ordering::Release);
+    // A first write: its copy-out is logged, the write itself queued and answered.
+    o.write_at(65536, &[0x5a; 8192], false).unwrap();
+    reached
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the group committer syncs the copy-out");
+    assert_eq!(
+        s.info().queued_write_bytes,
+        8192,
+        "while the copy-out is not durable"
+    );
+    go.send(()).unwrap();
+    o.flush().unwrap();
+    assert_eq!(s.info().queued_write_bytes, 0, "after a flush");
+    let mut want = content.clone();
+    want[65536..65536 + 8192].fill(0x5a);
+    common::assert_image("o0", &read_all(&s, "o0"), &want);
+    common::assert_image("o0@a", &read_all(&s, "o0@a"), &content);
+    drop(o);
+    s.close().unwrap();
 }

@@ -113,7 +113,7 @@ impl InfoArgs {
         // With the cache, what the daemon's memory holds for the store.
         t.row(vec![
             "uncommitted metadata".into(),
-            st.size(info.dirty_bytes),
+            st.size(info.dirty_bytes + info.committing_bytes),
         ]);
         t.row(vec![
             "queued origin writes".into(),
