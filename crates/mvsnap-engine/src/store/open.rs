@@ -507,10 +507,9 @@ impl Store {
             origin_errors: Mutex::new(HashMap::new()),
             superblock_damage: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
-            // Read-only and ephemeral opens write no header: nothing to mark.
-            origins_marked_unclean: AtomicBool::new(
-                !origins_clean || opts.read_only || opts.ephemeral,
-            ),
+            // A read-only open writes no header: nothing to mark. (An ephemeral one cleared
+            // the mark above: `origins_clean` is false for it.)
+            origins_marked_unclean: AtomicBool::new(!origins_clean || opts.read_only),
             closing_clean: AtomicBool::new(false),
             flusher: Mutex::new(None),
             inflight: Mutex::new(None),
