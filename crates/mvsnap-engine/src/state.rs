@@ -245,6 +245,55 @@ impl State {
         Ok(false)
     }
 
+    /// The metadata nodes a first write of chunks `first..=last` of `o` would read from the
+    /// store (the epoch's written bits, then the preserved entries of the chunks not written
+    /// yet), as far as the nodes in RAM lead: to be read without the state lock
+    /// ([`crate::pdata::meta::NodeFetcher`]) before the write takes it. Empty: nothing to read.
+    pub fn first_write_misses(&self, o: &Origin, first: u64, last: u64) -> Vec<(u64, u32)> {
+        if !o.any_live(1, o.gen) {
+            return Vec::new();
+        }
+        let v = self.meta.probe_view();
+        for region in first / written::REGION..=last / written::REGION {
+            // Errors other than a miss show up again on the write's own lookups.
+            let Ok(bits) = written::region_bits(&v, o.no, o.gen, region) else {
+                continue;
+            };
+            let lo = first.max(region * written::REGION);
+            let hi = last.min((region + 1) * written::REGION - 1);
+            for c in lo..=hi {
+                if bits & (1u128 << (c % written::REGION)) == 0 {
+                    let _ = preserved::preserved_through(&v, o.no, c);
+                }
+            }
+        }
+        v.into_missed()
+    }
+
+    /// The metadata nodes a read of chunks `first..=last` of snapshot `s` would read from the
+    /// store (what [`State::map_get`] and [`State::preserved_lookup`] look up), as far as the
+    /// nodes in RAM lead: see [`State::first_write_misses`].
+    pub fn read_misses(&self, s: &Snap, first: u64, last: u64) -> Vec<(u64, u32)> {
+        let v = self.meta.probe_view();
+        let own_data = self.has_own_data(s);
+        let preserved = self.origins.get(&s.origin).is_some_and(|o| o.entries > 0);
+        for c in first..=last {
+            if own_data
+                && !matches!(
+                    snapdata::lookup_owner(&v, &self.nodes, s.origin, c, s.node),
+                    Ok(None)
+                )
+            {
+                // Found (no more to look up), or missed (looked up again next round).
+                continue;
+            }
+            if preserved {
+                let _ = preserved::lookup(&v, s.origin, c, s.gen);
+            }
+        }
+        v.into_missed()
+    }
+
     /// Chunks `first..=last` need nothing more in the newest epoch (not journaled: after a
     /// crash the first write finds it out again).
     pub fn mark_done(&mut self, no: u32, gen: u32, chunk: u64) -> Result<(), PdataError> {

@@ -199,6 +199,14 @@ impl Volume {
                 Ok(())
             }
             Kind::Snapshot { id, .. } => {
+                // The tree nodes the plan below needs, read without the state lock.
+                let cs = self.inner.geo.chunk_size as u64;
+                let (first, last) = (offset / cs, (offset + buf.len() as u64 - 1) / cs);
+                self.inner.prefetch_nodes(|st| {
+                    st.snaps
+                        .get(id)
+                        .map_or_else(Vec::new, |s| st.read_misses(s, first, last))
+                });
                 // Held across the I/O: a preserve cannot complete (and the origin write it
                 // guards cannot start) while a read that resolved to the origin is running.
                 let st = self.inner.state.read();
@@ -470,6 +478,13 @@ impl Volume {
         let cs = self.inner.geo.chunk_size as u64;
         let (first, last) = (offset / cs, (offset + data.len() as u64 - 1) / cs);
         let mut wait_seq;
+        // The tree nodes the lookups below and `preserve` need, read without the state lock
+        // (profiled at 2M mappings: leaf reads under the lock were most of the writers' waits).
+        self.inner.prefetch_nodes(|st| {
+            st.origins
+                .get(&no)
+                .map_or_else(Vec::new, |o| st.first_write_misses(o, first, last))
+        });
         let slow = {
             let st = self.inner.state.read();
             let o = st
@@ -482,14 +497,6 @@ impl Volume {
             wait_seq = st.release_barrier(no);
             if !slow {
                 wait_seq = wait_seq.max(self.inflight_wait(&st, no, first, last));
-            } else {
-                // Bring the tree nodes `preserve` looks up under the write lock into the cache
-                // now, under the read lock: with millions of mappings they are often not
-                // cached, and a device read under the write lock stalls every writer (profiled
-                // at 2M mappings: most of the writers' waits). Errors show up there.
-                for c in first..=last {
-                    let _ = st.preserved_through(no, c);
-                }
             }
             slow
         };

@@ -486,6 +486,62 @@ impl View for PendingView<'_> {
     }
 }
 
+/// A suspended transaction's view as far as RAM holds it: a node that would have to be read
+/// from the device is noted instead (with its cache stamp) and the lookup fails with
+/// [`PdataError::NotCached`]. Run under the tree's lock; the caller then reads the noted
+/// nodes without it ([`fetch`]) and probes again, one level deeper each time.
+pub struct ProbeView<'a> {
+    pub view: PendingView<'a>,
+    missed: std::cell::RefCell<Vec<(BlockNo, u32)>>,
+}
+
+impl<'a> ProbeView<'a> {
+    pub fn new(view: PendingView<'a>) -> ProbeView<'a> {
+        ProbeView {
+            view,
+            missed: Default::default(),
+        }
+    }
+
+    /// The nodes lookups missed, each once, with the stamps [`NodeCache::insert_fetched`]
+    /// needs.
+    pub fn into_missed(self) -> Vec<(BlockNo, u32)> {
+        let mut m = self.missed.into_inner();
+        m.sort_unstable();
+        m.dedup_by_key(|x| x.0);
+        m
+    }
+}
+
+impl View for ProbeView<'_> {
+    fn root(&self) -> Option<BlockNo> {
+        self.view.root()
+    }
+    fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
+        let v = &self.view;
+        if let Some(n) = v.pending.dirty.get(&block) {
+            return Ok(NodeRef::Dirty(n));
+        }
+        if let Some(n) = v.frozen.and_then(|f| f.get(&block)) {
+            return Ok(NodeRef::Clean(n.clone()));
+        }
+        if let Some(n) = v.cache.peek(block) {
+            return Ok(NodeRef::Clean(n));
+        }
+        self.missed.borrow_mut().push((block, v.cache.stamp(block)));
+        Err(PdataError::NotCached(block))
+    }
+}
+
+/// Read and decode the node at `block`, bypassing the cache (for [`ProbeView`]'s callers,
+/// who cache it with [`NodeCache::insert_fetched`]).
+pub fn read_node(io: &dyn NodeIo, block: BlockNo) -> PResult<Node> {
+    let mut buf = vec![0u8; NODE_SIZE];
+    io.read_block(block, &mut buf)
+        .map_err(|source| PdataError::Io { block, source })?;
+    Node::decode(block, &buf)
+}
+
 /// One transaction on the tree.
 pub struct Txn<'a, A: BlockAlloc> {
     io: &'a dyn NodeIo,

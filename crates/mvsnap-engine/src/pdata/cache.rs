@@ -2,6 +2,10 @@
 //! a hand that clears it and evicts the first unreferenced one): RAM stays within the budget
 //! set at open, whatever the size of the index. Dirty nodes are not here; the transaction
 //! that changes them holds them until its commit.
+//!
+//! Nodes may also be read without the lock that guards the tree ([`NodeCache::stamp`],
+//! [`NodeCache::insert_fetched`]): a device read under that lock would stall every user of
+//! the tree behind it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,12 +21,23 @@ struct Entry {
     referenced: bool,
 }
 
+/// Buckets of [`Inner::removals`]: blocks share a counter, so a reuse of one may discard a
+/// fetch of another (harmless: it is read again under the lock).
+const STAMP_BUCKETS: usize = 1024;
+
 struct Inner {
     entries: Vec<Entry>,
     index: HashMap<BlockNo, usize>,
     hand: usize,
     hits: u64,
     misses: u64,
+    /// Removals so far, by block bucket: a block is removed before it is reused for another
+    /// node, so a fetch that saw no removal of its bucket read the node its block still holds.
+    removals: Vec<u32>,
+}
+
+fn bucket(block: BlockNo) -> usize {
+    (block % STAMP_BUCKETS as u64) as usize
 }
 
 pub struct NodeCache {
@@ -50,6 +65,7 @@ impl NodeCache {
                 hand: 0,
                 hits: 0,
                 misses: 0,
+                removals: vec![0; STAMP_BUCKETS],
             }),
         }
     }
@@ -71,9 +87,37 @@ impl NodeCache {
         }
     }
 
+    /// A cached node, if any, without counting a hit or a miss (a probe for what to fetch).
+    pub fn peek(&self, block: BlockNo) -> Option<Arc<Node>> {
+        let g = self.inner.lock();
+        g.index.get(&block).map(|&i| g.entries[i].node.clone())
+    }
+
+    /// Taken under the tree's lock while `block` is part of the tree: what
+    /// [`NodeCache::insert_fetched`] checks after a read made without that lock.
+    pub fn stamp(&self, block: BlockNo) -> u32 {
+        self.inner.lock().removals[bucket(block)]
+    }
+
+    /// Cache a node read from `block` without the tree's lock, unless the block was removed
+    /// (freed and reused) since `stamp` was taken: then the read may have seen another node's
+    /// content. A block already cached keeps its entry. True if inserted.
+    pub fn insert_fetched(&self, block: BlockNo, node: Arc<Node>, stamp: u32) -> bool {
+        let mut g = self.inner.lock();
+        if g.removals[bucket(block)] != stamp || g.index.contains_key(&block) {
+            return false;
+        }
+        g.misses += 1;
+        Self::insert_locked(self.capacity, &mut g, block, node);
+        true
+    }
+
     pub fn insert(&self, block: BlockNo, node: Arc<Node>) {
         let mut g = self.inner.lock();
-        let inner = &mut *g;
+        Self::insert_locked(self.capacity, &mut g, block, node);
+    }
+
+    fn insert_locked(capacity: usize, inner: &mut Inner, block: BlockNo, node: Arc<Node>) {
         if let Some(&i) = inner.index.get(&block) {
             inner.entries[i].node = node;
             inner.entries[i].referenced = true;
@@ -84,7 +128,7 @@ impl NodeCache {
             node,
             referenced: false,
         };
-        if inner.entries.len() < self.capacity {
+        if inner.entries.len() < capacity {
             inner.index.insert(block, inner.entries.len());
             inner.entries.push(entry);
             return;
@@ -107,6 +151,9 @@ impl NodeCache {
     pub fn remove(&self, block: BlockNo) {
         let mut g = self.inner.lock();
         let inner = &mut *g;
+        // Counted even when not cached: a fetch of it may be in flight.
+        let b = &mut inner.removals[bucket(block)];
+        *b = b.wrapping_add(1);
         let Some(i) = inner.index.remove(&block) else {
             return;
         };
@@ -166,5 +213,38 @@ mod tests {
         let s = c.stats();
         assert_eq!(s.capacity_bytes, 4 * NODE_SIZE as u64);
         assert!(s.hits >= 37 && s.misses >= 2, "{s:?}");
+    }
+
+    #[test]
+    fn a_fetch_is_cached_only_if_its_block_was_not_reused_meanwhile() {
+        let c = NodeCache::new(8 * NODE_SIZE as u64);
+        // Nothing happened to block 3 between the stamp and the read: cached, counted a miss.
+        let st = c.stamp(3);
+        assert!(c.insert_fetched(3, leaf(3), st));
+        assert_eq!(c.peek(3).unwrap().keys()[0], [3u8; 16]);
+        assert_eq!(c.stats().misses, 1);
+        // A block already cached keeps what it has (it may be newer than what was read).
+        assert!(!c.insert_fetched(3, leaf(9), c.stamp(3)));
+        assert_eq!(c.peek(3).unwrap().keys()[0], [3u8; 16]);
+        // Block 5 is reused (removed, even uncached) while a fetch of it is in flight: the
+        // fetch read the old content and must not be cached.
+        let st = c.stamp(5);
+        c.remove(5);
+        assert!(!c.insert_fetched(5, leaf(5), st));
+        assert!(c.peek(5).is_none());
+        // So is one of a block sharing its bucket, and a fetch stamped after the reuse is fine.
+        let st = c.stamp(7);
+        c.remove(7 + STAMP_BUCKETS as u64);
+        assert!(!c.insert_fetched(7, leaf(7), st));
+        let st = c.stamp(5);
+        assert!(c.insert_fetched(5, leaf(6), st));
+        assert_eq!(c.peek(5).unwrap().keys()[0], [6u8; 16]);
+        // Peeks count nothing.
+        let before = c.stats();
+        let _ = (c.peek(5), c.peek(100));
+        assert_eq!(
+            (c.stats().hits, c.stats().misses),
+            (before.hits, before.misses)
+        );
     }
 }

@@ -43,6 +43,24 @@ const USER_AT: usize = 64;
 #[derive(Clone)]
 pub struct DevIo(pub Arc<dyn BlockDev>, pub u64);
 
+/// Reads the nodes a [`Meta::probe_view`] missed into the cache, without the lock that guards
+/// the `Meta` (a device read under it would stall every reader and writer of the tree).
+pub struct NodeFetcher {
+    io: DevIo,
+    cache: Arc<NodeCache>,
+}
+
+impl NodeFetcher {
+    /// Read `block` into the cache, unless it was reused since `stamp` (then the read may
+    /// have seen another node: see [`NodeCache::insert_fetched`]; a block reused for data
+    /// fails its checksum).
+    pub fn fetch(&self, block: BlockNo, stamp: u32) -> PResult<()> {
+        let n = btree::read_node(&self.io, block)?;
+        self.cache.insert_fetched(block, Arc::new(n), stamp);
+        Ok(())
+    }
+}
+
 impl NodeIo for DevIo {
     fn read_block(&self, block: BlockNo, buf: &mut [u8]) -> std::io::Result<()> {
         self.0.read_at(buf, self.1 + block * NODE_SIZE as u64)
@@ -166,7 +184,7 @@ pub struct CommitStats {
 pub struct Meta {
     dev: Arc<dyn BlockDev>,
     io: DevIo,
-    cache: NodeCache,
+    cache: Arc<NodeCache>,
     map: SpaceMap,
     header: Header,
     /// The version a commit is writing, with the header that will point at it.
@@ -208,7 +226,7 @@ impl Meta {
         let mut m = Meta {
             io: DevIo(dev.clone(), base),
             dev,
-            cache: NodeCache::new(cache_bytes),
+            cache: Arc::new(NodeCache::new(cache_bytes)),
             map,
             header: Header {
                 seq: 0,
@@ -253,7 +271,7 @@ impl Meta {
             block: 0,
             what: "no valid metadata header".into(),
         })?;
-        let cache = NodeCache::new(cache_bytes);
+        let cache = Arc::new(NodeCache::new(cache_bytes));
         let n = SpaceMap::bitmaps_for(header.blocks) as u32;
         let mut selectors = Vec::with_capacity(n as usize);
         {
@@ -343,6 +361,20 @@ impl Meta {
             cache: &self.cache,
             frozen: self.frozen.as_ref().map(|(f, _)| &**f),
             pending: &self.pending,
+        }
+    }
+
+    /// The working version as far as RAM holds it: what lookups would read from the device is
+    /// noted, for a [`NodeFetcher`] to read without the caller's lock.
+    pub fn probe_view(&self) -> btree::ProbeView<'_> {
+        btree::ProbeView::new(self.view())
+    }
+
+    /// Reads nodes into the cache; usable without the lock that guards this `Meta`.
+    pub fn fetcher(&self) -> NodeFetcher {
+        NodeFetcher {
+            io: DevIo(self.io.0.clone(), self.io.1),
+            cache: self.cache.clone(),
         }
     }
 
@@ -449,7 +481,12 @@ impl Meta {
     /// A block for data, in the open transaction (near the last one handed out).
     pub fn alloc_block(&mut self) -> PResult<Option<BlockNo>> {
         self.check_open()?;
-        self.map.alloc(&self.io)
+        let b = self.map.alloc(&self.io)?;
+        // A node's old block becomes data: a fetch of it in flight must not cache it.
+        if let Some(b) = b {
+            self.cache.remove(b);
+        }
+        Ok(b)
     }
 
     /// Free a block in the open transaction: at once if the durable version does not use it,

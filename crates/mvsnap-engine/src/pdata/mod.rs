@@ -70,6 +70,9 @@ pub enum PdataError {
     Corrupt { block: BlockNo, what: String },
     #[error("no free block for metadata")]
     NoSpace,
+    /// Only from a [`btree::ProbeView`], whose caller fetches the block and tries again.
+    #[error("metadata block {0} is not in the cache")]
+    NotCached(BlockNo),
 }
 
 pub type PResult<T> = std::result::Result<T, PdataError>;

@@ -167,6 +167,30 @@ pub(crate) fn now() -> u64 {
 }
 
 impl Inner {
+    /// Bring into the node cache, without the state lock, the metadata nodes `probe` finds
+    /// missing. A device read under the lock stalls every reader and writer behind it (the
+    /// lock is fair: a queued writer holds back new readers), and with millions of mappings
+    /// the tree outgrows the cache, so most first writes would miss a leaf. Each round reads
+    /// one more level of the paths; it stops when nothing is missing, after an error (the
+    /// caller's own lookups report it), or at the tree's depth.
+    pub fn prefetch_nodes(&self, probe: impl Fn(&State) -> Vec<(u64, u32)>) {
+        for _ in 0..=crate::pdata::btree::MAX_DEPTH {
+            let (missed, fetcher) = {
+                let st = self.state.read();
+                let missed = probe(&st);
+                if missed.is_empty() {
+                    return;
+                }
+                (missed, st.meta.fetcher())
+            };
+            for (block, stamp) in missed {
+                if fetcher.fetch(block, stamp).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Stop and join the flusher and the write-behind threads (idempotent).
     pub fn stop_background(&self) {
         self.closed.store(true, Ordering::Release);

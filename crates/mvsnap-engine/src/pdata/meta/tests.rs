@@ -373,6 +373,66 @@ fn a_commit_writes_what_changed_and_the_cache_bounds_ram() {
     assert!(m.cache_stats().used_bytes <= cache);
 }
 
+/// Nodes read without the tree's lock (probe, read, cache) while commits shadow, free and
+/// reuse their blocks: a read that saw a block's old node must not reach the cache after the
+/// block was reused, or lookups through the cache would see another node's entries.
+#[test]
+fn nodes_fetched_while_their_blocks_are_reused_never_reach_the_cache_stale() {
+    let machine = SimMachine::new();
+    // Hardly more blocks than two versions of the tree need: freed blocks are reused within a
+    // commit or two. A cache of 4 nodes: most lookups miss.
+    let blocks = 64;
+    machine.add_disk(Path::new(PATH), vec![0u8; blocks * 4096], false);
+    let cache = 4 * NODE_SIZE as u64;
+    let mut m = Meta::format(disk(&machine), blocks as u64, cache).unwrap();
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut model = BTreeMap::new();
+    let ops: Vec<(u64, bool)> = (0..1500).map(|k| (k, true)).collect();
+    for &(k, _) in &ops {
+        model.insert(ukey(k), uval(k, 0));
+    }
+    apply(&mut m, &ops, 0).unwrap();
+    let (mut fetched, mut refused) = (0, 0);
+    for salt in 1..200 {
+        // Under the "lock": which nodes random lookups would read from the device.
+        let missed = {
+            let v = m.probe_view();
+            for _ in 0..16 {
+                let _ = btree::get(&v, &ukey(rng.random_range(0..2000)));
+            }
+            v.into_missed()
+        };
+        // Without it: read them now, then commits reuse blocks before they are cached.
+        let f = m.fetcher();
+        let read: Vec<_> = missed
+            .iter()
+            .map(|&(b, stamp)| (b, stamp, btree::read_node(&f.io, b).unwrap()))
+            .collect();
+        // One commit releases what it shadows; a second one reuses it.
+        for salt in (2 * salt..).take(1 + salt as usize % 2) {
+            let change = random_change(&mut rng, &mut model, salt);
+            apply(&mut m, &change, salt).unwrap();
+        }
+        for (b, stamp, node) in read {
+            if f.cache.insert_fetched(b, Arc::new(node), stamp) {
+                fetched += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(
+            user_entries(&m) == model,
+            "round {salt}: the tree read through the cache differs from the model"
+        );
+    }
+    // Both cases happened: fetches cached, and fetches refused after a reuse.
+    assert!(
+        fetched > 30 && refused > 30,
+        "{fetched} cached, {refused} refused"
+    );
+    m.check(&[]).unwrap();
+}
+
 /// A full device: the commit fails cleanly with NoSpace and the durable version is intact.
 #[test]
 fn a_full_device_refuses_the_commit_and_keeps_the_last_version() {

@@ -1,0 +1,141 @@
+//! An index bigger than the node cache, used by several threads at once: first writes and
+//! snapshot reads read tree nodes from the store without the state lock (a probe under the
+//! lock, the reads without it) while commits shadow, free and reuse node blocks. Every byte of
+//! every snapshot and of the origin is checked, live and after a reopen.
+
+mod common;
+
+use std::sync::Arc;
+
+use mvsnap_engine::{OpenOptions, Store};
+
+use common::format_opts;
+
+/// A 128 MiB origin of 4 KiB chunks: 32,768 mappings per overwrite, some 260 tree leaves or
+/// more for one snapshot's copies, against a 1 MiB (256-node) cache.
+const BLOCKS: u64 = 32_768;
+const BS: usize = 4096;
+const WRITERS: u64 = 3;
+const WRITES_PER_WRITER: u64 = 1500;
+
+/// Block `b` as version `v` wrote it: every 8 bytes say (block, version, word).
+fn block(b: u64, v: u64) -> Vec<u8> {
+    (0..BS as u64 / 8)
+        .flat_map(|i| (b << 40 ^ v << 20 ^ i).to_le_bytes())
+        .collect()
+}
+
+fn image(v: u64) -> Vec<u8> {
+    (0..BLOCKS).flat_map(|b| block(b, v)).collect()
+}
+
+fn assert_blocks(what: &str, got: &[u8], want: impl Fn(u64) -> u64) {
+    assert_eq!(got.len() as u64, BLOCKS * BS as u64, "{what}: size");
+    for b in 0..BLOCKS {
+        let at = b as usize * BS;
+        if got[at..at + BS] != block(b, want(b))[..] {
+            let v = u64::from_le_bytes(got[at..at + 8].try_into().unwrap()) >> 20 & 0xfffff;
+            panic!("{what}: block {b} holds version {v}, not {}", want(b));
+        }
+    }
+}
+
+/// xorshift: the writers' and the reader's random block numbers.
+fn next(r: &mut u64) -> u64 {
+    *r ^= *r << 13;
+    *r ^= *r >> 7;
+    *r ^= *r << 17;
+    *r
+}
+
+#[test]
+fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(512 << 20, 4096),
+        &[("o0", image(0))],
+    );
+    let opts = OpenOptions {
+        cache_bytes: Some(1 << 20),
+        ..Default::default()
+    };
+    let s = Store::open(&store, &opts).unwrap();
+    let o = s.volume("o0").unwrap();
+    // s1 keeps version 0; the origin becomes version 1 (one copy-out per block).
+    s.create_snapshot(&["o0"], Some("s1"), "", false).unwrap();
+    let v1 = image(1);
+    for at in (0..v1.len()).step_by(1 << 20) {
+        o.write_at(at as u64, &v1[at..at + (1 << 20)], false)
+            .unwrap();
+    }
+    drop(o);
+    s.create_snapshot(&["o0"], Some("s2"), "", false).unwrap();
+    let info = s.info();
+    assert!(
+        info.metadata_bytes > 2 * info.cache_bytes,
+        "the index ({} bytes) must outgrow the cache ({} bytes)",
+        info.metadata_bytes,
+        info.cache_bytes
+    );
+
+    // Writers of their own blocks (b % WRITERS), at random: first writes after s2, each
+    // writing a version that names the writer and the write; a reader checks s1 and s2 at
+    // random blocks meanwhile.
+    let s = Arc::new(s);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let o = s.volume("o0").unwrap();
+                let mut last = std::collections::HashMap::new();
+                let mut r = 0x9e37_79b9_7f4a_7c15 ^ (t + 1);
+                for i in 0..WRITES_PER_WRITER {
+                    let b = next(&mut r) % (BLOCKS / WRITERS) * WRITERS + t;
+                    let v = 2 + t * WRITES_PER_WRITER + i;
+                    o.write_at(b * BS as u64, &block(b, v), false).unwrap();
+                    last.insert(b, v);
+                }
+                last
+            })
+        })
+        .collect();
+    let reader = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let (s1, s2) = (s.volume("o0@s1").unwrap(), s.volume("o0@s2").unwrap());
+            let mut r = 0x2545_f491_4f6c_dd1d;
+            let mut buf = vec![0u8; BS];
+            for _ in 0..3000 {
+                let b = next(&mut r) % BLOCKS;
+                for (vol, v) in [(&s1, 0), (&s2, 1)] {
+                    vol.read_at(b * BS as u64, &mut buf).unwrap();
+                    assert!(
+                        buf == block(b, v),
+                        "block {b} of version {v} read under load"
+                    );
+                }
+            }
+        })
+    };
+    let mut written = std::collections::HashMap::new();
+    for w in writers {
+        written.extend(w.join().unwrap());
+    }
+    reader.join().unwrap();
+    let origin = |b: u64| written.get(&b).copied().unwrap_or(1);
+    let s = Arc::into_inner(s).unwrap();
+    s.create_snapshot(&["o0"], Some("s3"), "", false).unwrap();
+    let check = |s: &Store, when: &str| {
+        assert_blocks(&format!("s1 {when}"), &common::read_all(s, "o0@s1"), |_| 0);
+        assert_blocks(&format!("s2 {when}"), &common::read_all(s, "o0@s2"), |_| 1);
+        assert_blocks(&format!("s3 {when}"), &common::read_all(s, "o0@s3"), origin);
+        assert_blocks(&format!("o0 {when}"), &common::read_all(s, "o0"), origin);
+    };
+    check(&s, "live");
+    common::assert_clean(&s, "after the writes");
+    drop(s);
+    let s = Store::open(&store, &opts).unwrap();
+    check(&s, "after a reopen");
+    common::assert_clean(&s, "after a reopen");
+}
