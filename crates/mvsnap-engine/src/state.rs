@@ -272,7 +272,8 @@ impl State {
 
     /// The metadata nodes a read of chunks `first..=last` of snapshot `s` would read from the
     /// store (what [`State::map_get`] and [`State::preserved_lookup`] look up), as far as the
-    /// nodes in RAM lead: see [`State::first_write_misses`].
+    /// nodes in RAM lead: see [`State::first_write_misses`]. Unlike a plan on a probe view,
+    /// which stops at its first miss, every chunk's.
     pub fn read_misses(&self, s: &Snap, first: u64, last: u64) -> Vec<(u64, u32)> {
         let v = self.meta.probe_view();
         let own_data = self.has_own_data(s);
@@ -314,21 +315,41 @@ impl State {
         chunk: u64,
         gen: u32,
     ) -> Result<Option<u32>, PdataError> {
-        Ok(preserved::lookup(&self.meta.view(), no, chunk, gen)?.map(slot_of))
+        Self::preserved_lookup_in(&self.meta.view(), no, chunk, gen)
+    }
+
+    /// [`State::preserved_lookup`] on view `v` (a probe's, say).
+    pub fn preserved_lookup_in(
+        v: &dyn btree::View,
+        no: u32,
+        chunk: u64,
+        gen: u32,
+    ) -> Result<Option<u32>, PdataError> {
+        Ok(preserved::lookup(v, no, chunk, gen)?.map(slot_of))
     }
 
     /// A snapshot's own data for `chunk` (written to it or to the volume it was taken of).
     pub fn map_get(&self, s: &Snap, chunk: u64) -> Result<Option<MapHit>, PdataError> {
+        self.map_get_in(&self.meta.view(), s, chunk)
+    }
+
+    /// [`State::map_get`] on view `v`.
+    pub fn map_get_in(
+        &self,
+        v: &dyn btree::View,
+        s: &Snap,
+        chunk: u64,
+    ) -> Result<Option<MapHit>, PdataError> {
         if s.node == NO_NODE {
             return Ok(None);
         }
         Ok(
-            snapdata::lookup_owner(&self.meta.view(), &self.nodes, s.origin, chunk, s.node)?.map(
-                |(node, loc)| MapHit {
+            snapdata::lookup_owner(v, &self.nodes, s.origin, chunk, s.node)?.map(|(node, loc)| {
+                MapHit {
                     slot: slot_of(loc),
                     own: node == s.node,
-                },
-            ),
+                }
+            }),
         )
     }
 

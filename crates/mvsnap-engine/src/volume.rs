@@ -10,6 +10,7 @@ use crate::blockdev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::Geometry;
 use crate::journal::Record;
+use crate::pdata::{btree, PdataError};
 use crate::state::ZERO_SLOT;
 use crate::state::{Origin, Snap, State};
 use crate::store::{resolve_name, Handles, Inner, Store};
@@ -198,23 +199,44 @@ impl Volume {
                 writeback::lay_over(&queued, offset, buf);
                 Ok(())
             }
-            Kind::Snapshot { id, .. } => {
-                // The tree nodes the plan below needs, read without the state lock.
-                let cs = self.inner.geo.chunk_size as u64;
-                let (first, last) = (offset / cs, (offset + buf.len() as u64 - 1) / cs);
-                self.inner.prefetch_nodes(|st| {
-                    st.snaps
-                        .get(id)
-                        .map_or_else(Vec::new, |s| st.read_misses(s, first, last))
-                });
-                // Held across the I/O: a preserve cannot complete (and the origin write it
-                // guards cannot start) while a read that resolved to the origin is running.
-                let st = self.inner.state.read();
-                let (snap, origin) = self.snap(&st, *id)?;
-                let pieces = plan_read(&st, snap, origin, offset, buf.len())
-                    .map_err(|e| self.meta_error(e))?;
-                self.run_pieces(origin, &pieces, buf)
-            }
+            Kind::Snapshot { id, .. } => self.read_snapshot(*id, offset, buf),
+        }
+    }
+
+    /// A snapshot read: planned on the tree nodes in RAM under the state read lock; the nodes
+    /// the plan lacks are read without it (see `Inner::prefetch_nodes`), then it plans again.
+    fn read_snapshot(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.inner.geo.chunk_size as u64;
+        let (first, last) = (offset / cs, (offset + buf.len() as u64 - 1) / cs);
+        let mut rounds = 0;
+        loop {
+            // Held across the I/O: a preserve cannot complete (and the origin write it
+            // guards cannot start) while a read that resolved to the origin is running.
+            let st = self.inner.state.read();
+            let (snap, origin) = self.snap(&st, id)?;
+            let planned =
+                match plan_read(&st, &st.meta.probe_view(), snap, origin, offset, buf.len()) {
+                    Err(PdataError::NotCached(_)) if rounds <= btree::MAX_DEPTH => {
+                        let missed = st.read_misses(snap, first, last);
+                        let fetcher = st.meta.fetcher();
+                        drop(st);
+                        rounds += 1;
+                        for (block, stamp) in missed {
+                            if fetcher.fetch(block, stamp).is_err() {
+                                // Reported by a plan on the device's nodes.
+                                rounds = btree::MAX_DEPTH + 1;
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(PdataError::NotCached(_)) => {
+                        plan_read(&st, &st.meta.view(), snap, origin, offset, buf.len())
+                    }
+                    planned => planned,
+                };
+            let pieces = planned.map_err(|e| self.meta_error(e))?;
+            return self.run_pieces(origin, &pieces, buf);
         }
     }
 
@@ -919,7 +941,8 @@ impl Volume {
         let off = chunk * geo.chunk_size as u64 + block as u64 * geo.sub_size as u64;
         let avail = self.size.saturating_sub(off).min(out.len() as u64) as usize;
         out[avail..].fill(0);
-        let pieces = plan_read(st, snap, origin, off, avail).map_err(|e| self.meta_error(e))?;
+        let pieces = plan_read(st, &st.meta.view(), snap, origin, off, avail)
+            .map_err(|e| self.meta_error(e))?;
         self.run_pieces(origin, &pieces, &mut out[..avail])
     }
 }
@@ -929,6 +952,7 @@ impl Volume {
 /// one device are merged. Each block is one seek in each key space it may be in.
 fn plan_read(
     st: &State,
+    v: &dyn btree::View,
     snap: &Snap,
     origin: &Origin,
     offset: u64,
@@ -945,10 +969,14 @@ fn plan_read(
         let c = pos / bs;
         let in_block = pos - c * bs;
         let piece_end = ((c + 1) * bs).min(end);
-        let hit = if own_data { st.map_get(snap, c)? } else { None };
+        let hit = if own_data {
+            st.map_get_in(v, snap, c)?
+        } else {
+            None
+        };
         let slot = match hit {
             Some(h) => Some(h.slot),
-            None if preserved => st.preserved_lookup(origin.no, c, snap.gen)?,
+            None if preserved => State::preserved_lookup_in(v, origin.no, c, snap.gen)?,
             None => None,
         };
         let (src, dev_off) = match slot {

@@ -525,7 +525,7 @@ impl View for ProbeView<'_> {
         if let Some(n) = v.frozen.and_then(|f| f.get(&block)) {
             return Ok(NodeRef::Clean(n.clone()));
         }
-        if let Some(n) = v.cache.peek(block) {
+        if let Some(n) = v.cache.probe(block) {
             return Ok(NodeRef::Clean(n));
         }
         self.missed.borrow_mut().push((block, v.cache.stamp(block)));

@@ -87,10 +87,16 @@ impl NodeCache {
         }
     }
 
-    /// A cached node, if any, without counting a hit or a miss (a probe for what to fetch).
-    pub fn peek(&self, block: BlockNo) -> Option<Arc<Node>> {
-        let g = self.inner.lock();
-        g.index.get(&block).map(|&i| g.entries[i].node.clone())
+    /// A cached node, if any, for a probe of what to fetch: a hit counts as one, a miss does
+    /// not (the fetch that follows counts it).
+    pub fn probe(&self, block: BlockNo) -> Option<Arc<Node>> {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let &i = inner.index.get(&block)?;
+        inner.hits += 1;
+        let e = &mut inner.entries[i];
+        e.referenced = true;
+        Some(e.node.clone())
     }
 
     /// Taken under the tree's lock while `block` is part of the tree: what
@@ -221,30 +227,31 @@ mod tests {
         // Nothing happened to block 3 between the stamp and the read: cached, counted a miss.
         let st = c.stamp(3);
         assert!(c.insert_fetched(3, leaf(3), st));
-        assert_eq!(c.peek(3).unwrap().keys()[0], [3u8; 16]);
         assert_eq!(c.stats().misses, 1);
+        assert_eq!(c.probe(3).unwrap().keys()[0], [3u8; 16]);
+        assert_eq!(c.stats().hits, 1);
         // A block already cached keeps what it has (it may be newer than what was read).
         assert!(!c.insert_fetched(3, leaf(9), c.stamp(3)));
-        assert_eq!(c.peek(3).unwrap().keys()[0], [3u8; 16]);
+        assert_eq!(c.probe(3).unwrap().keys()[0], [3u8; 16]);
         // Block 5 is reused (removed, even uncached) while a fetch of it is in flight: the
         // fetch read the old content and must not be cached.
         let st = c.stamp(5);
         c.remove(5);
         assert!(!c.insert_fetched(5, leaf(5), st));
-        assert!(c.peek(5).is_none());
+        assert!(c.probe(5).is_none());
         // So is one of a block sharing its bucket, and a fetch stamped after the reuse is fine.
         let st = c.stamp(7);
         c.remove(7 + STAMP_BUCKETS as u64);
         assert!(!c.insert_fetched(7, leaf(7), st));
         let st = c.stamp(5);
         assert!(c.insert_fetched(5, leaf(6), st));
-        assert_eq!(c.peek(5).unwrap().keys()[0], [6u8; 16]);
-        // Peeks count nothing.
+        assert_eq!(c.probe(5).unwrap().keys()[0], [6u8; 16]);
+        // A probe counts its hits, not its misses (the fetch that follows counts those).
         let before = c.stats();
-        let _ = (c.peek(5), c.peek(100));
+        let _ = (c.probe(5), c.probe(100));
         assert_eq!(
             (c.stats().hits, c.stats().misses),
-            (before.hits, before.misses)
+            (before.hits + 1, before.misses)
         );
     }
 }

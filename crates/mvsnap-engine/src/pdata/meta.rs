@@ -504,7 +504,12 @@ impl Meta {
     /// Take a given block (replaying a record that the live path allocated): false if it is
     /// not free, or lies outside the map.
     pub fn claim_block(&mut self, block: BlockNo) -> PResult<bool> {
-        self.map.claim(&self.io, block)
+        let claimed = self.map.claim(&self.io, block)?;
+        if claimed {
+            // Data now, as with `alloc_block`.
+            self.cache.remove(block);
+        }
+        Ok(claimed)
     }
 
     pub fn is_used(&mut self, block: BlockNo) -> PResult<bool> {
