@@ -221,12 +221,9 @@ impl Volume {
                         let fetcher = st.meta.fetcher();
                         drop(st);
                         rounds += 1;
-                        for (block, stamp) in missed {
-                            if fetcher.fetch(block, stamp).is_err() {
-                                // Reported by a plan on the device's nodes.
-                                rounds = btree::MAX_DEPTH + 1;
-                                break;
-                            }
+                        if !fetcher.fetch_all(missed) {
+                            // Reported by a plan on the device's nodes.
+                            rounds = btree::MAX_DEPTH + 1;
                         }
                         continue;
                     }

@@ -75,10 +75,7 @@ fn load(io: &dyn NodeIo, cache: &NodeCache, block: BlockNo) -> PResult<Arc<Node>
     if let Some(n) = cache.get(block) {
         return Ok(n);
     }
-    let mut buf = vec![0u8; NODE_SIZE];
-    io.read_block(block, &mut buf)
-        .map_err(|source| PdataError::Io { block, source })?;
-    let n = Arc::new(Node::decode(block, &buf)?);
+    let n = Arc::new(read_node(io, block)?);
     cache.insert(block, n.clone());
     Ok(n)
 }
@@ -489,7 +486,7 @@ impl View for PendingView<'_> {
 /// A suspended transaction's view as far as RAM holds it: a node that would have to be read
 /// from the device is noted instead (with its cache stamp) and the lookup fails with
 /// [`PdataError::NotCached`]. Run under the tree's lock; the caller then reads the noted
-/// nodes without it ([`fetch`]) and probes again, one level deeper each time.
+/// nodes without it ([`read_node`]) and probes again, one level deeper each time.
 pub struct ProbeView<'a> {
     pub view: PendingView<'a>,
     missed: std::cell::RefCell<Vec<(BlockNo, u32)>>,
@@ -533,8 +530,8 @@ impl View for ProbeView<'_> {
     }
 }
 
-/// Read and decode the node at `block`, bypassing the cache (for [`ProbeView`]'s callers,
-/// who cache it with [`NodeCache::insert_fetched`]).
+/// Read and decode the node at `block`, bypassing the cache (a miss of [`load`], or of a
+/// [`ProbeView`], whose callers cache it with [`NodeCache::insert_fetched`]).
 pub fn read_node(io: &dyn NodeIo, block: BlockNo) -> PResult<Node> {
     let mut buf = vec![0u8; NODE_SIZE];
     io.read_block(block, &mut buf)

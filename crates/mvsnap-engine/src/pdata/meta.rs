@@ -59,6 +59,14 @@ impl NodeFetcher {
         self.cache.insert_fetched(block, Arc::new(n), stamp);
         Ok(())
     }
+
+    /// [`NodeFetcher::fetch`] each of a probe's misses; false at the first error (the
+    /// caller's lookups on the device's nodes report it).
+    pub fn fetch_all(&self, missed: Vec<(BlockNo, u32)>) -> bool {
+        missed
+            .into_iter()
+            .all(|(b, stamp)| self.fetch(b, stamp).is_ok())
+    }
 }
 
 impl NodeIo for DevIo {
@@ -373,7 +381,7 @@ impl Meta {
     /// Reads nodes into the cache; usable without the lock that guards this `Meta`.
     pub fn fetcher(&self) -> NodeFetcher {
         NodeFetcher {
-            io: DevIo(self.io.0.clone(), self.io.1),
+            io: self.io.clone(),
             cache: self.cache.clone(),
         }
     }

@@ -183,10 +183,8 @@ impl Inner {
                 }
                 (missed, st.meta.fetcher())
             };
-            for (block, stamp) in missed {
-                if fetcher.fetch(block, stamp).is_err() {
-                    return;
-                }
+            if !fetcher.fetch_all(missed) {
+                return;
             }
         }
     }
