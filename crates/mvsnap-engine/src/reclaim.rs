@@ -244,7 +244,9 @@ impl Inner {
             let _q = self.reclaimer.queue.lock();
             self.reclaimer.cv.notify_all();
         }
-        if let Some(h) = self.reclaimer.thread.lock().take() {
+        // Out of the slot first: no lock is held over the join (see `stop_background`).
+        let thread = self.reclaimer.thread.lock().take();
+        if let Some(h) = thread {
             let _ = h.join();
         }
     }

@@ -181,7 +181,9 @@ impl Writeback {
         self.queue.lock().closed = true;
         self.work.notify_all();
         // Called by handle owners only: the threads hold no handle, so none joins itself.
-        for h in self.threads.lock().drain(..) {
+        // Out of the list first: no lock is held over the joins.
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for h in threads {
             let _ = h.join();
         }
     }

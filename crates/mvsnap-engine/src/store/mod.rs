@@ -192,7 +192,12 @@ impl Inner {
     /// Stop and join the flusher and the write-behind threads (idempotent).
     pub fn stop_background(&self) {
         self.closed.store(true, Ordering::Release);
-        if let Some(h) = self.flusher.lock().take() {
+        // Each handle is taken out of its slot before the join: a guard kept over the join
+        // (an `if let` on `slot.lock().take()` keeps it) deadlocked a drop against the reclaim
+        // thread, which asks whether a committer exists while holding the state lock, which
+        // the committer was waiting for.
+        let flusher = self.flusher.lock().take();
+        if let Some(h) = flusher {
             h.thread().unpark();
             let _ = h.join();
         }
@@ -200,7 +205,8 @@ impl Inner {
             let _slot = self.inflight.lock();
             self.committer_cv.notify_all();
         }
-        if let Some(h) = self.committer.lock().take() {
+        let committer = self.committer.lock().take();
+        if let Some(h) = committer {
             let _ = h.join();
         }
         self.stop_reclaimer();
@@ -453,5 +459,53 @@ pub(crate) fn resolve_name(st: &State, name: &str) -> Result<(u32, Option<u64>)>
                 .ok_or_else(|| Error::NotFound(format!("snapshot {name}")))?;
             Ok((o.no, Some(s.id)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A store dropped while its committer waits for the state lock, held by a thread that
+    /// then asks for the committer's slot (as the reclaim thread's `start_commit` does): the
+    /// drop must not hold that slot while it joins the committer (it did, and CI hung).
+    #[test]
+    fn a_drop_joining_the_committer_leaves_its_slot_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.store");
+        let opts = FormatOptions {
+            size: Some(64 << 20),
+            ..Default::default()
+        };
+        Store::format(&path, &opts).unwrap();
+        let store = Store::open(&path, &OpenOptions::default()).unwrap();
+        store.checkpoint().unwrap(); // the open's first commit runs to the end; later ones beside
+        let inner = store.inner.clone();
+        let mut st = inner.state.write();
+        inner.start_commit(&mut st).unwrap();
+        assert!(inner.commit_running());
+        // The committer writes the commit, then waits for the state lock to finish it.
+        std::thread::sleep(Duration::from_millis(300));
+        let stopper = {
+            let inner = inner.clone();
+            std::thread::spawn(move || inner.stop_background())
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        // Still joining the committer, which waits for `st`.
+        assert!(!stopper.is_finished());
+        let slot = inner.committer.try_lock_for(Duration::from_secs(2));
+        assert!(
+            slot.is_some(),
+            "the drop holds the committer's slot over its join"
+        );
+        drop(slot);
+        drop(st);
+        stopper.join().unwrap();
+        assert!(
+            !inner.commit_running(),
+            "the committer finished its commit first"
+        );
+        drop(store);
     }
 }
