@@ -123,6 +123,19 @@ impl NodeCache {
         Self::insert_locked(self.capacity, &mut g, block, node);
     }
 
+    /// Insert many, taking the cache's lock a few dozen at a time: lookups (some under the
+    /// state lock) wait for one batch at most.
+    pub fn insert_all(&self, nodes: impl IntoIterator<Item = (BlockNo, Arc<Node>)>) {
+        const BATCH: usize = 64;
+        let mut nodes = nodes.into_iter().peekable();
+        while nodes.peek().is_some() {
+            let mut g = self.inner.lock();
+            for (block, node) in nodes.by_ref().take(BATCH) {
+                Self::insert_locked(self.capacity, &mut g, block, node);
+            }
+        }
+    }
+
     fn insert_locked(capacity: usize, inner: &mut Inner, block: BlockNo, node: Arc<Node>) {
         if let Some(&i) = inner.index.get(&block) {
             inner.entries[i].node = node;

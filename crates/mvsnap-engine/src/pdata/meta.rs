@@ -140,6 +140,7 @@ impl Header {
 pub struct CommitJob {
     dev: Arc<dyn BlockDev>,
     io: DevIo,
+    cache: Arc<NodeCache>,
     nodes: Arc<FrozenNodes>,
     bitmaps: Vec<(BlockNo, Vec<u8>)>,
     header: Header,
@@ -147,7 +148,11 @@ pub struct CommitJob {
 }
 
 impl CommitJob {
-    /// Nodes and bitmaps to their blocks, sync, the header to the older header block, sync.
+    /// Nodes and bitmaps to their blocks, sync, the header to the older header block, sync;
+    /// then the nodes go into the cache as clean ones, here, beside the writers: under the
+    /// state lock ([`Meta::finish`]) 2,000 cache inserts held every writer up to 38 ms at 4M
+    /// mappings. Early is safe: the blocks are new in this version (nothing cached can be an
+    /// older node at them), and none can be reused before the commit finishes.
     pub fn write(&self) -> PResult<CommitStats> {
         let nodes = btree::write_frozen(&self.io, &self.nodes, self.header.txn - 1)?;
         for (block, bytes) in &self.bitmaps {
@@ -164,6 +169,8 @@ impl CommitJob {
             .write_block(at, &self.header.encode())
             .map_err(|source| PdataError::Io { block: at, source })?;
         self.sync()?;
+        self.cache
+            .insert_all(self.nodes.iter().map(|(&b, n)| (b, n.clone())));
         Ok(CommitStats {
             nodes,
             bitmaps: self.bitmaps.len(),
@@ -621,6 +628,7 @@ impl Meta {
         Ok(CommitJob {
             dev: self.dev.clone(),
             io: self.io.clone(),
+            cache: self.cache.clone(),
             nodes,
             bitmaps,
             header,
@@ -646,10 +654,8 @@ impl Meta {
                 return Err(e);
             }
         };
-        let (nodes, header) = self.frozen.take().expect("checked");
-        for (&b, n) in nodes.iter() {
-            self.cache.insert(b, n.clone());
-        }
+        // Its nodes are in the cache already (`CommitJob::write`).
+        let (_, header) = self.frozen.take().expect("checked");
         self.header = header;
         self.map.frozen_durable();
         Ok(stats)

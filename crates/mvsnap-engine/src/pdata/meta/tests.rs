@@ -593,3 +593,81 @@ fn a_damaged_header_falls_back_to_the_other_copy() {
         Ok(_) => panic!("opened with both headers damaged"),
     }
 }
+
+/// Fails every write once `fail` is set.
+struct FailingWrites {
+    inner: Arc<dyn BlockDev>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlockDev for FailingWrites {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn grow(&self, len: u64) -> std::io::Result<()> {
+        self.inner.grow(len)
+    }
+    fn can_grow(&self) -> bool {
+        false
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}
+
+/// A commit's nodes reach the cache once its writes are durable, before `finish` (which runs
+/// under the store's state lock) and without it; a commit whose writes failed leaves none
+/// there, and the tree still reads every change from RAM.
+#[test]
+fn a_written_commit_caches_its_nodes_before_finish_and_a_failed_one_none() {
+    let machine = SimMachine::new();
+    let blocks = 1 << 12;
+    machine.add_disk(Path::new(PATH), vec![0u8; blocks as usize * 4096], false);
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dev = Arc::new(FailingWrites {
+        inner: disk(&machine),
+        fail: fail.clone(),
+    });
+    let mut m = Meta::format(dev, blocks, 1024 * NODE_SIZE as u64).unwrap();
+    let mut model = BTreeMap::new();
+    let mut round = |m: &mut Meta, salt: u64| {
+        let ops: Vec<(u64, bool)> = (0..1500).map(|k| (k * 7 % 1500, true)).collect();
+        m.change(|t| apply_ops(t, &ops, salt)).unwrap();
+        for &(k, _) in &ops {
+            model.insert(ukey(k), uval(k, salt));
+        }
+        let job = m.freeze([salt; USER_WORDS], &[]).unwrap();
+        let frozen: Vec<BlockNo> = m.frozen.as_ref().unwrap().0.keys().copied().collect();
+        assert!(frozen.len() > 10, "{} nodes frozen", frozen.len());
+        assert!(frozen.iter().all(|&b| m.cache.probe(b).is_none()));
+        (job, frozen)
+    };
+    let (job, frozen) = round(&mut m, 1);
+    let written = job.write();
+    assert!(written.is_ok());
+    assert!(frozen.iter().all(|&b| m.cache.probe(b).is_some()));
+    m.finish(written).unwrap();
+
+    let (job, frozen) = round(&mut m, 2);
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = job.write();
+    assert!(written.is_err());
+    assert!(frozen.iter().all(|&b| m.cache.probe(b).is_none()));
+    assert!(m.finish(written).is_err());
+    assert!(
+        user_entries(&m) == model,
+        "the failed version is still read from RAM"
+    );
+}
