@@ -204,7 +204,7 @@ impl Volume {
     }
 
     /// A snapshot read: planned on the tree nodes in RAM under the state read lock; the nodes
-    /// the plan lacks are read without it (see `Inner::prefetch_nodes`), then it plans again.
+    /// the plan lacks are read without it (see `Inner::with_nodes_read`), then it plans again.
     fn read_snapshot(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let cs = self.inner.geo.chunk_size as u64;
         let (first, last) = (offset / cs, (offset + buf.len() as u64 - 1) / cs);
@@ -496,29 +496,30 @@ impl Volume {
         // cannot be written on a poisoned store.)
         let cs = self.inner.geo.chunk_size as u64;
         let (first, last) = (offset / cs, (offset + data.len() as u64 - 1) / cs);
-        let mut wait_seq;
         // The tree nodes the lookups below and `preserve` need, read without the state lock
-        // (profiled at 2M mappings: leaf reads under the lock were most of the writers' waits).
-        self.inner.prefetch_nodes(|st| {
-            st.origins
-                .get(&no)
-                .map_or_else(Vec::new, |o| st.first_write_misses(o, first, last))
-        });
-        let slow = {
-            let st = self.inner.state.read();
-            let o = st
-                .origins
-                .get(&no)
-                .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
-            let slow = st
-                .needs_preserve(o, first, last)
-                .map_err(|e| self.meta_error(e))?;
-            wait_seq = st.release_barrier(no);
-            if !slow {
-                wait_seq = wait_seq.max(self.inflight_wait(&st, no, first, last));
-            }
-            slow
-        };
+        // (profiled at 2M mappings: leaf reads under the lock were most of the writers' waits),
+        // then the lookups under the read lock of the last probe.
+        let (slow, mut wait_seq) = self.inner.with_nodes_read(
+            |st| {
+                st.origins
+                    .get(&no)
+                    .map_or_else(Vec::new, |o| st.first_write_misses(o, first, last))
+            },
+            |st| -> Result<(bool, u64)> {
+                let o = st
+                    .origins
+                    .get(&no)
+                    .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
+                let slow = st
+                    .needs_preserve(o, first, last)
+                    .map_err(|e| self.meta_error(e))?;
+                let mut wait_seq = st.release_barrier(no);
+                if !slow {
+                    wait_seq = wait_seq.max(self.inflight_wait(st, no, first, last));
+                }
+                Ok((slow, wait_seq))
+            },
+        )?;
         if slow {
             let mut st = self.inner.state.write();
             wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64, false)?;

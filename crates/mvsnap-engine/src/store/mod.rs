@@ -168,25 +168,31 @@ pub(crate) fn now() -> u64 {
 
 impl Inner {
     /// Bring into the node cache, without the state lock, the metadata nodes `probe` finds
-    /// missing. A device read under the lock stalls every reader and writer behind it (the
-    /// lock is fair: a queued writer holds back new readers), and with millions of mappings
-    /// the tree outgrows the cache, so most first writes would miss a leaf. Each round reads
-    /// one more level of the paths; it stops when nothing is missing, after an error (the
-    /// caller's own lookups report it), or at the tree's depth.
-    pub fn prefetch_nodes(&self, probe: impl Fn(&State) -> Vec<(u64, u32)>) {
+    /// missing, then run `then` under the read lock of the probe that found none missing
+    /// (one lock round for the lookups that follow, not two). A device read under the lock
+    /// stalls every reader and writer behind it (the lock is fair: a queued writer holds back
+    /// new readers), and with millions of mappings the tree outgrows the cache, so most first
+    /// writes would miss a leaf. Each round reads one more level of the paths; after an error
+    /// or at the tree's depth, `then` runs anyway (its own lookups read or report the rest).
+    pub fn with_nodes_read<R>(
+        &self,
+        probe: impl Fn(&State) -> Vec<(u64, u32)>,
+        then: impl FnOnce(&State) -> R,
+    ) -> R {
         for _ in 0..=crate::pdata::btree::MAX_DEPTH {
             let (missed, fetcher) = {
                 let st = self.state.read();
                 let missed = probe(&st);
                 if missed.is_empty() {
-                    return;
+                    return then(&st);
                 }
                 (missed, st.meta.fetcher())
             };
             if !fetcher.fetch_all(missed) {
-                return;
+                break;
             }
         }
+        then(&self.state.read())
     }
 
     /// Stop and join the flusher and the write-behind threads (idempotent).
