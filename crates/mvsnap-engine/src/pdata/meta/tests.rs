@@ -461,10 +461,11 @@ fn a_full_device_refuses_the_commit_and_keeps_the_last_version() {
     m.check(&[]).unwrap();
 }
 
-/// Records which blocks are written.
+/// Records which blocks are written; fails every write once `fail` is set.
 struct Recording {
     inner: Arc<dyn BlockDev>,
     writes: parking_lot::Mutex<Vec<BlockNo>>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl BlockDev for Recording {
@@ -475,6 +476,9 @@ impl BlockDev for Recording {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected write failure"));
+        }
         self.writes.lock().push(offset / NODE_SIZE as u64);
         self.inner.write_at(buf, offset)
     }
@@ -504,6 +508,7 @@ fn no_block_of_the_durable_version_is_written_before_the_flip() {
     let dev = Arc::new(Recording {
         inner: disk(&machine),
         writes: Default::default(),
+        fail: Default::default(),
     });
     let mut m = Meta::format(dev.clone(), blocks, 1 << 20).unwrap();
     let mut rng = StdRng::seed_from_u64(5);
@@ -594,39 +599,6 @@ fn a_damaged_header_falls_back_to_the_other_copy() {
     }
 }
 
-/// Fails every write once `fail` is set.
-struct FailingWrites {
-    inner: Arc<dyn BlockDev>,
-    fail: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl BlockDev for FailingWrites {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(std::io::Error::other("injected write failure"));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.inner.sync()
-    }
-    fn grow(&self, len: u64) -> std::io::Result<()> {
-        self.inner.grow(len)
-    }
-    fn can_grow(&self) -> bool {
-        false
-    }
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-}
-
 /// A commit's nodes reach the cache once its writes are durable, before `finish` (which runs
 /// under the store's state lock) and without it; a commit whose writes failed leaves none
 /// there, and the tree still reads every change from RAM.
@@ -636,8 +608,9 @@ fn a_written_commit_caches_its_nodes_before_finish_and_a_failed_one_none() {
     let blocks = 1 << 12;
     machine.add_disk(Path::new(PATH), vec![0u8; blocks as usize * 4096], false);
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let dev = Arc::new(FailingWrites {
+    let dev = Arc::new(Recording {
         inner: disk(&machine),
+        writes: Default::default(),
         fail: fail.clone(),
     });
     let mut m = Meta::format(dev, blocks, 1024 * NODE_SIZE as u64).unwrap();
