@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use super::btree::{self, FrozenNodes, Pending, PendingView, Txn};
 use super::cache::{CacheStats, NodeCache};
-use super::node::{Key, Value};
+use super::node::{Key, Node, Value};
 use super::spacemap::{Reconciled, Selector, SpaceMap, TxnAlloc};
 use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
 use crate::blockdev::BlockDev;
@@ -717,8 +717,34 @@ impl Meta {
     /// the durable version.
     pub fn check(&mut self, data: &[BlockNo]) -> PResult<btree::TreeReport> {
         let report = btree::check(&self.committed())?;
+        self.check_stamps(&report.blocks)?;
         let used = self.map.used_blocks(&self.io)?;
         self.compare(report, used, data, self.header.nodes)
+    }
+
+    /// Every node of the durable version was written by a transaction before the one its
+    /// header opened. A node stamped later sits in a block the durable version uses, written
+    /// over before a header that frees it was durable (the ordering rule broken): its
+    /// checksum and block number are right, so only its stamp tells.
+    fn check_stamps(&self, blocks: &[BlockNo]) -> PResult<()> {
+        let mut buf = vec![0u8; NODE_SIZE];
+        for &block in blocks {
+            self.io
+                .read_block(block, &mut buf)
+                .map_err(|source| PdataError::Io { block, source })?;
+            let txn = Node::stamped_txn(&buf);
+            if txn >= self.header.txn {
+                return Err(PdataError::Corrupt {
+                    block,
+                    what: format!(
+                        "a node written by transaction {txn}, not before the durable \
+                         version's header ({})",
+                        self.header.txn
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// [`Meta::check`] of the working version: the durable one plus the open transaction.

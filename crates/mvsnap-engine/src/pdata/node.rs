@@ -94,6 +94,11 @@ impl Node {
         b
     }
 
+    /// The transaction a node's block says wrote it (the caller decoded the block first).
+    pub fn stamped_txn(b: &[u8]) -> u64 {
+        u64::from_le_bytes(b[16..24].try_into().unwrap())
+    }
+
     pub fn decode(block: BlockNo, b: &[u8]) -> PResult<Node> {
         let bad = |what: String| PdataError::Corrupt { block, what };
         if b.len() != NODE_SIZE {
