@@ -47,6 +47,7 @@ impl Store {
         for o in st.origins.values() {
             let chunks = geo.chunks_for(o.size);
             let mut ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+            let mut zero_ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
             let mut entries = 0u64;
             let mut last: Option<(u64, u32)> = None;
             let walk = preserved::for_each(&view, o.no, &mut |block, e| {
@@ -77,16 +78,18 @@ impl Store {
                 if e.loc != preserved::ZERO {
                     data.push(e.loc);
                     *ranges.entry((e.lo, e.hi)).or_default() += 1;
+                } else {
+                    *zero_ranges.entry((e.lo, e.hi)).or_default() += 1;
                 }
             });
             if let Err(e) = walk {
                 r.errors
                     .push(format!("origin {}: preserved entries: {e}", o.id));
             }
-            if entries != o.entries || ranges != o.ranges {
+            if entries != o.entries || ranges != o.ranges || zero_ranges != o.zero_ranges {
                 r.errors.push(format!(
-                    "origin {}: counters ({} entries, ranges {:?}) disagree with the index ({entries}, {ranges:?})",
-                    o.id, o.entries, o.ranges
+                    "origin {}: counters ({} entries, ranges {:?}, zero {:?}) disagree with the index ({entries}, {ranges:?}, zero {zero_ranges:?})",
+                    o.id, o.entries, o.ranges, o.zero_ranges
                 ));
             }
             let mut keys: HashMap<u32, u64> = HashMap::new();

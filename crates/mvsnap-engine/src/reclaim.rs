@@ -90,15 +90,12 @@ impl Inner {
         self.reclaimer.cv.notify_all();
     }
 
-    /// Queue every origin whose counters show a generation range no live snapshot is in, or
+    /// Queue every origin whose counters (of data or zero entries) show a generation range no
+    /// live snapshot is in, or
     /// that has keys of deleted writable snapshots (what a crash left of a reclaim).
     pub(crate) fn queue_dead_ranges(&self, st: &State) {
         for o in st.origins.values() {
-            if o.ranges
-                .keys()
-                .any(|&(lo, hi)| o.live_gens.range(lo..=hi).next().is_none())
-                || st.has_dead_nodes(o.no)
-            {
+            if o.has_dead_range() || st.has_dead_nodes(o.no) {
                 self.queue_reclaim(o.no);
             }
         }

@@ -130,6 +130,7 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
     let nos: Vec<u32> = st.origins.keys().copied().collect();
     for no in nos {
         let mut ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        let mut zero_ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         let mut entries = 0u64;
         {
             let view = st.meta.view();
@@ -137,6 +138,8 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
                 entries += 1;
                 if e.loc != preserved::ZERO {
                     *ranges.entry((e.lo, e.hi)).or_default() += 1;
+                } else {
+                    *zero_ranges.entry((e.lo, e.hi)).or_default() += 1;
                 }
             })?;
             snapdata::for_each(&view, no, &mut |_, node, _| {
@@ -155,10 +158,15 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
             *live.entry(s.gen).or_default() += 1;
         }
         let o = st.origins.get_mut(&no).expect("listed");
-        if o.entries != entries || o.ranges != ranges || o.live_gens != live {
+        if o.entries != entries
+            || o.ranges != ranges
+            || o.zero_ranges != zero_ranges
+            || o.live_gens != live
+        {
             changed = true;
             o.entries = entries;
             o.ranges = ranges;
+            o.zero_ranges = zero_ranges;
             o.live_gens = live;
         }
     }

@@ -43,6 +43,9 @@ pub struct Origin {
     pub live_gens: BTreeMap<u32, u32>,
     /// Preserved blocks holding data, per generation range: the counters `list` reads.
     pub ranges: BTreeMap<(u32, u32), u64>,
+    /// Preserved zero entries per generation range. They own no space, so `list` leaves them
+    /// out, but a crash mid-reclaim leaves them too and open must find them (`has_dead_range`).
+    pub zero_ranges: BTreeMap<(u32, u32), u64>,
     /// Preserved entries (data and zero).
     pub entries: u64,
     /// Opened device, or why it could not be opened (a missing file, a changed size).
@@ -57,6 +60,15 @@ impl Origin {
     /// A live snapshot generation in `lo..=hi` exists.
     pub fn any_live(&self, lo: u32, hi: u32) -> bool {
         lo <= hi && self.live_gens.range(lo..=hi).next().is_some()
+    }
+
+    /// Some preserved entry (data or zero) lies in a generation range no live snapshot is in:
+    /// reclaim has work here.
+    pub fn has_dead_range(&self) -> bool {
+        self.ranges
+            .keys()
+            .chain(self.zero_ranges.keys())
+            .any(|&(lo, hi)| self.live_gens.range(lo..=hi).next().is_none())
     }
 }
 
@@ -150,6 +162,17 @@ fn slot_of(loc: u64) -> u32 {
     } else {
         loc as u32
     }
+}
+
+/// Per-generation-range counts as the tables store them: n u32, n x (lo u32, hi u32, count u64).
+fn read_range_counts(r: &mut Reader) -> Option<BTreeMap<(u32, u32), u64>> {
+    let n = r.u32()?;
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let key = (r.u32()?, r.u32()?);
+        counts.insert(key, r.u64()?);
+    }
+    Some(counts)
 }
 
 /// Remove every key of `origin` in key space `space`; returns the data locations they held.
@@ -424,6 +447,7 @@ impl State {
                         gen: 0,
                         live_gens: BTreeMap::new(),
                         ranges: BTreeMap::new(),
+                        zero_ranges: BTreeMap::new(),
                         entries: 0,
                         dev: Err("not opened".into()),
                         found_size: None,
@@ -559,6 +583,8 @@ impl State {
                 if *slot != ZERO_SLOT {
                     *o.ranges.entry((lo, hi)).or_default() += 1;
                     self.unsettled_slots.insert(*slot, seq);
+                } else {
+                    *o.zero_ranges.entry((lo, hi)).or_default() += 1;
                 }
             }
             Record::MapWrite {
@@ -631,12 +657,15 @@ impl State {
                 let o = self.origins.get_mut(origin).unwrap();
                 for (lo, hi, loc) in dropped {
                     o.entries -= 1;
-                    if loc != preserved::ZERO {
-                        if let Some(n) = o.ranges.get_mut(&(lo, hi)) {
-                            *n -= 1;
-                            if *n == 0 {
-                                o.ranges.remove(&(lo, hi));
-                            }
+                    let counters = if loc != preserved::ZERO {
+                        &mut o.ranges
+                    } else {
+                        &mut o.zero_ranges
+                    };
+                    if let Some(n) = counters.get_mut(&(lo, hi)) {
+                        *n -= 1;
+                        if *n == 0 {
+                            counters.remove(&(lo, hi));
                         }
                     }
                 }
@@ -743,6 +772,8 @@ impl State {
                     + 8
                     + 4
                     + 16 * o.ranges.len() as u64
+                    + 8
+                    + 16 * o.zero_ranges.len() as u64
             })
             .sum();
         let snaps: u64 = self
@@ -767,7 +798,7 @@ impl State {
             .sum();
         let nodes = 8 + 16 * self.nodes.len() as u64;
         let dead = 4 + 16 * self.dead_nodes.len() as u64;
-        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead
+        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead + 4
     }
 
     /// The tables' bytes for `events` (the newest [`TABLE_EVENTS`] of them are kept).
@@ -841,6 +872,18 @@ impl State {
             w.u32(origin);
             w.u64(self.node_keys.get(&node).copied().unwrap_or(0));
         }
+        // After the dead nodes, for the same reason: tables without it read as "no zero
+        // entries counted" (their reclaim after a crash is then left to a later delete).
+        w.u32(self.origins.len() as u32);
+        for o in self.origins.values() {
+            w.u32(o.no);
+            w.u32(o.zero_ranges.len() as u32);
+            for (&(lo, hi), &n) in &o.zero_ranges {
+                w.u32(lo);
+                w.u32(hi);
+                w.u64(n);
+            }
+        }
         w.into_inner()
     }
 
@@ -868,15 +911,7 @@ impl State {
             let o = st.origins.get_mut(&no).unwrap();
             o.gen = r.u32().ok_or_else(short)?;
             o.entries = r.u64().ok_or_else(short)?;
-            let n = r.u32().ok_or_else(short)?;
-            for _ in 0..n {
-                let (lo, hi, cnt) = (
-                    r.u32().ok_or_else(short)?,
-                    r.u32().ok_or_else(short)?,
-                    r.u64().ok_or_else(short)?,
-                );
-                o.ranges.insert((lo, hi), cnt);
-            }
+            o.ranges = read_range_counts(&mut r).ok_or_else(short)?;
         }
         let nsnaps = r.u32().ok_or_else(short)?;
         for _ in 0..nsnaps {
@@ -982,6 +1017,17 @@ impl State {
                 }
                 st.dead_nodes.insert(node, origin);
                 st.node_keys.insert(node, keys);
+            }
+        }
+        if r.remaining() != 0 {
+            let norigins = r.u32().ok_or_else(short)?;
+            for _ in 0..norigins {
+                let no = r.u32().ok_or_else(short)?;
+                let o = st
+                    .origins
+                    .get_mut(&no)
+                    .ok_or_else(|| format!("zero entry counters of an unknown origin {no}"))?;
+                o.zero_ranges = read_range_counts(&mut r).ok_or_else(short)?;
             }
         }
         if r.remaining() != 0 {

@@ -13,6 +13,15 @@ use common::{format_opts, pattern, read_all};
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
+/// The crash cut the reclaim short (mappings `left` at reopen) and the reopen finished it.
+fn assert_crash_left_work(before: u64, left: u64, after: u64) {
+    eprintln!("mappings: {before} before the delete, {left} at reopen, {after} reclaimed");
+    assert!(
+        left > after,
+        "the crash should leave batches to do ({left} at reopen, {after} in the end)"
+    );
+}
+
 /// 40,960 preserved blocks for `a` (ten batches), 1,024 more for `b`; `a` deleted, then the
 /// store dropped at once without a close (a crash: the reclaim cut short) and reopened: the
 /// open finds what is left and the reclaim ends beside a writer with only `b`'s entries left,
@@ -66,11 +75,7 @@ fn a_deleted_snapshot_is_reclaimed_in_batches_and_after_a_crash() {
     drop(o);
     s.wait_reclaimed().unwrap();
     let after = s.info().mappings;
-    eprintln!("mappings: {before} before the delete, {left} at reopen, {after} reclaimed");
-    assert!(
-        left > after,
-        "the crash should leave batches to do ({left} at reopen, {after} in the end)"
-    );
+    assert_crash_left_work(before, left, after);
     // `b` keeps one entry per block it needs: 1,024 writes over 40,960 blocks (some hit the
     // same block) plus the 256 after.
     assert!(
@@ -190,11 +195,7 @@ fn deleted_writable_snapshots_are_reclaimed_in_batches_and_after_a_crash() {
     drop(v);
     s.wait_reclaimed().unwrap();
     let after = s.info().mappings;
-    eprintln!("mappings: {before} before the deletes, {left} at reopen, {after} reclaimed");
-    assert!(
-        left > after,
-        "the crash should leave batches to do ({left} at reopen, {after} in the end)"
-    );
+    assert_crash_left_work(before, left, after);
     // Only `v`'s own blocks are left: 1,024 + 256 writes, some to the same block.
     assert!(
         (1024..=1024 + 256).contains(&after),
@@ -218,4 +219,49 @@ fn deleted_writable_snapshots_are_reclaimed_in_batches_and_after_a_crash() {
     drop(x);
     common::assert_clean(&s, "rewriting the reclaimed space");
     s.close().unwrap();
+}
+
+/// A snapshot of an origin that reads as zeroes keeps only zero entries (they own no block).
+/// What a crash leaves of their reclaim must be found by the next open as well: before, open
+/// looked for dead ranges only among the counters of data entries, so these stayed in the
+/// tree for good (until some later delete on the origin swept it).
+#[test]
+fn zero_entries_of_a_deleted_snapshot_are_reclaimed_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 160 * MIB;
+    let (m, s) = common::sim_setup(
+        dir.path(),
+        &format_opts(256 * MIB, 65536),
+        &[("o0", vec![0u8; size as usize])],
+    );
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    let data = pattern(35, MIB as usize);
+    let mut now = vec![0u8; size as usize];
+    for off in (0..size).step_by(MIB as usize) {
+        o.write_at(off, &data, false).unwrap();
+        now[off as usize..(off + MIB) as usize].copy_from_slice(&data);
+    }
+    o.flush().unwrap();
+    drop(o);
+    let before = s.info().mappings;
+    assert!(before >= 40_960, "{before} mappings");
+    s.delete_snapshot("o0@a").unwrap();
+    // Durable first, so the reopen cannot find the entries in the journal alone.
+    s.checkpoint().unwrap();
+    let m = m.crash_all_with(&mut StdRng::seed_from_u64(2), CrashPolicy::KeepAll);
+    drop(s);
+    let s = m.open_store(&OpenOptions::default()).unwrap();
+    common::assert_clean(&s, "reopened after the delete");
+    let left = s.info().mappings;
+    s.wait_reclaimed().unwrap();
+    let after = s.info().mappings;
+    assert_crash_left_work(before, left, after);
+    assert_eq!(after, 0, "zero entries no snapshot needs are left");
+    common::assert_clean(&s, "after the reclaim");
+    common::assert_image("o0", &read_all(&s, "o0"), &now);
+    s.close().unwrap();
+    let s = m.open_store(&OpenOptions::default()).unwrap();
+    assert_eq!(s.info().mappings, 0);
+    common::assert_clean(&s, "reopen");
 }
