@@ -141,8 +141,14 @@ fn detach_writes_a_pidfile_and_a_log_named_after_the_daemon() {
         std::fs::read_to_string(&pidfile).unwrap().trim(),
         pid.to_string()
     );
-    // Info level by default: the log says it serves.
-    let logged = std::fs::read_to_string(&log).unwrap();
+    // Info level by default: the log says it serves. The daemon may write that line a moment
+    // after `--detach` has returned (a fresh-clone CI saw an empty log here once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut logged = std::fs::read_to_string(&log).unwrap();
+    while !logged.contains("ready nbd=") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        logged = std::fs::read_to_string(&log).unwrap();
+    }
     assert!(logged.contains("ready nbd="), "log: {logged}");
     fx.snapshot("disk0", "bg", false, "");
     // SAFETY: kill(2) on the daemon's pid, which it wrote and which is alive.
