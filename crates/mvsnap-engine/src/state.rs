@@ -164,6 +164,16 @@ fn slot_of(loc: u64) -> u32 {
     }
 }
 
+/// The twin of [`read_range_counts`].
+fn write_range_counts(w: &mut Writer, counts: &BTreeMap<(u32, u32), u64>) {
+    w.u32(counts.len() as u32);
+    for (&(lo, hi), &n) in counts {
+        w.u32(lo);
+        w.u32(hi);
+        w.u64(n);
+    }
+}
+
 /// Per-generation-range counts as the tables store them: n u32, n x (lo u32, hi u32, count u64).
 fn read_range_counts(r: &mut Reader) -> Option<BTreeMap<(u32, u32), u64>> {
     let n = r.u32()?;
@@ -823,12 +833,7 @@ impl State {
             w.u64(o.size);
             w.u32(o.gen);
             w.u64(o.entries);
-            w.u32(o.ranges.len() as u32);
-            for (&(lo, hi), &n) in &o.ranges {
-                w.u32(lo);
-                w.u32(hi);
-                w.u64(n);
-            }
+            write_range_counts(&mut w, &o.ranges);
         }
         w.u32(self.snaps.len() as u32);
         for s in self.snaps.values() {
@@ -877,12 +882,7 @@ impl State {
         w.u32(self.origins.len() as u32);
         for o in self.origins.values() {
             w.u32(o.no);
-            w.u32(o.zero_ranges.len() as u32);
-            for (&(lo, hi), &n) in &o.zero_ranges {
-                w.u32(lo);
-                w.u32(hi);
-                w.u64(n);
-            }
+            write_range_counts(&mut w, &o.zero_ranges);
         }
         w.into_inner()
     }
