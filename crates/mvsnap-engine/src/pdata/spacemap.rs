@@ -128,6 +128,12 @@ pub struct SpaceMap {
     /// Free blocks in the working version: the sum of every bitmap's free count, kept as they
     /// change (an allocation must not walk one selector per 127 MiB of store).
     total_free: u64,
+    /// One bit per bitmap: a whole search of it found nothing to hand out, and nothing that
+    /// could change that has happened since. Its free count alone cannot tell: blocks freed
+    /// but busy until a commit is durable count as free. Without this, every allocation
+    /// searched each such bitmap again (measured: 37 ms per allocation over 128 of them, under
+    /// the state lock).
+    exhausted: Vec<u64>,
 }
 
 impl SpaceMap {
@@ -153,6 +159,7 @@ impl SpaceMap {
             cursor: 0,
             limit: blocks,
             released: 0,
+            exhausted: vec![0; (Self::bitmaps_for(blocks) as usize).div_ceil(64)],
         }
     }
 
@@ -205,6 +212,7 @@ impl SpaceMap {
 
     pub fn set_limit(&mut self, limit: u64) {
         self.limit = limit.min(self.blocks);
+        self.forget_exhausted();
     }
 
     pub fn limit(&self) -> u64 {
@@ -228,6 +236,53 @@ impl SpaceMap {
             && d.and_then(|d| d.held.as_ref())
                 .is_none_or(|h| !get_bit(h, bit))
             && self.frozen.get(&i).is_none_or(|f| !get_bit(&f.busy, bit))
+    }
+
+    /// The first bit of `from..to` in bitmap `i` that [`Self::takeable`] allows, a word at a
+    /// time: a bit at a time, a bitmap whose free blocks are all busy cost 2 lookups per bit.
+    fn first_takeable(&self, base: &Bits, i: u32, from: usize, to: usize) -> Option<usize> {
+        let d = self.dirty.get(&i);
+        let working = d.map(|d| &d.working[..]);
+        let held = d.and_then(|d| d.held.as_deref());
+        let busy = self.frozen.get(&i).map(|f| &f.busy[..]);
+        let word = |bits: &[u8], w: usize| {
+            u64::from_le_bytes(bits[8 * w..8 * w + 8].try_into().expect("8 bytes"))
+        };
+        let mut w = from / 64;
+        while w * 64 < to {
+            let mut taken = word(base, w);
+            for bits in [working, held, busy].into_iter().flatten() {
+                taken |= word(bits, w);
+            }
+            let mut free = !taken;
+            if w == from / 64 {
+                free &= !0u64 << (from % 64);
+            }
+            if free != 0 {
+                let bit = w * 64 + free.trailing_zeros() as usize;
+                return (bit < to).then_some(bit);
+            }
+            w += 1;
+        }
+        None
+    }
+
+    fn is_exhausted(&self, i: u32) -> bool {
+        self.exhausted[i as usize / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set_exhausted(&mut self, i: u32, on: bool) {
+        let (w, m) = (i as usize / 64, 1u64 << (i % 64));
+        if on {
+            self.exhausted[w] |= m;
+        } else {
+            self.exhausted[w] &= !m;
+        }
+    }
+
+    /// Something may have made blocks of any bitmap takeable: search them all again.
+    fn forget_exhausted(&mut self) {
+        self.exhausted.fill(0);
     }
 
     /// Take `block`, which must be free in every version and below the limit (replay takes
@@ -338,7 +393,7 @@ impl SpaceMap {
         let start = split(self.cursor).0;
         for step in 0..=n {
             let i = (start + step) % n.max(1);
-            if self.free_of(i) == 0 {
+            if self.free_of(i) == 0 || self.is_exhausted(i) {
                 continue;
             }
             let from = if step == 0 { split(self.cursor).1 } else { 0 };
@@ -348,7 +403,10 @@ impl SpaceMap {
             }
             let to = (self.limit - first).min(BITS_PER_BITMAP) as usize;
             let base = self.base_bits(io, i)?;
-            let Some(bit) = (from..to).find(|&b| self.takeable(&base, i, b)) else {
+            let Some(bit) = self.first_takeable(&base, i, from, to) else {
+                if from == 0 {
+                    self.set_exhausted(i, true);
+                }
                 continue;
             };
             let d = self.make_dirty(io, i)?;
@@ -383,6 +441,7 @@ impl SpaceMap {
         d.free += 1;
         let in_base = get_bit(&d.base, bit);
         self.total_free += 1;
+        self.set_exhausted(i, false);
         if in_base {
             self.released += 1;
         }
@@ -488,6 +547,8 @@ impl SpaceMap {
             }
         }
         self.frozen_busy = 0;
+        // What the frozen version freed may be handed out now.
+        self.forget_exhausted();
     }
 
     /// The durable selector of bitmap `i` (a repair writes every selector into a rebuilt tree).
@@ -508,6 +569,7 @@ impl SpaceMap {
         durable_is_want: bool,
     ) -> PResult<Reconciled> {
         debug_assert!(self.frozen.is_empty());
+        self.forget_exhausted();
         let mut r = Reconciled::default();
         for i in 0..self.selectors.len() as u32 {
             let first = i as u64 * BITS_PER_BITMAP;
@@ -1061,5 +1123,104 @@ mod tests {
                 assert_eq!(more, (10..40).collect::<Vec<_>>(), "free once durable");
             }
         }
+    }
+
+    /// The word-at-a-time search hands out exactly what the bit rule allows: the first block of
+    /// the range free in the base, the working version, not held and not busy in the frozen
+    /// version, at any range edge within or across words.
+    #[test]
+    fn the_word_search_finds_the_first_block_the_bit_rule_allows() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let len = NODE_SIZE - HEADER;
+        for round in 0..200 {
+            let mut sm = SpaceMap::format(2, BITS_PER_BITMAP, 0);
+            // Dense maps, so free blocks are rare and ranges often hold none.
+            let mut bits = |density: u32| -> Bits {
+                (0..len)
+                    .map(|_| {
+                        (0..8).fold(0u8, |b, k| {
+                            b | ((rng.random_range(0..100) < density) as u8) << k
+                        })
+                    })
+                    .collect()
+            };
+            let base = Arc::new(bits(90));
+            let working = bits(90);
+            let held = (round % 2 == 0).then(|| bits(50));
+            let busy = bits(50);
+            sm.dirty.insert(
+                0,
+                Dirty {
+                    base: base.clone(),
+                    working,
+                    free: 1,
+                    held,
+                },
+            );
+            if round % 3 != 0 {
+                sm.frozen.insert(
+                    0,
+                    Frozen {
+                        bits: base.clone(),
+                        free: 1,
+                        busy,
+                    },
+                );
+            }
+            for _ in 0..50 {
+                let from = rng.random_range(0..BITS_PER_BITMAP as usize);
+                let to = rng.random_range(from..=BITS_PER_BITMAP as usize);
+                let want = (from..to).find(|&b| sm.takeable(&base, 0, b));
+                assert_eq!(sm.first_takeable(&base, 0, from, to), want, "{from}..{to}");
+            }
+        }
+    }
+
+    /// A bitmap found with nothing to hand out is skipped until something can change that: a
+    /// block of it freed, a commit made durable, a larger limit. Skipping it one step too long
+    /// would make the store look full.
+    #[test]
+    fn a_bitmap_found_exhausted_is_searched_again_once_it_may_have_blocks() {
+        let io = Mem::default();
+        let blocks = 3 * BITS_PER_BITMAP;
+        let mut sm = SpaceMap::format(6, blocks, 12);
+        sm.set_limit(2 * BITS_PER_BITMAP);
+        while sm.alloc(&io).unwrap().is_some() {}
+        commit(&mut sm, &io, 1);
+        let b0 = 100;
+        let b1 = BITS_PER_BITMAP + 7;
+        // Freed blocks the durable version uses: free, but busy until the commit is durable.
+        sm.free(&io, b0).unwrap();
+        sm.free(&io, b1).unwrap();
+        assert_eq!(sm.alloc(&io).unwrap(), None);
+        assert!(sm.is_exhausted(0) && sm.is_exhausted(1));
+        sm.cursor = 0;
+        commit(&mut sm, &io, 2);
+        assert_eq!(sm.alloc(&io).unwrap(), Some(b0), "free once durable");
+        assert_eq!(sm.alloc(&io).unwrap(), Some(b1));
+        assert_eq!(sm.alloc(&io).unwrap(), None);
+        // Taken in this transaction and freed again: takeable at once.
+        sm.free(&io, b1).unwrap();
+        assert_eq!(
+            sm.alloc(&io).unwrap(),
+            Some(b1),
+            "freed in the same transaction"
+        );
+        assert_eq!(sm.alloc(&io).unwrap(), None);
+        // Frozen and written, not yet durable: still nothing.
+        commit(&mut sm, &io, 3);
+        sm.free(&io, b0).unwrap();
+        let ch = sm.freeze(&[], 4);
+        assert!(!ch.is_empty());
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(&io).unwrap(), None, "busy in the frozen version");
+        sm.frozen_durable();
+        sm.cursor = 0;
+        assert_eq!(sm.alloc(&io).unwrap(), Some(b0));
+        assert_eq!(sm.alloc(&io).unwrap(), None);
+        // A larger limit opens the third bitmap.
+        sm.set_limit(blocks);
+        assert_eq!(sm.alloc(&io).unwrap(), Some(2 * BITS_PER_BITMAP));
     }
 }
