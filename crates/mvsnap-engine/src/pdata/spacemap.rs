@@ -1185,7 +1185,8 @@ mod tests {
         let io = Mem::default();
         let blocks = 3 * BITS_PER_BITMAP;
         let mut sm = SpaceMap::format(6, blocks, 12);
-        sm.set_limit(2 * BITS_PER_BITMAP);
+        let last = 2 * BITS_PER_BITMAP - 1;
+        sm.set_limit(last);
         while sm.alloc(&io).unwrap().is_some() {}
         commit(&mut sm, &io, 1);
         let b0 = 100;
@@ -1195,6 +1196,15 @@ mod tests {
         sm.free(&io, b1).unwrap();
         assert_eq!(sm.alloc(&io).unwrap(), None);
         assert!(sm.is_exhausted(0) && sm.is_exhausted(1));
+        sm.set_limit(last + 1);
+        assert_eq!(sm.alloc(&io).unwrap(), Some(last), "the limit grew");
+        assert_eq!(sm.alloc(&io).unwrap(), None);
+        assert!(sm.is_exhausted(0) && sm.is_exhausted(1));
+        // Taken in this transaction and freed again, in a bitmap found exhausted (bitmap 0
+        // still is): takeable at once.
+        sm.free(&io, last).unwrap();
+        assert!(sm.is_exhausted(0) && !sm.is_exhausted(1));
+        assert_eq!(sm.alloc(&io).unwrap(), Some(last));
         sm.cursor = 0;
         commit(&mut sm, &io, 2);
         assert_eq!(sm.alloc(&io).unwrap(), Some(b0), "free once durable");
