@@ -227,19 +227,9 @@ impl SpaceMap {
             .saturating_sub(self.frozen_busy)
     }
 
-    /// Whether `bit` of bitmap `i` may be handed out: free in the base, the working version
-    /// and the frozen one's busy set, and not held.
-    fn takeable(&self, base: &Bits, i: u32, bit: usize) -> bool {
-        let d = self.dirty.get(&i);
-        !get_bit(base, bit)
-            && d.is_none_or(|d| !get_bit(&d.working, bit))
-            && d.and_then(|d| d.held.as_ref())
-                .is_none_or(|h| !get_bit(h, bit))
-            && self.frozen.get(&i).is_none_or(|f| !get_bit(&f.busy, bit))
-    }
-
-    /// The first bit of `from..to` in bitmap `i` that [`Self::takeable`] allows, a word at a
-    /// time: a bit at a time, a bitmap whose free blocks are all busy cost 2 lookups per bit.
+    /// The first bit of `from..to` in bitmap `i` that may be handed out: free in the base, the
+    /// working version and the frozen one's busy set, and not held. A word at a time: a bit at
+    /// a time, a bitmap whose free blocks are all busy cost 2 map lookups per bit.
     fn first_takeable(&self, base: &Bits, i: u32, from: usize, to: usize) -> Option<usize> {
         let d = self.dirty.get(&i);
         let working = d.map(|d| &d.working[..]);
@@ -293,7 +283,7 @@ impl SpaceMap {
         }
         let (i, bit) = split(block);
         let base = self.base_bits(io, i)?;
-        if !self.takeable(&base, i, bit) {
+        if self.first_takeable(&base, i, bit, bit + 1).is_none() {
             return Ok(false);
         }
         let d = self.make_dirty(io, i)?;
@@ -1125,6 +1115,16 @@ mod tests {
         }
     }
 
+    /// The rule `first_takeable` applies a word at a time, one bit at a time.
+    fn bit_rule(sm: &SpaceMap, base: &Bits, i: u32, bit: usize) -> bool {
+        let d = sm.dirty.get(&i);
+        !get_bit(base, bit)
+            && d.is_none_or(|d| !get_bit(&d.working, bit))
+            && d.and_then(|d| d.held.as_ref())
+                .is_none_or(|h| !get_bit(h, bit))
+            && sm.frozen.get(&i).is_none_or(|f| !get_bit(&f.busy, bit))
+    }
+
     /// The word-at-a-time search hands out exactly what the bit rule allows: the first block of
     /// the range free in the base, the working version, not held and not busy in the frozen
     /// version, at any range edge within or across words.
@@ -1171,7 +1171,7 @@ mod tests {
             for _ in 0..50 {
                 let from = rng.random_range(0..BITS_PER_BITMAP as usize);
                 let to = rng.random_range(from..=BITS_PER_BITMAP as usize);
-                let want = (from..to).find(|&b| sm.takeable(&base, 0, b));
+                let want = (from..to).find(|&b| bit_rule(&sm, &base, 0, b));
                 assert_eq!(sm.first_takeable(&base, 0, from, to), want, "{from}..{to}");
             }
         }
