@@ -32,6 +32,20 @@ make_work() {
     work=$(mktemp -d "$(cd "$1" && pwd)/${BENCH%.sh}-bench.XXXXXX")
 }
 
+# cpu_stat: the machine's CPU time counters (the "cpu" line of /proc/stat), for cpu_steal.
+cpu_stat() { head -1 /proc/stat; }
+
+# cpu_steal BEFORE AFTER: the share of CPU time the hypervisor kept from this VM (steal)
+# between two cpu_stat readings, in percent. A thread that holds a lock while its vCPU is
+# taken stalls every thread behind it: a run's latency tail means little without this.
+cpu_steal() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        split(a, x); split(b, y); t = 0
+        for (i = 2; i <= 9; i++) t += y[i] - x[i]
+        printf "%.1f", (t > 0 ? 100 * (y[9] - x[9]) / t : 0)
+    }'
+}
+
 PIDS=()          # servers we started and have not stopped yet (by pid, never by name)
 stopped="servers stopped"
 

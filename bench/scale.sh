@@ -8,7 +8,9 @@
 #   2. the daemon stopped, the page cache dropped, `serve` again: open time (start to socket),
 #      RSS right after;
 #   3. fio 4 KiB random writes, QD16, for --runtime seconds (first writes: each a copy-out
-#      into the big index): IOPS, completion latency p50/p99.99/max, the daemon's RSS after;
+#      into the big index): IOPS, completion latency p50/p99.99/max, the daemon's RSS after,
+#      and the CPU time the hypervisor took from the VM meanwhile (steal: a lock holder whose
+#      vCPU is taken stalls every writer behind it, so the tail is read beside it);
 #   4. snapshots up to --snapshots in all, then `mvsnap snapshot list --json` timed (the whole
 #      CLI call: process start, control socket, the list; median of 5);
 #   5. the peer: overlay ov1 over the same origin filled with 1 MiB writes (N x 4 KiB of
@@ -143,11 +145,13 @@ for m in ${mappings//,/ }; do
     open_ms=$(( $(now_ms) - t0 ))
     rss_open=$(rss_mib "$spid")
     load0=$(cut -d' ' -f1 /proc/loadavg)
+    cpu0=$(cpu_stat)
     fio_json "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
+    steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r iops p50 p9999 max < <(fio_summary "$work/m.json")
     rss_after=$(rss_mib "$spid")
     load1=$(cut -d' ' -f1 /proc/loadavg)
-    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1)"
+    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%)"
     for ((i = 3; i <= nsnaps; i++)); do
         mvs snapshot create disk0 --tag "l$i" >/dev/null
     done
@@ -183,13 +187,15 @@ for m in ${mappings//,/ }; do
     PIDS+=("$qpid")
     wait_socket "$work/q.sock"
     qload0=$(cut -d' ' -f1 /proc/loadavg)
+    cpu0=$(cpu_stat)
     fio_json "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
+    qsteal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r qiops qp50 qp9999 qmax < <(fio_summary "$work/q.json")
     qrss=$(rss_mib "$qpid")
     stop_pids
     rm -f "$work"/*.qcow2 "$work/q.sock" "$origin"
-    log "  qcow2 el2: $qiops IOPS, p50 $qp50 ms, p99.99 $qp9999 ms, max $qmax ms, RSS $qrss MiB (load $qload0)"
-    results+=("$m|$build_s|$open_ms|$rss_open|$rss_after|$iops|$p50|$p9999|$max|$load0-$load1|$list_ms|$qiops|$qp50|$qp9999|$qmax|$qrss|$qload0")
+    log "  qcow2 el2: $qiops IOPS, p50 $qp50 ms, p99.99 $qp9999 ms, max $qmax ms, RSS $qrss MiB (load $qload0, steal $qsteal%)"
+    results+=("$m|$build_s|$open_ms|$rss_open|$rss_after|$iops|$p50|$p9999|$max|$load0-$load1|$steal|$list_ms|$qiops|$qp50|$qp9999|$qmax|$qrss|$qload0|$qsteal")
 done
 
 echo "### Index size sweep over NBD ($(date -u +%FT%TZ))"
@@ -200,10 +206,10 @@ echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --s
 echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1"
 echo "- qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 (overlays with extended_l2=on,cluster_size=64k)"
 echo
-echo "| mappings | build (s) | open (ms) | RSS open / after (MiB) | mvsnap IOPS | p50 (ms) | p99.99 (ms) | max (ms) | load | list of $nsnaps (ms) | qcow2 el2 IOPS | p50 | p99.99 | max | qemu-nbd RSS | load | IOPS ratio |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"
+echo "| mappings | build (s) | open (ms) | RSS open / after (MiB) | mvsnap IOPS | p50 (ms) | p99.99 (ms) | max (ms) | load | steal % | list of $nsnaps (ms) | qcow2 el2 IOPS | p50 | p99.99 | max | qemu-nbd RSS | load | steal % | IOPS ratio |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
 for r in "${results[@]}"; do
-    IFS='|' read -r m b o r0 r1 i p5 p9 mx l lm qi qp5 qp9 qmx qr ql <<<"$r"
+    IFS='|' read -r m b o r0 r1 i p5 p9 mx l sl lm qi qp5 qp9 qmx qr ql qsl <<<"$r"
     ratio=$(awk -v a="$i" -v b="$qi" 'BEGIN { printf "%.2f", a / b }')
-    echo "| $m | $b | $o | $r0 / $r1 | $i | $p5 | $p9 | $mx | $l | $lm | $qi | $qp5 | $qp9 | $qmx | $qr | $ql | ${ratio}x |"
+    echo "| $m | $b | $o | $r0 / $r1 | $i | $p5 | $p9 | $mx | $l | $sl | $lm | $qi | $qp5 | $qp9 | $qmx | $qr | $ql | $qsl | ${ratio}x |"
 done
