@@ -608,6 +608,40 @@ fi
 expect_error "reading an invalid snapshot fails" "invalid" mvsnap --store "$FULL" cat d3@old
 expect_ok "check of the full store" mvsnap --store "$FULL" check
 
+# --- an origin that went missing or changed size ------------------------------------------------
+# The store still opens (its other origins work); the listing says which origin is unavailable
+# and why, and putting the device back brings it and its snapshots back unchanged.
+GONE=$T/gone.img
+gen "$T/disk4.img" $((1 * MIB)) disk4
+cp "$T/disk4.img" "$T/m-disk4"
+expect_ok "format a store for the missing origin" mvsnap format "$GONE" --size 32M
+expect_ok "origin add d4" mvsnap --store "$GONE" origin add "$T/disk4.img" --id d4
+expect_ok "snapshot of d4" mvsnap --store "$GONE" snapshot create d4 --tag keep
+mv "$T/disk4.img" "$T/disk4.moved"
+expect_ok "origin list with d4's file moved away" mvsnap --store "$GONE" origin ls -H -o id,state
+expect_eq "origin list: d4 is unavailable" "$(cat "$T/out")" "$(printf 'd4\tunavailable')"
+expect_ok "origin list --json with d4's file moved away" mvsnap --store "$GONE" origin ls --json
+expect_json "origin list --json: d4 unavailable, the reason names its path" "$T/out" \
+    "d[0]['state'] == 'unavailable' and 'cannot open' in d[0]['reason'] and d[0]['path'] in d[0]['reason']"
+expect_ok "info -H with d4's file moved away" mvsnap --store "$GONE" info -H
+if grep -qE "^origin	d4	.*	unavailable	origin d4: cannot open " "$T/out"; then
+    ok "info -H: d4's line ends with its state and reason"
+else
+    not_ok "info -H: d4's line ends with its state and reason"
+    diag "$T/out"
+fi
+expect_error "cat of a snapshot of the missing origin" "cannot open" mvsnap --store "$GONE" cat d4@keep
+truncate -s $((2 * MIB)) "$T/disk4.moved"
+mv "$T/disk4.moved" "$T/disk4.img"
+expect_ok "origin list with d4 grown" mvsnap --store "$GONE" origin ls -H -o state,reason
+expect_eq "origin list: a grown d4 is unavailable, size changed" "$(cat "$T/out")" \
+    "$(printf 'unavailable\torigin d4: size changed from %d to %d bytes since it was bound' $MIB $((2 * MIB)))"
+truncate -s $MIB "$T/disk4.img"
+expect_ok "origin list with d4 back as it was" mvsnap --store "$GONE" origin ls -H -o state,reason
+expect_eq "origin list: d4 online again, no reason" "$(cat "$T/out")" "$(printf 'online\t')"
+got=$(mvsnap --store "$GONE" cat d4@keep | sha256sum | cut -d' ' -f1)
+expect_eq "d4@keep reads as before" "$got" "$(sum "$T/m-disk4")"
+
 # --- ephemeral mode -----------------------------------------------------------------------------
 EPH=$T/eph.img
 gen "$T/disk2.img" $((4 * MIB)) disk2

@@ -209,6 +209,21 @@ async fn run(
         tokio::spawn(async move { control_loop(ctl, store, nbd, users, stop).await })
     };
 
+    // An origin whose device is missing or resized is served by nobody: its export and its
+    // snapshots' are absent, which a client only sees as "no such export". Say so here, where
+    // the administrator looks (the journal, the log file), with what puts it right.
+    for o in store.origins() {
+        if let Some(reason) = &o.reason {
+            tracing::warn!(
+                "{reason}: the origin and its snapshots are not served; put its device back \
+                 as it was bound ({}, {} bytes) and restart, or remove the origin once its \
+                 snapshots are deleted",
+                o.path,
+                o.size
+            );
+        }
+    }
+
     // The readiness line scripts wait for.
     let mut ready = format!(
         "ready nbd=unix:{} control={}",

@@ -116,6 +116,73 @@ fn a_locked_store_names_who_holds_it() {
 #[test]
 fn detach_writes_a_pidfile_and_a_log_named_after_the_daemon() {
     let fx = Fixture::new("svc-detach", 8 * MIB, &[]);
+    let d = serve_detached(&fx);
+    let (pid, log, pidfile) = (d.pid, d.log, d.pidfile);
+    assert!(
+        log.ends_with(format!("mvsnap-serve-{pid}.log")),
+        "{}",
+        log.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        pid.to_string()
+    );
+    // Info level by default: the log says it serves.
+    let logged = log_when_ready(&log);
+    assert!(logged.contains("ready nbd="), "log: {logged}");
+    fx.snapshot("disk0", "bg", false, "");
+    // SAFETY: kill(2) on the daemon's pid, which it wrote and which is alive.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pidfile.exists(), "the pidfile goes with the daemon");
+    assert!(fx.snapshot_names().contains(&"disk0@bg".to_string()));
+}
+
+/// An origin resized behind the store's back is not served; the daemon's log says which, why
+/// and what to do, and `origin list` through the daemon says it is unavailable (a client only
+/// sees "no such export").
+#[test]
+fn a_resized_origin_is_named_in_the_log_and_listed_unavailable() {
+    let fx = Fixture::new("svc-resized", 8 * MIB, &[]);
+    fx.snapshot("disk0", "s1", false, "");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.origin)
+        .unwrap();
+    f.set_len(4 * MIB).unwrap();
+    drop(f);
+    let d = serve_detached(&fx);
+    let logged = log_when_ready(&d.log);
+    let want = format!(
+        "WARN origin disk0: size changed from {} to {} bytes since it was bound: the origin \
+         and its snapshots are not served; put its device back as it was bound ({}, {} bytes)",
+        8 * MIB,
+        4 * MIB,
+        fx.origin.display(),
+        8 * MIB
+    );
+    assert!(logged.contains(&want), "log: {logged}");
+    let listed = fx.ms_ok(&["origin", "list", "-H", "-o", "id,state"]);
+    assert_eq!(listed.trim_end(), "disk0\tunavailable");
+    // SAFETY: kill(2) on the daemon's pid, which it printed and which is alive.
+    assert_eq!(unsafe { libc::kill(d.pid as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{}", d.pid)).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What `serve --detach` printed: the daemon's pid, its log and its pidfile.
+struct Detached {
+    pid: u32,
+    log: std::path::PathBuf,
+    pidfile: std::path::PathBuf,
+}
+
+fn serve_detached(fx: &Fixture) -> Detached {
     let out = fx.ms_ok(&[
         "serve",
         "--detach",
@@ -129,36 +196,23 @@ fn detach_writes_a_pidfile_and_a_log_named_after_the_daemon() {
             .trim()
             .to_string()
     };
-    let pid: u32 = field("pid ").parse().unwrap();
-    let log = std::path::PathBuf::from(field("log "));
-    let pidfile = std::path::PathBuf::from(field("pidfile "));
-    assert!(
-        log.ends_with(format!("mvsnap-serve-{pid}.log")),
-        "{}",
-        log.display()
-    );
-    assert_eq!(
-        std::fs::read_to_string(&pidfile).unwrap().trim(),
-        pid.to_string()
-    );
-    // Info level by default: the log says it serves. The daemon may write that line a moment
-    // after `--detach` has returned (a fresh-clone CI saw an empty log here once).
+    Detached {
+        pid: field("pid ").parse().unwrap(),
+        log: field("log ").into(),
+        pidfile: field("pidfile ").into(),
+    }
+}
+
+/// The daemon's log once it says it is ready (it may write that a moment after `--detach`
+/// returned: a fresh-clone CI saw an empty log once), or after 10 s.
+fn log_when_ready(log: &std::path::Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut logged = std::fs::read_to_string(&log).unwrap();
+    let mut logged = std::fs::read_to_string(log).unwrap();
     while !logged.contains("ready nbd=") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
-        logged = std::fs::read_to_string(&log).unwrap();
+        logged = std::fs::read_to_string(log).unwrap();
     }
-    assert!(logged.contains("ready nbd="), "log: {logged}");
-    fx.snapshot("disk0", "bg", false, "");
-    // SAFETY: kill(2) on the daemon's pid, which it wrote and which is alive.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!pidfile.exists(), "the pidfile goes with the daemon");
-    assert!(fx.snapshot_names().contains(&"disk0@bg".to_string()));
+    logged
 }
 
 #[test]

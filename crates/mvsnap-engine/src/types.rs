@@ -56,6 +56,24 @@ pub struct OriginInfo {
     pub size: u64,
     /// Number of live (not deleted) snapshots of this origin.
     pub snapshots: usize,
+    /// Whether the open could use its device: a missing or resized one leaves the origin and
+    /// its snapshots unreadable, and an administrator must see that in a listing, not only
+    /// when a client finds its export gone.
+    #[serde(default)]
+    pub state: OriginState,
+    /// Why it is unavailable (the open's error), for `state: unavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginState {
+    /// Its device opened with the size it was bound with.
+    #[default]
+    Online,
+    /// Its device is missing, cannot be opened, or changed size behind the store's back.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

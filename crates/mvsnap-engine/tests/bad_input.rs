@@ -8,7 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use mvsnap_engine::format::{Superblock, JOURNAL_OFFSET, META_BLOCK, SB_OFFSETS};
-use mvsnap_engine::{Error, EventKind, FormatOptions, OpenOptions, SnapshotState, Store};
+use mvsnap_engine::{
+    Error, EventKind, FormatOptions, OpenOptions, OriginState, SnapshotState, Store,
+};
 
 use common::{assert_clean, assert_image, format_opts, pattern, read_all, real_setup};
 
@@ -405,6 +407,7 @@ fn origin_size_changed() {
             Err(e) => assert!(e.to_string().contains("size changed"), "{e}"),
             Ok(_) => panic!("snapshot of an origin whose size changed"),
         }
+        assert_origin_state(&s, OriginState::Unavailable, "size changed from 1048576");
         // Issue 7 item 10: check reports it as an error, not a warning.
         let r = s.check();
         assert!(
@@ -443,8 +446,52 @@ fn origin_size_changed() {
                 .iter()
                 .all(|i| i.state == SnapshotState::Invalid));
         }
+        assert_origin_state(&s, OriginState::Online, "");
         assert_clean(&s, "origin size restored");
     }
+}
+
+/// `origins()` says whether o0 opened, and why not: what `origin list`, `info` and the
+/// daemon's start-up warning show an administrator.
+fn assert_origin_state(s: &Store, want: OriginState, reason: &str) {
+    let origins = s.origins();
+    let [o] = &origins[..] else {
+        panic!("one origin expected: {origins:?}")
+    };
+    assert_eq!((o.id.as_str(), o.state), ("o0", want), "{o:?}");
+    match want {
+        OriginState::Online => assert_eq!(o.reason, None, "{o:?}"),
+        OriginState::Unavailable => {
+            let r = o.reason.as_deref().unwrap_or("");
+            assert!(r.starts_with("origin o0: ") && r.contains(reason), "{o:?}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_origin_is_listed_unavailable_and_comes_back_intact() {
+    let f = fixture(65536);
+    let moved = f.origin.with_extension("moved");
+    std::fs::rename(&f.origin, &moved).unwrap();
+    let s = open(&f.store).unwrap();
+    assert_origin_state(&s, OriginState::Unavailable, "cannot open");
+    assert!(s.volume("o0@a").is_err());
+    // Missing is not changed: a warning, and the snapshots keep their data.
+    let r = s.check();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("cannot open")),
+        "{r:?}"
+    );
+    assert!(s
+        .snapshots()
+        .iter()
+        .all(|i| i.state == SnapshotState::Valid));
+    s.close().unwrap();
+    std::fs::rename(&moved, &f.origin).unwrap();
+    let s = open(&f.store).unwrap();
+    assert_origin_state(&s, OriginState::Online, "");
+    assert_fixture_content(&f, &s);
+    assert_clean(&s, "origin back in place");
 }
 
 #[test]

@@ -164,6 +164,11 @@ impl InfoArgs {
                     st.size(o.size),
                     o.snapshots.to_string(),
                     o.path.clone(),
+                    super::origin::origin_state_name(o.state).into(),
+                    o.reason
+                        .clone()
+                        .unwrap_or_default()
+                        .replace(['\n', '\t'], " "),
                 ]
             })
             .collect();
@@ -172,7 +177,7 @@ impl InfoArgs {
             section(
                 "origin",
                 "origins",
-                &["ID", "SIZE", "SNAPSHOTS", "PATH"],
+                &["ID", "SIZE", "SNAPSHOTS", "PATH", "STATE", "REASON"],
                 origins
             )
         );

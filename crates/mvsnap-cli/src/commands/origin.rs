@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use mvsnap_engine::OriginInfo;
+use mvsnap_engine::{OriginInfo, OriginState};
 
 use super::Global;
 use crate::output::outln;
@@ -89,20 +89,37 @@ impl RemoveArgs {
 pub(crate) const COLUMNS: &[Column<OriginInfo>] = &[
     Column::new("id", |o| Value::Text(o.id.clone())),
     Column::new("size", |o| Value::Size(o.size)),
+    Column::new("state", |o| Value::Text(origin_state_name(o.state).into())),
     Column::new("snapshots", |o| Value::Count(o.snapshots as u64)),
     Column::new("path", |o| Value::Text(o.path.clone())),
+    Column::new("reason", |o| {
+        Value::Text(
+            o.reason
+                .clone()
+                .unwrap_or_default()
+                .replace(['\n', '\t'], " "),
+        )
+    }),
 ];
+
+pub(crate) fn origin_state_name(state: OriginState) -> &'static str {
+    match state {
+        OriginState::Online => "online",
+        OriginState::Unavailable => "unavailable",
+    }
+}
 
 /// `origin list`'s table.
 #[derive(Debug)]
 pub struct OriginColumns;
 
 impl Listed for OriginColumns {
-    const NAMES: &'static [&'static str] = &["id", "size", "snapshots", "path"];
-    const DEFAULT: &'static str = "id,size,snapshots,path";
+    const NAMES: &'static [&'static str] = &["id", "size", "state", "snapshots", "path", "reason"];
+    const DEFAULT: &'static str = "id,size,state,snapshots,path";
     const SORT_HELP: &'static str =
         "Sort by this column, ascending (sizes as numbers) [default: the store's order]";
-    const JSON_HELP: &'static str = "Print JSON (an array of {id, path, size, snapshots})";
+    const JSON_HELP: &'static str =
+        "Print JSON (an array of {id, path, size, snapshots, state, reason})";
 }
 
 /// List the origins bound to the store.
@@ -113,7 +130,10 @@ Examples:
   mvsnap --store store.img origin ls -H -p -o id,size     # scripted: tabs, sizes in bytes
   mvsnap --store store.img origin list --json
 
-Columns (-o, -s): id, size, snapshots, path. SIZE in binary units (1 KiB = 1024; -p: bytes).")]
+Columns (-o, -s): id, size, state, snapshots, path, reason. SIZE in binary units (1 KiB = 1024;
+-p: bytes). STATE is online, or unavailable when its device is missing or changed size since
+it was bound (REASON says which): its snapshots and its export are unavailable until it is put
+back as it was.")]
 pub struct ListArgs {
     #[command(flatten)]
     list: Listing<OriginColumns>,

@@ -97,6 +97,8 @@ impl Store {
             path: abs_s,
             size,
             snapshots: 0,
+            state: OriginState::Online,
+            reason: None,
         })
     }
 
@@ -140,6 +142,11 @@ impl Store {
                     .values()
                     .filter(|s| s.origin == o.no && s.state != SnapshotState::Hidden)
                     .count(),
+                state: match o.dev {
+                    Ok(_) => OriginState::Online,
+                    Err(_) => OriginState::Unavailable,
+                },
+                reason: o.dev.as_ref().err().cloned(),
             })
             .collect()
     }
