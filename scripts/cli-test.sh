@@ -240,6 +240,15 @@ expect_ok "origin add disk1.img --id disk1" ms origin add "$T/disk1.img" --id di
 head -c "$MIB" /dev/zero >"$T/other.img"
 expect_ok "origin add other.img (default id)" ms origin add "$T/other.img"
 expect_eq "the default origin id is the file name" "$(cat "$T/out")" other.img
+# The same file again under another name: refused as bound here, naming the origin (a hard
+# link used to fail on this store's own lock, "in use by another mvsnap store or process").
+ln "$T/disk0.img" "$T/disk0-link.img"
+ln -s "$T/disk0.img" "$T/disk0-sym.img"
+expect_error "origin add of a hard link to disk0.img" "as disk0\) already exists" \
+    ms origin add "$T/disk0-link.img" --id again
+expect_error "origin add of a symlink to disk0.img" "as disk0\) already exists" \
+    ms origin add "$T/disk0-sym.img" --id again
+rm -f "$T/disk0-link.img" "$T/disk0-sym.img"
 expect_ok "origin list --json" ms origin list --json
 cp "$T/out" "$T/origins.json"
 expect_json "origin list --json: three origins with their sizes" "$T/origins.json" \

@@ -512,7 +512,13 @@ fn not_bound_yet(st: &State, id: &str, abs: &Path) -> Result<()> {
         return Err(Error::AlreadyExists(format!("origin {id}")));
     }
     let abs_s = abs.to_string_lossy();
-    if let Some(o) = st.origins.values().find(|o| o.path == abs_s) {
+    // A second name for a bound file (a hard link, another node of the same device) too: it
+    // would otherwise fail on the lock this store holds, as if someone else held it.
+    if let Some(o) = st
+        .origins
+        .values()
+        .find(|o| o.path == abs_s || same_file(abs, Path::new(&o.path)))
+    {
         return Err(Error::AlreadyExists(format!(
             "origin {} (as {})",
             abs.display(),
@@ -522,10 +528,14 @@ fn not_bound_yet(st: &State, id: &str, abs: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether two paths name the same file (device and inode); false if either cannot be read.
+/// Whether two paths name the same file (device and inode) or the same block device (two
+/// device nodes of one disk); false if either cannot be read.
 fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) if a.file_type().is_block_device() && b.file_type().is_block_device() => {
+            a.rdev() == b.rdev()
+        }
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
