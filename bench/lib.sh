@@ -46,6 +46,16 @@ cpu_steal() {
     }'
 }
 
+# wait_socket PATH: wait up to 30 s for a server's Unix socket to appear.
+wait_socket() {
+    local i
+    for ((i = 0; i < 600; i++)); do
+        [ -S "$1" ] && return 0
+        sleep 0.05
+    done
+    die "no socket at $1"
+}
+
 PIDS=()          # servers we started and have not stopped yet (by pid, never by name)
 stopped="servers stopped"
 

@@ -123,15 +123,6 @@ fill_image() { # fill_image FILE
 }
 FILL_CMD="fio --name=fill --filename=IMG --size=$size --rw=write --bs=1m --ioengine=psync --end_fsync=1 --randseed=1"
 
-wait_socket() {
-    local i
-    for ((i = 0; i < 300; i++)); do
-        [ -S "$1" ] && return 0
-        sleep 0.1
-    done
-    die "no socket at $1"
-}
-
 # Stop every server this script started, then drop their scratch files and sync, so the
 # next contender starts with no dirty pages of the previous one.
 stop_servers() {

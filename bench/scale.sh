@@ -52,15 +52,6 @@ stop_all() { stop_pids; }
 trap_cleanup
 build_mvsnap
 
-wait_socket() {
-    local i
-    for ((i = 0; i < 600; i++)); do
-        [ -S "$1" ] && return 0
-        sleep 0.05
-    done
-    die "no socket at $1"
-}
-
 drop_caches() {
     sync
     if [ -w /proc/sys/vm/drop_caches ]; then echo 3 >/proc/sys/vm/drop_caches; fi

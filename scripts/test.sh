@@ -52,6 +52,10 @@ step "index size sweep smoke run (bench/scale.sh --quick)"
 bash bench/scale.sh --quick >target/scale-bench-quick.md
 grep -A 3 '^| mappings' target/scale-bench-quick.md
 
+step "first writes as the index grows, smoke run (bench/first-writes.sh --quick)"
+bash bench/first-writes.sh --quick >target/first-writes-bench-quick.md
+grep -A 4 '^| round' target/first-writes-bench-quick.md
+
 step "FUSE benchmark smoke run (bench/fuse.sh --quick)"
 # Loop devices over the mvsnap file, qemu-storage-daemon's FUSE export and the plain file.
 if [ "$(id -u)" = 0 ] && [ -e /dev/fuse ] && [ -e /dev/loop-control ]; then
