@@ -54,25 +54,6 @@ export MVSNAP_RUNTIME_DIR=$work/run
 mkdir -p "$MVSNAP_RUNTIME_DIR"
 mvs() { "$MVSNAP" --store "$work/s.store" "$@"; }
 
-# fio_json URI OUT: the 4 KiB random-write run, JSON to OUT.
-fio_json() {
-    fio --name=fw --ioengine=nbd "--uri=$1" --rw=randwrite --bs=4k --iodepth=16 \
-        --time_based "--runtime=$runtime" --randseed=7 --lat_percentiles=1 \
-        --percentile_list=50 --output-format=json "--output=$2" \
-        >"$work/fio.log" 2>&1 || { cat "$work/fio.log" >&2; die "fio failed"; }
-}
-
-# fio_summary OUT: "IOPS requests p50_ms max_ms" from fio's JSON.
-fio_summary() {
-    python3 - "$1" <<'EOF'
-import json, sys
-w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
-lat = w.get("clat_ns") or w["lat_ns"]
-print("%.0f %d %.3f %.2f" % (w["iops"], w["total_ios"], lat["percentile"]["50.000000"] / 1e6,
-                            lat["max"] / 1e6))
-EOF
-}
-
 # commits LOG FROM_LINE: "COMMITS NODES" of the `tree commit` lines after line FROM_LINE.
 commits() {
     tail -n "+$(($2 + 1))" "$1" | awk '/tree commit/ {
@@ -83,9 +64,7 @@ commits() {
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 log "origin of $size; load $(cut -d' ' -f1 /proc/loadavg)"
-fio --name=fill "--filename=$work/origin.raw" "--size=$bytes" --rw=write --bs=1m \
-    --ioengine=psync --end_fsync=1 --randseed=1 --output=/dev/null >/dev/null 2>&1 ||
-    die "filling the origin failed"
+fill "$work/origin.raw" "$bytes"
 "$MVSNAP" format "$work/s.store" --size "$(((bytes + (3 << 30)) >> 20))M" >&2
 mvs origin add "$work/origin.raw" --id disk0 >&2
 out=$(RUST_LOG=mvsnap_engine=debug mvs serve --nbd-socket "$work/s.sock" --detach) ||
@@ -104,10 +83,10 @@ for ((r = 1; r <= rounds; r++)); do
     from=$(wc -l <"$slog")
     cpu0=$(cpu_stat)
     t0=$(cpu_ticks "$spid")
-    fio_json "nbd+unix:///disk0?socket=$work/s.sock" "$work/r$r.json"
+    fio_randwrite "nbd+unix:///disk0?socket=$work/s.sock" "$work/r$r.json"
     t1=$(cpu_ticks "$spid")
     steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
-    read -r iops reqs p50 max < <(fio_summary "$work/r$r.json")
+    read -r iops p50 _ max reqs < <(fio_summary "$work/r$r.json")
     read -r ncommits nodes < <(commits "$slog" "$from")
     us=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.0f", t * 1e6 / hz / n }')
     per=$(awk -v a="$nodes" -v n="$reqs" 'BEGIN { printf "%.2f", a / n }')
@@ -124,9 +103,9 @@ qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 -x di
 PIDS+=("$(cat "$work/q.pid")")
 wait_socket "$work/q.sock"
 cpu0=$(cpu_stat)
-fio_json "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
+fio_randwrite "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
 qsteal=$(cpu_steal "$cpu0" "$(cpu_stat)")
-read -r qiops _ qp50 qmax < <(fio_summary "$work/q.json")
+read -r qiops qp50 _ qmax _ < <(fio_summary "$work/q.json")
 stop_pids
 log "  qcow2 el2: $qiops IOPS, p50 $qp50 ms, max $qmax ms, steal $qsteal%"
 

@@ -144,8 +144,7 @@ start() {
 }
 
 log "filling $img ($size)"
-fio --name=fill "--filename=$img" "--size=$size" --rw=write --bs=1m --ioengine=psync \
-    --end_fsync=1 --randseed=1 --output=/dev/null >/dev/null 2>&1 || die "filling $img failed"
+fill "$img" "$size"
 
 # One store for every repetition (an origin file is bound to one store).
 "$MVSNAP" format "$work/store.img" --size 1G >/dev/null

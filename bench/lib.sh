@@ -56,6 +56,34 @@ wait_socket() {
     die "no socket at $1"
 }
 
+# fio_randwrite URI OUT: 4 KiB random writes over NBD, QD16, $runtime seconds, seed 7 (the same
+# blocks in the same order every run), JSON to OUT.
+fio_randwrite() {
+    fio --name=randwrite --ioengine=nbd "--uri=$1" --rw=randwrite --bs=4k --iodepth=16 \
+        --time_based "--runtime=$runtime" --randseed=7 --lat_percentiles=1 \
+        --percentile_list=50:99:99.9:99.99 --output-format=json "--output=$2" \
+        >"$work/fio.log" 2>&1 || { cat "$work/fio.log" >&2; die "fio failed"; }
+}
+
+# fio_summary OUT: "IOPS p50_ms p9999_ms max_ms requests" from fio_randwrite's JSON.
+fio_summary() {
+    python3 - "$1" <<'EOF'
+import json, sys
+w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+lat = w.get("clat_ns") or w["lat_ns"]
+p = lat["percentile"]
+def ms(ns): return ns / 1e6
+print("%.0f %.3f %.2f %.2f %d" % (w["iops"], ms(p["50.000000"]), ms(p["99.990000"]), ms(lat["max"]),
+                                  w["total_ios"]))
+EOF
+}
+
+# fill FILE BYTES: FILE full of data, written with 1 MiB writes and synced.
+fill() {
+    fio --name=fill "--filename=$1" "--size=$2" --rw=write --bs=1m --ioengine=psync \
+        --end_fsync=1 --randseed=1 --output=/dev/null >/dev/null 2>&1 || die "filling $1 failed"
+}
+
 PIDS=()          # servers we started and have not stopped yet (by pid, never by name)
 stopped="servers stopped"
 

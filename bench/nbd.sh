@@ -118,8 +118,7 @@ fill_image() { # fill_image FILE
     # A new file: an mvsnap store marks its origins (user.mvsnap.store) and refuses one that
     # another store holds; each store here gets a freshly written image of its own.
     rm -f "$1"
-    fio --name=fill "--filename=$1" "--size=$size" --rw=write --bs=1m --ioengine=psync \
-        --end_fsync=1 --randseed=1 --output=/dev/null >/dev/null 2>&1 || die "filling $1 failed"
+    fill "$1" "$size"
 }
 FILL_CMD="fio --name=fill --filename=IMG --size=$size --rw=write --bs=1m --ioengine=psync --end_fsync=1 --randseed=1"
 

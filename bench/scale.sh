@@ -77,31 +77,6 @@ stop_serve() {
     PIDS=()
 }
 
-# fio_json URI OUT: the 4 KiB random-write run, JSON to OUT.
-fio_json() {
-    fio --name=scale --ioengine=nbd "--uri=$1" --rw=randwrite --bs=4k --iodepth=16 \
-        --time_based "--runtime=$runtime" --randseed=7 --lat_percentiles=1 \
-        --percentile_list=50:99:99.9:99.99 --output-format=json "--output=$2" \
-        >"$work/fio.log" 2>&1 || { cat "$work/fio.log" >&2; die "fio failed"; }
-}
-
-# fio_summary OUT: "IOPS p50_ms p9999_ms max_ms" from fio's JSON.
-fio_summary() {
-    python3 - "$1" <<'EOF'
-import json, sys
-w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
-lat = w.get("clat_ns") or w["lat_ns"]
-p = lat["percentile"]
-def ms(ns): return ns / 1e6
-print("%.0f %.3f %.2f %.2f" % (w["iops"], ms(p["50.000000"]), ms(p["99.990000"]), ms(lat["max"])))
-EOF
-}
-
-fill() { # fill FILE BYTES
-    fio --name=fill "--filename=$1" "--size=$2" --rw=write --bs=1m --ioengine=psync \
-        --end_fsync=1 --randseed=1 --output=/dev/null >/dev/null 2>&1 || die "filling $1 failed"
-}
-
 overwrite_nbd() { # overwrite_nbd URI BYTES: 1 MiB writes over NBD, a different pattern
     fio --name=over --ioengine=nbd "--uri=$1" --rw=write --bs=1m --iodepth=8 "--size=$2" \
         --randseed=2 --output=/dev/null >"$work/fio.log" 2>&1 ||
@@ -137,9 +112,9 @@ for m in ${mappings//,/ }; do
     rss_open=$(rss_mib "$spid")
     load0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
-    fio_json "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
+    fio_randwrite "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
     steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
-    read -r iops p50 p9999 max < <(fio_summary "$work/m.json")
+    read -r iops p50 p9999 max _ < <(fio_summary "$work/m.json")
     rss_after=$(rss_mib "$spid")
     load1=$(cut -d' ' -f1 /proc/loadavg)
     log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%)"
@@ -179,9 +154,9 @@ for m in ${mappings//,/ }; do
     wait_socket "$work/q.sock"
     qload0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
-    fio_json "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
+    fio_randwrite "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
     qsteal=$(cpu_steal "$cpu0" "$(cpu_stat)")
-    read -r qiops qp50 qp9999 qmax < <(fio_summary "$work/q.json")
+    read -r qiops qp50 qp9999 qmax _ < <(fio_summary "$work/q.json")
     qrss=$(rss_mib "$qpid")
     stop_pids
     rm -f "$work"/*.qcow2 "$work/q.sock" "$origin"

@@ -92,13 +92,9 @@ pub(crate) const COLUMNS: &[Column<OriginInfo>] = &[
     Column::new("state", |o| Value::Text(origin_state_name(o.state).into())),
     Column::new("snapshots", |o| Value::Count(o.snapshots as u64)),
     Column::new("path", |o| Value::Text(o.path.clone())),
+    // `Value::render` puts a multi-line reason on one line, as for snapshots.
     Column::new("reason", |o| {
-        Value::Text(
-            o.reason
-                .clone()
-                .unwrap_or_default()
-                .replace(['\n', '\t'], " "),
-        )
+        Value::Text(o.reason.clone().unwrap_or_default())
     }),
 ];
 
