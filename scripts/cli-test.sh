@@ -640,6 +640,12 @@ else
     diag "$T/out"
 fi
 expect_error "cat of a snapshot of the missing origin" "cannot open" mvsnap --store "$GONE" cat d4@keep
+expect_ok "snapshot list with d4's file moved away" mvsnap --store "$GONE" snapshot ls -H -o name,state,reason
+expect_eq "snapshot list: d4@keep cannot be read, and says why" "$(cat "$T/out")" \
+    "$(printf 'd4@keep\tunavailable\torigin d4 is unavailable (see `mvsnap origin list`); nothing of the snapshot is lost')"
+expect_ok "snapshot list --json with d4's file moved away" mvsnap --store "$GONE" snapshot ls --json
+expect_json "snapshot list --json: d4@keep valid, its origin unavailable" "$T/out" \
+    "d[0]['state'] == 'valid' and d[0]['origin_state'] == 'unavailable' and d[0]['reason'] is None"
 truncate -s $((2 * MIB)) "$T/disk4.moved"
 mv "$T/disk4.moved" "$T/disk4.img"
 expect_ok "origin list with d4 grown" mvsnap --store "$GONE" origin ls -H -o state,reason
@@ -650,6 +656,8 @@ expect_ok "origin list with d4 back as it was" mvsnap --store "$GONE" origin ls 
 expect_eq "origin list: d4 online again, no reason" "$(cat "$T/out")" "$(printf 'online\t')"
 got=$(mvsnap --store "$GONE" cat d4@keep | sha256sum | cut -d' ' -f1)
 expect_eq "d4@keep reads as before" "$got" "$(sum "$T/m-disk4")"
+expect_ok "snapshot list with d4 back" mvsnap --store "$GONE" snapshot ls -H -o name,state
+expect_eq "snapshot list: d4@keep valid again" "$(cat "$T/out")" "$(printf 'd4@keep\tvalid')"
 
 # --- ephemeral mode -----------------------------------------------------------------------------
 EPH=$T/eph.img

@@ -57,6 +57,14 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// Whether its device is there as it was bound (`dev` says why not).
+    pub fn availability(&self) -> crate::types::OriginState {
+        match self.dev {
+            Ok(_) => crate::types::OriginState::Online,
+            Err(_) => crate::types::OriginState::Unavailable,
+        }
+    }
+
     /// A live snapshot generation in `lo..=hi` exists.
     pub fn any_live(&self, lo: u32, hi: u32) -> bool {
         lo <= hi && self.live_gens.range(lo..=hi).next().is_some()

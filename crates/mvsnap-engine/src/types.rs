@@ -101,6 +101,10 @@ pub struct SnapshotInfo {
     pub state: SnapshotState,
     /// Why the snapshot is invalid, if it is.
     pub reason: Option<String>,
+    /// Its origin's: an unavailable origin's snapshots cannot be read (nor served) until the
+    /// origin is back, though nothing of theirs is lost.
+    #[serde(default)]
+    pub origin_state: OriginState,
     /// Bytes of COW space only this snapshot uses.
     pub exclusive_bytes: u64,
     /// Bytes of COW space this snapshot shares with others.

@@ -5,7 +5,7 @@ use clap::Args;
 
 use mvsnap_engine::StoreInfo;
 
-use super::snapshot::state_name;
+use super::snapshot::{reason_cell, state_cell};
 use super::{print_json, Global};
 use crate::output::out;
 use crate::output::{Style, Table};
@@ -187,13 +187,10 @@ impl InfoArgs {
             .map(|s| {
                 vec![
                     s.name.clone(),
-                    state_name(s.state).into(),
+                    state_cell(s).into(),
                     st.size(s.exclusive_bytes),
                     st.size(s.shared_bytes),
-                    s.reason
-                        .clone()
-                        .unwrap_or_default()
-                        .replace(['\n', '\t'], " "),
+                    reason_cell(s).replace(['\n', '\t'], " "),
                 ]
             })
             .collect();

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use mvsnap_engine::{SnapshotInfo, SnapshotState};
+use mvsnap_engine::{OriginState, SnapshotInfo, SnapshotState};
 
 use super::Global;
 use crate::output::outln;
@@ -317,16 +317,14 @@ const COLUMNS: &[Column<SnapshotInfo>] = &[
     Column::new("tag", |s| Value::Text(s.tag.clone())),
     Column::new("parent", |s| Value::Text(s.parent.clone())),
     Column::new("created", |s| Value::Time(s.created)),
-    Column::new("state", |s| Value::Text(state_name(s.state).into())),
+    Column::new("state", |s| Value::Text(state_cell(s).into())),
     Column::new("writable", |s| {
         Value::Text(if s.writable { "yes" } else { "no" }.into())
     }),
     Column::new("exclusive", |s| Value::Size(s.exclusive_bytes)),
     Column::new("shared", |s| Value::Size(s.shared_bytes)),
     Column::new("memo", |s| Value::Text(memo_cell(s))),
-    Column::new("reason", |s| {
-        Value::Text(s.reason.clone().unwrap_or_default())
-    }),
+    Column::new("reason", |s| Value::Text(reason_cell(s))),
 ];
 
 /// `snapshot list`'s table.
@@ -351,7 +349,8 @@ impl Listed for SnapshotColumns {
     const SORT_HELP: &'static str =
         "Sort by this column, ascending (sizes and times as numbers) [default: creation order]";
     const JSON_HELP: &'static str = "Print JSON: an array of snapshot objects (name, origin, \
-        tag, parent, memo, created, writable, state, reason, exclusive_bytes, shared_bytes)";
+        tag, parent, memo, created, writable, state, reason, origin_state, exclusive_bytes, \
+        shared_bytes)";
 }
 
 /// List snapshots: a table, or JSON for scripts.
@@ -367,7 +366,9 @@ Columns (-o, -s): name, origin, tag, parent, created, state, writable, exclusive
 reason. CREATED is UTC (-p: seconds since the Unix epoch). EXCLUSIVE is the COW space only this
 snapshot uses; SHARED the space it shares with other snapshots (binary units, 1 KiB = 1024;
 -p: bytes). An invalid snapshot (it lost data when the store was full) shows why in its MEMO
-column and in REASON.")]
+column and in REASON. A snapshot whose origin is unavailable (its device missing or resized: see
+`mvsnap origin list`) shows STATE unavailable until the origin is back; JSON keeps its own
+`state` and adds `origin_state`.")]
 pub struct ListArgs {
     /// Only these: an ORIGIN (its snapshots) or a snapshot ORIGIN@TAG [default: all].
     #[arg(value_name = "ORIGIN[@TAG]")]
@@ -409,11 +410,27 @@ impl ListArgs {
     }
 }
 
-pub fn state_name(state: SnapshotState) -> &'static str {
-    match state {
+/// The snapshot's state, or `unavailable` for a valid one that cannot be read because its
+/// origin's device is missing or changed size (JSON keeps the two apart: `state`,
+/// `origin_state`).
+pub fn state_cell(s: &SnapshotInfo) -> &'static str {
+    match s.state {
+        SnapshotState::Valid if s.origin_state == OriginState::Unavailable => "unavailable",
         SnapshotState::Valid => "valid",
         SnapshotState::Invalid => "invalid",
         SnapshotState::Hidden => "hidden",
+    }
+}
+
+/// Why the snapshot is invalid, or why it cannot be read now.
+pub fn reason_cell(s: &SnapshotInfo) -> String {
+    match (&s.reason, s.origin_state) {
+        (Some(r), _) => r.clone(),
+        (None, OriginState::Unavailable) => format!(
+            "origin {} is unavailable (see `mvsnap origin list`); nothing of the snapshot is lost",
+            s.origin
+        ),
+        (None, OriginState::Online) => String::new(),
     }
 }
 
@@ -447,6 +464,7 @@ mod tests {
             writable: false,
             state,
             reason: None,
+            origin_state: OriginState::Online,
             exclusive_bytes: 0,
             shared_bytes: 0,
         }

@@ -142,10 +142,7 @@ impl Store {
                     .values()
                     .filter(|s| s.origin == o.no && s.state != SnapshotState::Hidden)
                     .count(),
-                state: match o.dev {
-                    Ok(_) => OriginState::Online,
-                    Err(_) => OriginState::Unavailable,
-                },
+                state: o.availability(),
                 reason: o.dev.as_ref().err().cloned(),
             })
             .collect()
@@ -354,6 +351,7 @@ impl Store {
             writable: s.writable,
             state: s.state,
             reason: s.reason.clone(),
+            origin_state: o.availability(),
             exclusive_bytes,
             shared_bytes,
         }
