@@ -14,9 +14,12 @@
 # What it shows: a first write's cost beside the index's size (docs/BENCHMARKS.md, "First
 # writes: which part grows with the index").
 #
-# Usage: bench/first-writes.sh [--quick] [--size SIZE] [--rounds N] [--runtime S] [--dir DIR]
+# Usage: bench/first-writes.sh [--quick] [--size SIZE] [--rounds N] [--runtime S]
+#                              [--cache-size SIZE] [--dir DIR]
 #   --quick        CI smoke run: 256 MiB origin, 2 rounds of 2 s
 #   --size SIZE    origin size (default 2G)
+#   --cache-size SIZE  `serve --cache-size` (default: serve's); a fifth of it, at most 64 MiB,
+#                  is the dirty limit that sets the nodes per write
 #   --rounds N     rounds (default 3)
 #   --runtime S    fio runtime per round (default 10)
 #   --dir DIR      where the scratch files go (default target/)
@@ -29,13 +32,14 @@ cd "$(dirname "$0")/.."
 BENCH=first-writes.sh
 . bench/lib.sh
 
-size=2G rounds=3 runtime=10 dir=target
+size=2G rounds=3 runtime=10 dir=target cache=
 while [ $# -gt 0 ]; do
     case $1 in
     --quick) size=256M rounds=2 runtime=2 ;;
     --size) size=$2; shift ;;
     --rounds) rounds=$2; shift ;;
     --runtime) runtime=$2; shift ;;
+    --cache-size) cache=$2; shift ;;
     --dir) dir=$2; shift ;;
     -h | --help) usage; exit 0 ;;
     *) bad_argument "$1" ;;
@@ -67,7 +71,7 @@ log "origin of $size; load $(cut -d' ' -f1 /proc/loadavg)"
 fill "$work/origin.raw" "$bytes"
 "$MVSNAP" format "$work/s.store" --size "$(((bytes + (3 << 30)) >> 20))M" >&2
 mvs origin add "$work/origin.raw" --id disk0 >&2
-out=$(RUST_LOG=mvsnap_engine=debug mvs serve --nbd-socket "$work/s.sock" --detach) ||
+out=$(RUST_LOG=mvsnap_engine=debug mvs serve ${cache:+--cache-size "$cache"} --nbd-socket "$work/s.sock" --detach) ||
     die "mvsnap serve failed"
 spid=$(echo "$out" | awk '$1 == "pid" { print $2 }')
 slog=$(echo "$out" | awk '$1 == "log" { print $2 }')
@@ -112,7 +116,8 @@ log "  qcow2 el2: $qiops IOPS, p50 $qp50 ms, max $qmax ms, steal $qsteal%"
 echo "### First writes as the index grows (bench/first-writes.sh, $(date -u +%FT%TZ))"
 echo
 echo "Origin $size, fio 4 KiB random writes QD16 for $runtime s per round, seed 7 (the same"
-echo "blocks every round), each round over a new snapshot; git $(git rev-parse --short HEAD 2>/dev/null || echo '?')."
+echo "blocks every round), each round over a new snapshot; node cache ${cache:-64M (the default)};"
+echo "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')."
 echo
 echo "| round | mappings before | IOPS | p50 (ms) | max (ms) | daemon CPU per request (us) | tree commits | nodes written | nodes per write | steal |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -150,11 +150,12 @@ pub struct StoreInfo {
     pub cache_bytes: u64,
     #[serde(default)]
     pub cache_used_bytes: u64,
-    /// Tree nodes changed since the last commit: held in RAM beside the cache until the next
-    /// commit (or, for an ephemeral store, until they are written out uncommitted).
+    /// Tree nodes changed since the last commit: held in RAM, within the cache's budget, until
+    /// the next commit (or, for an ephemeral store, until they are written out uncommitted).
     #[serde(default)]
     pub dirty_bytes: u64,
-    /// Tree nodes of the commit being written: held in RAM until it is durable.
+    /// Tree nodes of the commit being written: held in RAM (within the cache's budget) until
+    /// it is durable.
     #[serde(default)]
     pub committing_bytes: u64,
     /// Origin writes answered and held in RAM until their copy-outs are durable (at most

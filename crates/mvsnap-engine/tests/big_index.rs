@@ -1,7 +1,8 @@
 //! An index bigger than the node cache, used by several threads at once: first writes and
 //! snapshot reads read tree nodes from the store without the state lock (a probe under the
 //! lock, the reads without it) while commits shadow, free and reuse node blocks. Every byte of
-//! every snapshot and of the origin is checked, live and after a reopen.
+//! every snapshot and of the origin is checked, live and after a reopen. And the cache's
+//! budget holds: clean nodes, the open transaction's and a commit's together stay within it.
 
 mod common;
 
@@ -48,6 +49,13 @@ fn next(r: &mut u64) -> u64 {
     *r
 }
 
+/// The tree's RAM now: cached nodes, and those the open transaction and a commit in flight
+/// hold.
+fn held(s: &Store) -> u64 {
+    let i = s.info();
+    i.cache_used_bytes + i.dirty_bytes + i.committing_bytes
+}
+
 #[test]
 fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,6 +78,11 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
             .unwrap();
     }
     drop(o);
+    assert!(
+        held(&s) <= 1 << 20,
+        "{} bytes held after the overwrite",
+        held(&s)
+    );
     s.create_snapshot(&["o0"], Some("s2"), "", false).unwrap();
     let info = s.info();
     assert!(
@@ -106,7 +119,11 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
             let (s1, s2) = (s.volume("o0@s1").unwrap(), s.volume("o0@s2").unwrap());
             let mut r = 0x2545_f491_4f6c_dd1d;
             let mut buf = vec![0u8; BS];
-            for _ in 0..3000 {
+            let mut most_held = 0;
+            for i in 0..3000 {
+                if i % 16 == 0 {
+                    most_held = most_held.max(held(&s));
+                }
                 let b = next(&mut r) % BLOCKS;
                 for (vol, v) in [(&s1, 0), (&s2, 1)] {
                     vol.read_at(b * BS as u64, &mut buf).unwrap();
@@ -116,13 +133,20 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
                     );
                 }
             }
+            most_held
         })
     };
     let mut written = std::collections::HashMap::new();
     for w in writers {
         written.extend(w.join().unwrap());
     }
-    reader.join().unwrap();
+    let most_held = reader.join().unwrap();
+    // Before, the open transaction's nodes and a commit's came on top of a full cache.
+    assert!(
+        most_held <= info.cache_bytes,
+        "the tree held {most_held} bytes of RAM, over its {} byte budget",
+        info.cache_bytes
+    );
     let origin = |b: u64| written.get(&b).copied().unwrap_or(1);
     let s = Arc::into_inner(s).unwrap();
     s.create_snapshot(&["o0"], Some("s3"), "", false).unwrap();

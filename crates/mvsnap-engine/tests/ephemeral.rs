@@ -15,7 +15,7 @@ use common::{assert_clean, assert_image, format_opts, pattern, read_all};
 
 const BLOCK: usize = 4096;
 const ORIGIN: usize = 32 << 20;
-/// A small cache: its dirty limit is an eighth of it (32 nodes of 4 KiB).
+/// A small cache: its dirty limit is a fifth of it (51 nodes of 4 KiB).
 const CACHE: u64 = 1 << 20;
 
 fn ephemeral() -> OpenOptions {
@@ -68,7 +68,7 @@ fn an_ephemeral_session_keeps_its_metadata_ram_bounded_and_reads_exact() {
     );
     assert!(
         max_dirty <= 64 * BLOCK as u64,
-        "ephemeral session held {max_dirty} bytes of dirty metadata (limit 32 nodes)"
+        "ephemeral session held {max_dirty} bytes of dirty metadata (limit 51 nodes)"
     );
     // Nodes written out are read back through the cache (1 MiB: most were evicted).
     assert_image("o0@a", &read_all(&s, "o0@a"), &content);

@@ -110,7 +110,7 @@ impl InfoArgs {
                 ),
             ]);
         }
-        // With the cache, what the daemon's memory holds for the store.
+        // Part of the cache's budget: changes not committed yet, and the commit being written.
         t.row(vec![
             "uncommitted metadata".into(),
             st.size(info.dirty_bytes + info.committing_bytes),

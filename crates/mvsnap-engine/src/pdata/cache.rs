@@ -3,11 +3,16 @@
 //! set at open, whatever the size of the index. Dirty nodes are not here; the transaction
 //! that changes them holds them until its commit.
 //!
+//! The budget covers the nodes the open transaction changed and those a commit in flight is
+//! writing too ([`NodeCache::set_pinned`]): they are held outside the cache, and the clean
+//! ones make room for them, so the tree's RAM stays within the budget whatever the writers do.
+//!
 //! Nodes may also be read without the lock that guards the tree ([`NodeCache::stamp`],
 //! [`NodeCache::insert_fetched`]): a device read under that lock would stall every user of
 //! the tree behind it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -42,6 +47,8 @@ fn bucket(block: BlockNo) -> usize {
 
 pub struct NodeCache {
     capacity: usize,
+    /// Nodes held outside the cache against its budget (see [`NodeCache::set_pinned`]).
+    pinned: AtomicUsize,
     inner: Mutex<Inner>,
 }
 
@@ -49,6 +56,9 @@ pub struct NodeCache {
 pub struct CacheStats {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
+    /// Of the budget, what the open transaction and a commit in flight hold (not counted in
+    /// `used_bytes`).
+    pub pinned_bytes: u64,
     pub hits: u64,
     pub misses: u64,
 }
@@ -59,6 +69,7 @@ impl NodeCache {
         let capacity = (budget_bytes / NODE_SIZE as u64).max(1) as usize;
         NodeCache {
             capacity,
+            pinned: AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 entries: Vec::new(),
                 index: HashMap::new(),
@@ -114,13 +125,34 @@ impl NodeCache {
             return false;
         }
         g.misses += 1;
-        Self::insert_locked(self.capacity, &mut g, block, node);
+        Self::insert_locked(self.room(), &mut g, block, node);
         true
     }
 
     pub fn insert(&self, block: BlockNo, node: Arc<Node>) {
         let mut g = self.inner.lock();
-        Self::insert_locked(self.capacity, &mut g, block, node);
+        Self::insert_locked(self.room(), &mut g, block, node);
+    }
+
+    /// `nodes` are held outside the cache (the open transaction's changed nodes, a commit's
+    /// frozen ones): clean nodes are evicted to keep the total within the budget. An eighth
+    /// of it stays for clean nodes whatever is pinned (the store's dirty limit keeps the
+    /// pinned ones below the rest; a lookup that finds nothing cached reads the device).
+    pub fn set_pinned(&self, nodes: usize) {
+        let before = self.pinned.swap(nodes, Ordering::Relaxed);
+        if nodes > before {
+            let room = self.room();
+            let mut g = self.inner.lock();
+            Self::shrink_locked(room, &mut g);
+        }
+    }
+
+    /// Clean nodes the cache may hold now.
+    fn room(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.pinned.load(Ordering::Relaxed))
+            .max(self.capacity / 8)
+            .max(1)
     }
 
     /// Insert many, taking the cache's lock a few dozen at a time: lookups (some under the
@@ -129,14 +161,15 @@ impl NodeCache {
         const BATCH: usize = 64;
         let mut nodes = nodes.into_iter().peekable();
         while nodes.peek().is_some() {
+            let room = self.room();
             let mut g = self.inner.lock();
             for (block, node) in nodes.by_ref().take(BATCH) {
-                Self::insert_locked(self.capacity, &mut g, block, node);
+                Self::insert_locked(room, &mut g, block, node);
             }
         }
     }
 
-    fn insert_locked(capacity: usize, inner: &mut Inner, block: BlockNo, node: Arc<Node>) {
+    fn insert_locked(room: usize, inner: &mut Inner, block: BlockNo, node: Arc<Node>) {
         if let Some(&i) = inner.index.get(&block) {
             inner.entries[i].node = node;
             inner.entries[i].referenced = true;
@@ -147,7 +180,8 @@ impl NodeCache {
             node,
             referenced: false,
         };
-        if inner.entries.len() < capacity {
+        Self::shrink_locked(room, inner);
+        if inner.entries.len() < room {
             inner.index.insert(block, inner.entries.len());
             inner.entries.push(entry);
             return;
@@ -166,16 +200,20 @@ impl NodeCache {
         }
     }
 
-    /// Forget a block (it was freed, or is about to be written with something else).
-    pub fn remove(&self, block: BlockNo) {
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        // Counted even when not cached: a fetch of it may be in flight.
-        let b = &mut inner.removals[bucket(block)];
-        *b = b.wrapping_add(1);
-        let Some(i) = inner.index.remove(&block) else {
-            return;
-        };
+    /// Evict (CLOCK, as an insert does) until at most `room` entries are left.
+    fn shrink_locked(room: usize, inner: &mut Inner) {
+        while inner.entries.len() > room {
+            let h = inner.hand;
+            if std::mem::take(&mut inner.entries[h].referenced) {
+                inner.hand = (h + 1) % inner.entries.len();
+                continue;
+            }
+            Self::remove_at(inner, h);
+        }
+    }
+
+    fn remove_at(inner: &mut Inner, i: usize) {
+        inner.index.remove(&inner.entries[i].block);
         let last = inner.entries.len() - 1;
         inner.entries.swap_remove(i);
         if i != last {
@@ -187,11 +225,25 @@ impl NodeCache {
         }
     }
 
+    /// Forget a block (it was freed, or is about to be written with something else).
+    pub fn remove(&self, block: BlockNo) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        // Counted even when not cached: a fetch of it may be in flight.
+        let b = &mut inner.removals[bucket(block)];
+        *b = b.wrapping_add(1);
+        let Some(&i) = inner.index.get(&block) else {
+            return;
+        };
+        Self::remove_at(inner, i);
+    }
+
     pub fn stats(&self) -> CacheStats {
         let g = self.inner.lock();
         CacheStats {
             capacity_bytes: (self.capacity * NODE_SIZE) as u64,
             used_bytes: (g.entries.len() * NODE_SIZE) as u64,
+            pinned_bytes: (self.pinned.load(Ordering::Relaxed) * NODE_SIZE) as u64,
             hits: g.hits,
             misses: g.misses,
         }
@@ -232,6 +284,39 @@ mod tests {
         let s = c.stats();
         assert_eq!(s.capacity_bytes, 4 * NODE_SIZE as u64);
         assert!(s.hits >= 37 && s.misses >= 2, "{s:?}");
+    }
+
+    #[test]
+    fn pinned_nodes_take_their_room_from_clean_ones() {
+        let c = NodeCache::new(8 * NODE_SIZE as u64);
+        for b in 0..8 {
+            c.insert(b, leaf(b as u8));
+        }
+        assert!(c.get(7).is_some());
+        // Five nodes held outside: three clean ones left, the one just used among them.
+        c.set_pinned(5);
+        let s = c.stats();
+        assert_eq!(
+            (s.used_bytes, s.pinned_bytes),
+            (3 * 4096, 5 * 4096),
+            "{s:?}"
+        );
+        assert!(c.get(7).is_some(), "the clock evicted a node in use first");
+        for b in 8..20 {
+            c.insert(b, leaf(b as u8));
+            assert!(c.stats().used_bytes <= 3 * 4096);
+        }
+        // Whatever is pinned, an eighth of the budget stays for lookups.
+        c.set_pinned(100);
+        assert_eq!(c.stats().used_bytes, 4096);
+        c.insert(20, leaf(20));
+        assert_eq!(c.get(20).unwrap().keys()[0], [20u8; 16]);
+        // Unpinned (the commit finished): the room comes back.
+        c.set_pinned(0);
+        for b in 21..40 {
+            c.insert(b, leaf(b as u8));
+        }
+        assert_eq!(c.stats().used_bytes, 8 * 4096);
     }
 
     #[test]

@@ -471,7 +471,15 @@ impl Meta {
         if let Err(e) = &out {
             self.broken = Some(e.to_string());
         }
+        self.repin();
         out
+    }
+
+    /// Tell the cache what the open transaction and the commit in flight hold: it counts
+    /// them against its budget.
+    fn repin(&self) {
+        self.cache
+            .set_pinned(self.pending.dirty_nodes() + self.frozen_nodes());
     }
 
     /// For a store that never commits (ephemeral): write the open transaction's nodes where
@@ -490,6 +498,7 @@ impl Meta {
         if let Err(e) = &out {
             self.broken = Some(e.to_string());
         }
+        self.repin();
         out
     }
 
@@ -658,6 +667,7 @@ impl Meta {
         let (_, header) = self.frozen.take().expect("checked");
         self.header = header;
         self.map.frozen_durable();
+        self.repin();
         Ok(stats)
     }
 

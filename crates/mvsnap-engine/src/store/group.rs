@@ -244,11 +244,13 @@ impl Inner {
 
     /// Dirty tree nodes at which a tree commit starts: at most [`MAX_DIRTY_NODES`] (its
     /// writes are what a commit costs, and what writers wait for when they outpace it), at
-    /// most an eighth of the cache (dirty and frozen nodes are pinned in RAM beside it: up to
-    /// twice the limit each, so at most half the cache again), and a small share of a small
-    /// store.
+    /// most a fifth of the cache (dirty and frozen nodes count against its budget, up to
+    /// twice the limit each: four fifths at worst, the rest stays for clean nodes), and a
+    /// small share of a small store. The bigger the set, the more changes each leaf write
+    /// carries: random first writes into a tree of L leaves write about
+    /// `limit / (L * -ln(1 - limit / L))` nodes each.
     pub fn dirty_limit(&self, st: &State) -> u64 {
-        (self.cache_nodes / 8)
+        (self.cache_nodes / 5)
             .min(MAX_DIRTY_NODES)
             .min(st.meta.limit() / 64)
             .max(8)

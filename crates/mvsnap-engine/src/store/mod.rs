@@ -37,10 +37,12 @@ pub(crate) const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
 const CK_MAGIC: u32 = 0x4c42_564d; // "MVBL": a block of the tables
 /// Every unit of space (data and metadata) in format v2.
 const BLOCK: u32 = 4096;
-/// Dirty nodes that start a tree commit at most (16 MiB; reached with a 128 MiB cache).
+/// Dirty nodes that start a tree commit at most (64 MiB; reached with a 320 MiB cache).
 /// Commits run beside the writers, so this no longer bounds a stall; bigger sets amortize a
-/// leaf's write over more changes to it (docs/BENCHMARKS.md, "Commits beside the writers").
-const MAX_DIRTY_NODES: u64 = 4096;
+/// leaf's write over more changes to it (docs/BENCHMARKS.md, "Commits beside the writers",
+/// "The dirty limit"). What it still bounds: a freeze's work under the state lock, and the
+/// journal a crash replays.
+const MAX_DIRTY_NODES: u64 = 16384;
 /// The node cache's budget when none is given (`--cache-size`).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const CK_HEADER: usize = 32;
