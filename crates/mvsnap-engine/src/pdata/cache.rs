@@ -311,6 +311,12 @@ mod tests {
         assert_eq!(c.stats().used_bytes, 4096);
         c.insert(20, leaf(20));
         assert_eq!(c.get(20).unwrap().keys()[0], [20u8; 16]);
+        let big = NodeCache::new(16 * NODE_SIZE as u64);
+        big.set_pinned(100);
+        for b in 0..5 {
+            big.insert(b, leaf(b as u8));
+        }
+        assert_eq!(big.stats().used_bytes, 2 * 4096, "an eighth of 16 nodes");
         // Unpinned (the commit finished): the room comes back.
         c.set_pinned(0);
         for b in 21..40 {
