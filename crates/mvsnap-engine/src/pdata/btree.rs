@@ -430,7 +430,10 @@ impl Pending {
     pub fn spill(&mut self, io: &dyn NodeIo, cache: &NodeCache) -> PResult<usize> {
         let nodes: FrozenNodes = std::mem::take(&mut self.dirty)
             .into_iter()
-            .map(|(b, n)| (b, Arc::new(n)))
+            .map(|(b, mut n)| {
+                n.shrink_to_fit();
+                (b, Arc::new(n))
+            })
             .collect();
         let written = write_frozen(io, &nodes, self.txn)?;
         for (b, n) in nodes {

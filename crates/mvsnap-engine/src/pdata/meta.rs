@@ -169,8 +169,14 @@ impl CommitJob {
             .write_block(at, &self.header.encode())
             .map_err(|source| PdataError::Io { block: at, source })?;
         self.sync()?;
-        self.cache
-            .insert_all(self.nodes.iter().map(|(&b, n)| (b, n.clone())));
+        // Copies, not the frozen nodes themselves (shared with readers): a clone holds exactly
+        // its entries (see `Node::shrink_to_fit`). At 1M mappings the daemon's RSS went from
+        // 81-83 to 72 MiB with a 64 MiB cache.
+        self.cache.insert_all(
+            self.nodes
+                .iter()
+                .map(|(&b, n)| (b, Arc::new(Node::clone(n)))),
+        );
         Ok(CommitStats {
             nodes,
             bitmaps: self.bitmaps.len(),

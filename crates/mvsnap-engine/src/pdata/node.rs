@@ -38,6 +38,21 @@ fn salt(block: BlockNo) -> u32 {
 }
 
 impl Node {
+    /// Drop spare capacity: a node changed in RAM grew its vectors by doubling (up to twice
+    /// its bytes), and the cache counts each node it holds as one block.
+    pub fn shrink_to_fit(&mut self) {
+        match self {
+            Node::Leaf { keys, vals } => {
+                keys.shrink_to_fit();
+                vals.shrink_to_fit();
+            }
+            Node::Internal { keys, children } => {
+                keys.shrink_to_fit();
+                children.shrink_to_fit();
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Node::Leaf { keys, .. } | Node::Internal { keys, .. } => keys.len(),
