@@ -186,28 +186,29 @@ impl NodeCache {
             inner.entries.push(entry);
             return;
         }
-        // CLOCK: the first entry not referenced since the hand last passed goes.
+        let h = Self::clock_victim(inner);
+        inner.hand = (h + 1) % inner.entries.len();
+        inner.index.remove(&inner.entries[h].block);
+        inner.index.insert(block, h);
+        inner.entries[h] = entry;
+    }
+
+    /// CLOCK: the first entry not referenced since the hand last passed (the hand stops on
+    /// it; those it passes lose their referenced bit). The cache must not be empty.
+    fn clock_victim(inner: &mut Inner) -> usize {
         loop {
             let h = inner.hand;
-            inner.hand = (h + 1) % inner.entries.len();
-            if std::mem::take(&mut inner.entries[h].referenced) {
-                continue;
+            if !std::mem::take(&mut inner.entries[h].referenced) {
+                return h;
             }
-            inner.index.remove(&inner.entries[h].block);
-            inner.index.insert(block, h);
-            inner.entries[h] = entry;
-            return;
+            inner.hand = (h + 1) % inner.entries.len();
         }
     }
 
     /// Evict (CLOCK, as an insert does) until at most `room` entries are left.
     fn shrink_locked(room: usize, inner: &mut Inner) {
         while inner.entries.len() > room {
-            let h = inner.hand;
-            if std::mem::take(&mut inner.entries[h].referenced) {
-                inner.hand = (h + 1) % inner.entries.len();
-                continue;
-            }
+            let h = Self::clock_victim(inner);
             Self::remove_at(inner, h);
         }
     }
