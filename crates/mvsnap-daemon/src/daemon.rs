@@ -113,6 +113,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             read_only: false,
             cache_bytes: opts.cache_bytes,
             discard: opts.discard,
+            overlay_entries: None,
         },
     )
     .with_context(|| format!("cannot serve {}", opts.store.display()))?;

@@ -40,6 +40,7 @@ impl Session {
             read_only: !writes,
             cache_bytes: None,
             discard: false,
+            overlay_entries: None,
         };
         match Store::open(store, &opts) {
             Ok(s) => Ok(Session::Offline(s)),

@@ -17,7 +17,7 @@ use crate::format::Geometry;
 use crate::journal::Record;
 use crate::pdata::btree::{self, BlockAlloc, Txn};
 use crate::pdata::meta::Meta;
-use crate::pdata::node::Key;
+use crate::pdata::node::{Key, Value};
 use crate::pdata::snapdata::{self, Nodes};
 use crate::pdata::{preserved, written, PdataError};
 use crate::types::{Event, EventKind, SnapshotState};
@@ -308,6 +308,8 @@ impl State {
                 }
             }
         }
+        // The leaf the write's preserve makes the fold take next.
+        let _ = btree::probe_fold(&v);
         v.into_missed()
     }
 
@@ -596,6 +598,7 @@ impl State {
                         written::mark(t, no, hi, c, 1).map(|_| ())
                     })
                     .map_err(perr)?;
+                self.meta.fold_if_full().map_err(perr)?;
                 let o = self.origins.get_mut(origin).unwrap();
                 o.entries += 1;
                 if *slot != ZERO_SLOT {
@@ -816,7 +819,11 @@ impl State {
             .sum();
         let nodes = 8 + 16 * self.nodes.len() as u64;
         let dead = 4 + 16 * self.dead_nodes.len() as u64;
-        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead + 4
+        // The overlay grows with preserves up to its capacity (and a few past it between
+        // folds): reserve room for all of it.
+        let overlay =
+            8 + 32 * (self.meta.overlay_len().max(self.meta.overlay_capacity()) + 64) as u64;
+        8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead + 4 + overlay
     }
 
     /// The tables' bytes for `events` (the newest [`TABLE_EVENTS`] of them are kept).
@@ -891,6 +898,13 @@ impl State {
         for o in self.origins.values() {
             w.u32(o.no);
             write_range_counts(&mut w, &o.zero_ranges);
+        }
+        // The tree's overlay: preserved entries not folded into the tree yet, durable with
+        // the version these tables go with. Last again: older tables read as "none".
+        w.u64(self.meta.overlay_len() as u64);
+        for (k, v) in self.meta.overlay_entries() {
+            w.bytes(k);
+            w.bytes(v);
         }
         w.into_inner()
     }
@@ -1037,6 +1051,22 @@ impl State {
                     .ok_or_else(|| format!("zero entry counters of an unknown origin {no}"))?;
                 o.zero_ranges = read_range_counts(&mut r).ok_or_else(short)?;
             }
+        }
+        if r.remaining() != 0 {
+            let n = r.u64().ok_or_else(short)?;
+            if n > r.remaining() as u64 / 32 {
+                return Err(format!("{n} overlay entries in a shorter stream"));
+            }
+            let mut entries = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let k: Key = r.bytes(16).ok_or_else(short)?.try_into().unwrap();
+                let v: Value = r.bytes(16).ok_or_else(short)?.try_into().unwrap();
+                match preserved::key_origin(&k) {
+                    Some(no) if st.origins.contains_key(&no) => entries.push((k, v)),
+                    _ => return Err("an overlay entry outside the preserved entries".into()),
+                }
+            }
+            st.meta.load_overlay(entries);
         }
         if r.remaining() != 0 {
             return Err("tables have trailing bytes".into());

@@ -47,6 +47,9 @@ pub struct OpenOptions {
     /// or an SSD gets them back). Off by default: some devices discard slowly, and what a
     /// discarded block reads is up to the device. A file store always punches them out.
     pub discard: bool,
+    /// Preserved entries held in RAM before they are folded into the index (None: an eighth
+    /// of the cache's budget, at most one per 16 blocks of the store). Tests set it small.
+    pub overlay_entries: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

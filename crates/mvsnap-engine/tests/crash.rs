@@ -133,6 +133,8 @@ struct Case {
     /// (chains of snapshots of snapshots; a delete in the middle leaves a hidden link), and
     /// up to [`DEEP_SNAPS`] live at once.
     deep: bool,
+    /// How every open of this case's store is made (see `common::crash_open_opts`).
+    opts: OpenOptions,
 }
 
 fn oname(i: usize) -> String {
@@ -163,7 +165,9 @@ impl Case {
         } else {
             STORE_SIZE
         };
-        let (m, s) = common::sim_setup(dir.path(), &format_opts(store_size, chunk), &origins);
+        let opts = common::crash_open_opts(&mut rng);
+        let (m, s) =
+            common::sim_setup_with(dir.path(), &format_opts(store_size, chunk), &opts, &origins);
         Case {
             seed,
             rng,
@@ -176,7 +180,9 @@ impl Case {
             next_tag: 1,
             next_set: 1,
             log: vec![format!(
-                "chunk {chunk}, {norigins} origins, store {store_size}, faults {faults}"
+                "chunk {chunk}, {norigins} origins, store {store_size}, faults {faults}, \
+                 overlay {:?}",
+                opts.overlay_entries
             )],
             history: Vec::new(),
             full,
@@ -184,6 +190,7 @@ impl Case {
             faults,
             faulted: false,
             deep,
+            opts,
         }
     }
 
@@ -657,7 +664,7 @@ impl Case {
         for _ in 0..recovery_crashes {
             let n = self.rng.random_range(0..10);
             m.power_off_after(n);
-            let r = m.open_store(&OpenOptions::default());
+            let r = m.open_store(&self.opts);
             let policy = CrashPolicy::random(&mut self.rng);
             self.log.push(format!(
                 "--- recovery cut after {n} device ops ({}), crash: {policy:?}",
@@ -670,7 +677,7 @@ impl Case {
             m = m.crash_all_with(&mut self.rng, policy);
         }
         self.m = m;
-        let s = match self.m.open_store(&OpenOptions::default()) {
+        let s = match self.m.open_store(&self.opts) {
             Ok(s) => s,
             Err(e) => self.fail(format!("recovery failed: {e}")),
         };
@@ -888,7 +895,7 @@ fn crash_in_long_runs() {
             c.log.push(format!("--- crash: {policy:?}"));
             c.s = None;
             c.m = c.m.crash_all_with(&mut c.rng, policy);
-            c.s = Some(match c.m.open_store(&OpenOptions::default()) {
+            c.s = Some(match c.m.open_store(&c.opts) {
                 Ok(s) => s,
                 Err(e) => c.fail(format!("recovery failed: {e}")),
             });
@@ -926,7 +933,7 @@ fn crash_at_every_device_op() {
         c.log.push(format!("--- crash at {cut:?}: {policy:?}"));
         c.s = None;
         c.m = c.m.crash_all_with(&mut prng, policy);
-        c.s = Some(match c.m.open_store(&OpenOptions::default()) {
+        c.s = Some(match c.m.open_store(&c.opts) {
             Ok(s) => s,
             Err(e) => c.fail(format!("recovery failed: {e}")),
         });

@@ -335,6 +335,8 @@ struct Case {
     ro: BTreeMap<String, Vec<u8>>,
     next_tag: u64,
     log: Vec<String>,
+    /// How every open of this case's store is made (see `common::crash_open_opts`).
+    opts: OpenOptions,
 }
 
 impl Case {
@@ -347,7 +349,9 @@ impl Case {
             .iter()
             .map(|(n, c)| (n.as_str(), c.clone()))
             .collect();
-        let (m, s) = common::sim_setup(dir.path(), &format_opts(STORE_SIZE, chunk), &named);
+        let opts = common::crash_open_opts(&mut rng);
+        let (m, s) =
+            common::sim_setup_with(dir.path(), &format_opts(STORE_SIZE, chunk), &opts, &named);
         Case {
             seed,
             rng,
@@ -357,7 +361,11 @@ impl Case {
             rw: origins.into_iter().collect(),
             ro: BTreeMap::new(),
             next_tag: 1,
-            log: vec![format!("chunk {chunk}, {norigins} origins")],
+            log: vec![format!(
+                "chunk {chunk}, {norigins} origins, overlay {:?}",
+                opts.overlay_entries
+            )],
+            opts,
         }
     }
 
@@ -497,7 +505,7 @@ impl Case {
         drop(store);
         self.s = None;
         self.m = self.m.crash_all_with(&mut self.rng, policy);
-        let s = match self.m.open_store(&OpenOptions::default()) {
+        let s = match self.m.open_store(&self.opts) {
             Ok(s) => s,
             Err(e) => self.fail(format!("recovery failed: {e}")),
         };

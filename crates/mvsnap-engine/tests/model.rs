@@ -72,6 +72,9 @@ struct Model {
     sim: bool,
     /// Opened `--ephemeral`: nothing synced, every snapshot gone at close.
     ephemeral: bool,
+    /// Preserved entries held before the fold into the index (None: the default, more than
+    /// these small origins ever preserve).
+    overlay: Option<usize>,
     sizes: Vec<u64>,
     vols: BTreeMap<String, Vol>,
     next_tag: u32,
@@ -209,8 +212,9 @@ impl ReferenceStateMachine for EngineModel {
             prop::bool::weighted(0.1),
             any::<u64>(),
             prop::collection::vec(sizes, 1..=2),
+            prop::option::weighted(0.5, 1usize..40),
         )
-            .prop_map(|(chunk, sim, ephemeral, seed, sizes)| {
+            .prop_map(|(chunk, sim, ephemeral, seed, sizes, overlay)| {
                 let mut vols = BTreeMap::new();
                 for (i, &sz) in sizes.iter().enumerate() {
                     vols.insert(
@@ -225,6 +229,7 @@ impl ReferenceStateMachine for EngineModel {
                 }
                 Model {
                     chunk,
+                    overlay,
                     sim,
                     ephemeral,
                     sizes,
@@ -510,6 +515,7 @@ impl ReferenceStateMachine for EngineModel {
 struct Sut {
     dir: tempfile::TempDir,
     ephemeral: bool,
+    overlay: Option<usize>,
     sim: Option<SimMachine>,
     store: Option<Store>,
 }
@@ -522,6 +528,7 @@ impl Sut {
     fn open(&self) -> Store {
         let opts = OpenOptions {
             ephemeral: self.ephemeral,
+            overlay_entries: self.overlay,
             ..Default::default()
         };
         match &self.sim {
@@ -546,16 +553,21 @@ impl StateMachineTest for EngineTest {
             max_size: STORE_MAX,
             ..format_opts(STORE_SIZE, model.chunk)
         };
+        let open = OpenOptions {
+            overlay_entries: model.overlay,
+            ..Default::default()
+        };
         let (sim, store) = if model.sim {
-            let (m, s) = common::sim_setup(dir.path(), &opts, &origins);
+            let (m, s) = common::sim_setup_with(dir.path(), &opts, &open, &origins);
             (Some(m), s)
         } else {
             let (store, _) = common::real_setup(dir.path(), &opts, &origins);
-            (None, Store::open(&store, &OpenOptions::default()).unwrap())
+            (None, Store::open(&store, &open).unwrap())
         };
         let mut sut = Sut {
             dir,
             ephemeral: model.ephemeral,
+            overlay: model.overlay,
             sim,
             store: Some(store),
         };
@@ -744,6 +756,7 @@ fn initial(chunk: u32, sim: bool, sizes: &[u64]) -> Model {
         chunk,
         sim,
         ephemeral: false,
+        overlay: None,
         sizes: sizes.to_vec(),
         vols,
         next_tag: 1,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use super::cache::NodeCache;
 use super::node::{Key, Node, Value, INTERNAL_CAP, LEAF_CAP};
+use super::overlay::Overlay;
 use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
 
 /// Where a transaction gets blocks for its new nodes, and gives back the ones it drops.
@@ -51,6 +52,11 @@ impl Deref for NodeRef<'_> {
 pub trait View {
     fn root(&self) -> Option<BlockNo>;
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>>;
+    /// Entries not folded into the tree yet: [`get`], [`seek_ge`] and [`for_each_from`] see
+    /// them first (an overlay entry hides the tree's of the same key).
+    fn overlay(&self) -> Option<&Overlay> {
+        None
+    }
 }
 
 /// The nodes of a version being written by a commit (not durable, not in the cache yet):
@@ -117,6 +123,14 @@ fn child_index(keys: &[Key], key: &Key) -> usize {
 }
 
 pub fn get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
+    if let Some(val) = v.overlay().and_then(|o| o.get(key)) {
+        return Ok(Some(*val));
+    }
+    tree_get(v, key)
+}
+
+/// [`get`] in the tree alone.
+fn tree_get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
     let Some(mut b) = v.root() else {
         return Ok(None);
     };
@@ -135,6 +149,18 @@ pub fn get(v: &dyn View, key: &Key) -> PResult<Option<Value>> {
 /// The first entry whose key is at or after `key`: a read at any depth stays one descent
 /// (plus a step right when the subtree it lands in holds only smaller keys).
 pub fn seek_ge(v: &dyn View, key: &Key) -> PResult<Option<(Key, Value)>> {
+    let tree = tree_seek_ge(v, key)?;
+    let Some(buffered) = v.overlay().and_then(|o| o.first_from(key)) else {
+        return Ok(tree);
+    };
+    Ok(Some(match tree {
+        Some(t) if t.0 < buffered.0 => t,
+        _ => buffered,
+    }))
+}
+
+/// [`seek_ge`] in the tree alone.
+fn tree_seek_ge(v: &dyn View, key: &Key) -> PResult<Option<(Key, Value)>> {
     let mut found = None;
     if let Some(root) = v.root() {
         walk(v, root, key, 0, &mut Default::default(), &mut |k, val| {
@@ -151,8 +177,76 @@ pub fn for_each_from(
     from: &Key,
     f: &mut dyn FnMut(&Key, &Value) -> bool,
 ) -> PResult<()> {
+    let Some(overlay) = v.overlay().filter(|o| !o.is_empty()) else {
+        return tree_for_each_from(v, from, f);
+    };
+    // Two sorted streams merged; the overlay's entry wins a tie.
+    let mut buffered = overlay.range_from(from).peekable();
+    let mut more = true;
+    tree_for_each_from(v, from, &mut |k, val| {
+        while let Some(&(bk, bv)) = buffered.peek() {
+            if bk > k {
+                break;
+            }
+            buffered.next();
+            more = f(bk, bv);
+            if !more || bk == k {
+                return more;
+            }
+        }
+        more = f(k, val);
+        more
+    })?;
+    if more {
+        for (bk, bv) in buffered {
+            if !f(bk, bv) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`for_each_from`] in the tree alone.
+fn tree_for_each_from(
+    v: &dyn View,
+    from: &Key,
+    f: &mut dyn FnMut(&Key, &Value) -> bool,
+) -> PResult<()> {
     if let Some(root) = v.root() {
         walk(v, root, from, 0, &mut Default::default(), f)?;
+    }
+    Ok(())
+}
+
+/// The end of the key range of the leaf that holds (or would hold) `key`: the next
+/// separator on its path (`None`: it is the last leaf). Tree alone.
+fn leaf_bound(v: &dyn View, key: &Key) -> PResult<Option<Key>> {
+    let mut bound = None;
+    let Some(mut b) = v.root() else {
+        return Ok(None);
+    };
+    for _ in 0..=MAX_DEPTH {
+        let n = v.node(b)?;
+        match &*n {
+            Node::Leaf { .. } => return Ok(bound),
+            Node::Internal { keys, children } => {
+                let i = child_index(keys, key);
+                if let Some(next) = keys.get(i + 1) {
+                    bound = Some(*next);
+                }
+                b = children[i];
+            }
+        }
+    }
+    Err(too_deep(b))
+}
+
+/// Descend to the leaf the fold takes next, so that a [`ProbeView`] notes the nodes it
+/// would read.
+pub fn probe_fold(v: &dyn View) -> PResult<()> {
+    if let Some(k) = v.overlay().and_then(|o| o.next_to_fold()) {
+        tree_get(v, &k)?;
     }
     Ok(())
 }
@@ -472,11 +566,15 @@ pub struct PendingView<'a> {
     pub cache: &'a NodeCache,
     pub frozen: Option<&'a FrozenNodes>,
     pub pending: &'a Pending,
+    pub overlay: Option<&'a Overlay>,
 }
 
 impl View for PendingView<'_> {
     fn root(&self) -> Option<BlockNo> {
         self.pending.root
+    }
+    fn overlay(&self) -> Option<&Overlay> {
+        self.overlay
     }
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
         match self.pending.dirty.get(&block) {
@@ -517,6 +615,9 @@ impl View for ProbeView<'_> {
     fn root(&self) -> Option<BlockNo> {
         self.view.root()
     }
+    fn overlay(&self) -> Option<&Overlay> {
+        self.view.overlay
+    }
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
         let v = &self.view;
         if let Some(n) = v.pending.dirty.get(&block) {
@@ -552,11 +653,17 @@ pub struct Txn<'a, A: BlockAlloc> {
     txn: u64,
     root: Option<BlockNo>,
     dirty: HashMap<BlockNo, Node>,
+    /// Entries buffered instead of inserted ([`Txn::insert_buffered`]), if the caller keeps
+    /// them (see [`Overlay`]).
+    overlay: Option<&'a mut Overlay>,
 }
 
 impl<A: BlockAlloc> View for Txn<'_, A> {
     fn root(&self) -> Option<BlockNo> {
         self.root
+    }
+    fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_deref()
     }
     fn node(&self, block: BlockNo) -> PResult<NodeRef<'_>> {
         match self.dirty.get(&block) {
@@ -583,17 +690,19 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             txn,
             root,
             dirty: HashMap::new(),
+            overlay: None,
         }
     }
 
     /// Go on with a suspended transaction, on top of the `frozen` version if a commit is
-    /// writing one.
+    /// writing one, with the caller's overlay.
     pub fn resume(
         io: &'a dyn NodeIo,
         cache: &'a NodeCache,
         frozen: Option<&'a FrozenNodes>,
         alloc: &'a mut A,
         p: Pending,
+        overlay: Option<&'a mut Overlay>,
     ) -> Txn<'a, A> {
         Txn {
             io,
@@ -603,6 +712,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             txn: p.txn,
             root: p.root,
             dirty: p.dirty,
+            overlay,
         }
     }
 
@@ -650,8 +760,46 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         Ok(n)
     }
 
-    /// Insert or replace; returns the value it replaced.
+    /// Insert or replace, in the tree; returns the value it replaced.
     pub fn insert(&mut self, key: Key, val: Value) -> PResult<Option<Value>> {
+        let buffered = self.overlay.as_mut().and_then(|o| o.remove(&key));
+        let old = self.tree_insert(key, val)?;
+        Ok(buffered.or(old))
+    }
+
+    /// Insert a key the tree does not hold into the overlay, if there is one (else the
+    /// tree): it reaches the tree when the fold passes it ([`Txn::fold`]).
+    pub fn insert_buffered(&mut self, key: Key, val: Value) -> PResult<()> {
+        match self.overlay.as_mut() {
+            Some(o) => {
+                o.insert(key, val);
+            }
+            None => {
+                self.tree_insert(key, val)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Move the overlay's entries of one leaf into it, up to `max` of them: the first leaf at
+    /// or after the overlay's cursor that has any. Returns how many moved (0: none left).
+    pub fn fold(&mut self, max: usize) -> PResult<usize> {
+        let Some(first) = self.overlay.as_ref().and_then(|o| o.next_to_fold()) else {
+            return Ok(0);
+        };
+        let bound = leaf_bound(&*self, &first)?;
+        let batch = self
+            .overlay
+            .as_mut()
+            .expect("checked")
+            .take_range(first, bound, max);
+        for &(k, v) in &batch {
+            self.tree_insert(k, v)?;
+        }
+        Ok(batch.len())
+    }
+
+    fn tree_insert(&mut self, key: Key, val: Value) -> PResult<Option<Value>> {
         let Some(root) = self.root else {
             let b = self.new_block()?;
             self.dirty.insert(
@@ -739,9 +887,16 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
         Ok((nb, split, old))
     }
 
-    /// Remove `key`; returns its value. A key that is not there changes nothing.
+    /// Remove `key` (from the overlay and the tree); returns its value. A key that is not
+    /// there changes nothing.
     pub fn remove(&mut self, key: &Key) -> PResult<Option<Value>> {
-        let Some(old) = get(&*self, key)? else {
+        let buffered = self.overlay.as_mut().and_then(|o| o.remove(key));
+        let old = self.tree_remove(key)?;
+        Ok(buffered.or(old))
+    }
+
+    fn tree_remove(&mut self, key: &Key) -> PResult<Option<Value>> {
+        let Some(old) = tree_get(&*self, key)? else {
             return Ok(None);
         };
         let root = self.root.expect("a key was found");

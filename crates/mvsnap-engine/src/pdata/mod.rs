@@ -8,6 +8,7 @@ pub mod btree;
 pub mod cache;
 pub mod meta;
 pub mod node;
+pub mod overlay;
 pub mod preserved;
 pub mod snapdata;
 pub mod spacemap;

@@ -71,6 +71,11 @@ pub fn data_block(k: &Key, v: &Value) -> Option<u64> {
     Some(split_value(v).1).filter(|&loc| loc != ZERO)
 }
 
+/// The origin of a key of this space (`None`: another key space).
+pub fn key_origin(k: &Key) -> Option<u32> {
+    split_key(k).map(|(origin, _, _)| origin)
+}
+
 /// The first and the past-the-end key of `origin`'s entries.
 pub fn origin_keys(origin: u32) -> (Key, Key) {
     (key(origin, 0, 0), key(origin + 1, 0, 0))
@@ -154,8 +159,9 @@ pub fn add<A: BlockAlloc>(
             ),
         });
     }
-    t.insert(key(origin, block, hi), value(lo, loc))?;
-    Ok(())
+    // A new key, scattered among the others by random writes: buffered, so that a leaf is
+    // written once per fold's sweep rather than once per entry (see `overlay.rs`).
+    t.insert_buffered(key(origin, block, hi), value(lo, loc))
 }
 
 /// Walk the entries of `origin` for blocks `first..=last`; `keep` gets an entry's range and

@@ -347,6 +347,9 @@ impl Store {
             })?;
         // Blocks past the end of a file not grown that far are never handed out.
         meta.set_limit(geo.slots_for_len(len));
+        if let Some(n) = opts.overlay_entries {
+            meta.set_overlay_entries(n);
+        }
         let mut user = meta.user();
         // Only a clean close vouches for the origins' page cache (format::ORIGINS_CLEAN).
         let origins_clean = user[7] == format::ORIGINS_CLEAN && !opts.ephemeral;

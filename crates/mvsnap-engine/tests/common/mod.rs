@@ -76,15 +76,35 @@ pub fn sim_setup(
     store_opts: &FormatOptions,
     origins: &[(&str, Vec<u8>)],
 ) -> (SimMachine, Store) {
+    sim_setup_with(dir, store_opts, &OpenOptions::default(), origins)
+}
+
+/// [`sim_setup`], opening the store with `open_opts`.
+pub fn sim_setup_with(
+    dir: &Path,
+    store_opts: &FormatOptions,
+    open_opts: &OpenOptions,
+    origins: &[(&str, Vec<u8>)],
+) -> (SimMachine, Store) {
     let m = SimMachine::new();
     m.add_store(&dir.join("store"), store_opts).unwrap();
-    let s = m.open_store(&OpenOptions::default()).unwrap();
+    let s = m.open_store(open_opts).unwrap();
     for (id, content) in origins {
         let p = dir.join(id);
         m.add_origin_file(&p, content.clone()).unwrap();
         s.add_origin(&p, Some(id)).unwrap();
     }
     (m, s)
+}
+
+/// Open options for a crash case: in half of them a small overlay of preserved entries (the
+/// default holds thousands, more than these small stores ever preserve), so the fold of
+/// buffered entries into the index meets power cuts too.
+pub fn crash_open_opts(rng: &mut impl rand::Rng) -> OpenOptions {
+    OpenOptions {
+        overlay_entries: rng.random_bool(0.5).then(|| rng.random_range(1..48)),
+        ..OpenOptions::default()
+    }
 }
 
 /// The seeds of a crash test's cases: `MVSNAP_CRASH_SEED=N` replays one case,
