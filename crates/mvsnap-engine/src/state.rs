@@ -836,7 +836,9 @@ impl State {
 
     /// The tables (everything but the index) for a tree commit.
     pub fn serialize_tables(&self, events: &[Event]) -> Vec<u8> {
-        let mut w = Writer::with_capacity(4096);
+        // Sized for the overlay, most of it at scale: a doubling buffer would hold up to twice
+        // its megabytes at every commit.
+        let mut w = Writer::with_capacity(4096 + 8 + 32 * self.meta.overlay_len());
         w.bytes(b"MVTBL002");
         w.u32(self.next_origin_no);
         w.u64(self.next_snap_id);
