@@ -583,7 +583,18 @@ impl Meta {
     pub fn fold_all(&mut self) -> PResult<usize> {
         let mut moved = 0;
         while !self.overlay.is_empty() {
-            moved += self.change(|t| t.fold(LEAF_CAP))?;
+            match self.change(|t| t.fold(LEAF_CAP))? {
+                0 => {
+                    return Err(PdataError::Corrupt {
+                        block: 0,
+                        what: format!(
+                            "the overlay's fold stopped with {} entries left (a bug)",
+                            self.overlay.len()
+                        ),
+                    })
+                }
+                n => moved += n,
+            }
         }
         Ok(moved)
     }

@@ -703,6 +703,9 @@ fn the_overlay_folds_scattered_inserts_into_few_leaf_writes_and_reads_stay_exact
             m.fold_if_full().unwrap();
             assert!(m.overlay_len() <= 2_000 || !buffered);
             model.insert(k, v);
+            // The new entry, wherever it is now (the overlay, or the tree if just folded).
+            assert_eq!(m.get(&k).unwrap(), Some(v));
+            assert_eq!(m.seek_ge(&k).unwrap(), Some((k, v)));
             if n % 500 == 499 {
                 nodes += m.commit(m.user()).unwrap().nodes as u64;
             }
