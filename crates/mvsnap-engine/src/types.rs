@@ -161,6 +161,12 @@ pub struct StoreInfo {
     /// it is durable.
     #[serde(default)]
     pub committing_bytes: u64,
+    /// Preserved entries held in RAM, sorted, before they are folded into the index (within
+    /// the cache's budget; durable with each commit): how many, and their RAM.
+    #[serde(default)]
+    pub overlay_entries: u64,
+    #[serde(default)]
+    pub overlay_bytes: u64,
     /// Origin writes answered and held in RAM until their copy-outs are durable (at most
     /// 64 MiB). With the cache and the two above, what the daemon's memory holds for the store.
     #[serde(default)]

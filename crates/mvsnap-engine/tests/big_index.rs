@@ -49,11 +49,11 @@ fn next(r: &mut u64) -> u64 {
     *r
 }
 
-/// The tree's RAM now: cached nodes, and those the open transaction and a commit in flight
-/// hold.
+/// The tree's RAM now: cached nodes, those the open transaction and a commit in flight hold,
+/// and the overlay's entries.
 fn held(s: &Store) -> u64 {
     let i = s.info();
-    i.cache_used_bytes + i.dirty_bytes + i.committing_bytes
+    i.cache_used_bytes + i.dirty_bytes + i.committing_bytes + i.overlay_bytes
 }
 
 #[test]
@@ -82,6 +82,14 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
         held(&s) <= 1 << 20,
         "{} bytes held after the overwrite",
         held(&s)
+    );
+    // The newest entries wait in the overlay, an eighth of the budget, for the fold.
+    let info = s.info();
+    assert!(
+        info.overlay_entries > 0 && info.overlay_bytes <= (1 << 20) / 8,
+        "overlay of {} entries, {} bytes",
+        info.overlay_entries,
+        info.overlay_bytes
     );
     s.create_snapshot(&["o0"], Some("s2"), "", false).unwrap();
     let info = s.info();

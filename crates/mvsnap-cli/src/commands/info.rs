@@ -115,6 +115,11 @@ impl InfoArgs {
             "uncommitted metadata".into(),
             st.size(info.dirty_bytes + info.committing_bytes),
         ]);
+        // Also part of the cache's budget, and durable with each commit.
+        t.row(vec![
+            "buffered index entries".into(),
+            format!("{} ({})", info.overlay_entries, st.size(info.overlay_bytes)),
+        ]);
         t.row(vec![
             "queued origin writes".into(),
             st.size(info.queued_write_bytes),
