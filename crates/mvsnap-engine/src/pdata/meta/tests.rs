@@ -37,7 +37,8 @@ fn user_entries(m: &Meta) -> BTreeMap<Key, Value> {
         if k[0] != b'U' {
             return false;
         }
-        out.insert(*k, *v);
+        // A walk meets each key once, even one both in the overlay and in the tree.
+        assert!(out.insert(*k, *v).is_none(), "key {k:?} met twice");
         true
     })
     .unwrap();
