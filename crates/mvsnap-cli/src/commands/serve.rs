@@ -77,8 +77,9 @@ pub struct ServeArgs {
     #[arg(long)]
     detach: bool,
 
-    /// RAM for metadata nodes: the index stays on disk and RAM does not grow with it
-    /// beyond this [default: 64MiB].
+    /// RAM for the index: cached metadata nodes, and (an eighth of it) new entries not yet
+    /// folded into the index. The index stays on disk and RAM does not grow with it beyond
+    /// this [default: 64MiB].
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     cache_size: Option<u64>,
 
