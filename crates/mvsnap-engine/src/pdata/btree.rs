@@ -243,9 +243,10 @@ fn leaf_bound(v: &dyn View, key: &Key) -> PResult<Option<Key>> {
 }
 
 /// Descend to the leaf the fold takes next, so that a [`ProbeView`] notes the nodes it
-/// would read.
+/// would read: only when one more entry makes the overlay fold (else no fold reads it).
 pub fn probe_fold(v: &dyn View) -> PResult<()> {
-    if let Some(k) = v.overlay().and_then(|o| o.next_to_fold()) {
+    let full = v.overlay().filter(|o| o.len() >= o.capacity());
+    if let Some(k) = full.and_then(|o| o.next_to_fold()) {
         tree_get(v, &k)?;
     }
     Ok(())

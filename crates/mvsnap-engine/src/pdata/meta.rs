@@ -221,8 +221,8 @@ pub struct Meta {
     /// Entries of the working version not folded into its tree yet (see [`Overlay`]): not
     /// durable with a commit unless the caller writes them ([`Meta::overlay_entries`]).
     overlay: Overlay,
-    /// The caller's capacity for it ([`Meta::set_overlay_entries`]).
-    overlay_entries: Option<usize>,
+    /// The caller's capacity for it, if set ([`Meta::set_overlay_entries`]).
+    fixed_overlay_capacity: Option<usize>,
 }
 
 /// The overlay's share of the cache's budget: an eighth. At 64 MiB that is ~175k entries, so
@@ -284,7 +284,7 @@ impl Meta {
             sync: true,
             nodes: 0,
             overlay: Overlay::new(overlay_capacity(cache_bytes, blocks)),
-            overlay_entries: None,
+            fixed_overlay_capacity: None,
         };
         m.commit(user)?;
         // Both header blocks valid, so a stale one from an earlier format can never win.
@@ -359,7 +359,7 @@ impl Meta {
             broken: None,
             sync: true,
             overlay: Overlay::new(overlay_capacity(cache_bytes, header.blocks)),
-            overlay_entries: None,
+            fixed_overlay_capacity: None,
         })
     }
 
@@ -465,7 +465,7 @@ impl Meta {
     pub fn set_limit(&mut self, limit: u64) {
         self.map.set_limit(limit);
         let capacity = self
-            .overlay_entries
+            .fixed_overlay_capacity
             .unwrap_or_else(|| overlay_capacity(self.cache.stats().capacity_bytes, limit));
         self.overlay.set_capacity(capacity);
     }
@@ -473,7 +473,7 @@ impl Meta {
     /// Hold this many overlay entries before folding, whatever the cache and the store's size
     /// (tests make it small, so that their small stores fold too).
     pub fn set_overlay_entries(&mut self, entries: usize) {
-        self.overlay_entries = Some(entries);
+        self.fixed_overlay_capacity = Some(entries);
         self.overlay.set_capacity(entries);
     }
 
@@ -541,6 +541,11 @@ impl Meta {
     /// Entries held in the overlay (not in the tree yet).
     pub fn overlay_len(&self) -> usize {
         self.overlay.len()
+    }
+
+    /// The overlay's RAM, counted in the cache's budget.
+    pub fn overlay_bytes(&self) -> usize {
+        self.overlay.bytes()
     }
 
     /// The overlay's entries, in key order: the caller makes them durable with a commit

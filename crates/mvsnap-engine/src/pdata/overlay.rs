@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(
             o.next_to_fold(),
             Some(k(5)),
-            "the bound, once the range is empty"
+            "past the range, once it is empty"
         );
         // A key behind the cursor waits for the next sweep.
         o.insert(k(2), [2; 16]);

@@ -421,7 +421,7 @@ impl Store {
             dirty_bytes: st.meta.dirty_nodes() as u64 * META_BLOCK,
             committing_bytes: st.meta.frozen_nodes() as u64 * META_BLOCK,
             overlay_entries: st.meta.overlay_len() as u64,
-            overlay_bytes: (st.meta.overlay_len() * crate::pdata::overlay::ENTRY_BYTES) as u64,
+            overlay_bytes: st.meta.overlay_bytes() as u64,
             queued_write_bytes: self.inner.writeback.queued_bytes(),
             ephemeral: self.inner.ephemeral,
             low_space: self.inner.is_low_space(),
