@@ -31,6 +31,10 @@ pub const MAX_EVENT_LEN: usize = 256;
 pub const ZERO_SLOT: u32 = u32::MAX - 1;
 /// "No parent" in the stored node table (ids are handed out downwards from u32::MAX).
 const NO_NODE: u32 = 0;
+/// An overlay entry in the tables: its key, then its value.
+const TABLE_OVERLAY_ENTRY: usize = KEY_LEN + VALUE_LEN;
+const KEY_LEN: usize = std::mem::size_of::<Key>();
+const VALUE_LEN: usize = std::mem::size_of::<Value>();
 
 pub struct Origin {
     pub no: u32,
@@ -821,8 +825,10 @@ impl State {
         let dead = 4 + 16 * self.dead_nodes.len() as u64;
         // The overlay grows with preserves up to its capacity (and a few past it between
         // folds): reserve room for all of it.
-        let overlay =
-            8 + 32 * (self.meta.overlay_len().max(self.meta.overlay_capacity()) + 64) as u64;
+        let overlay = 8
+            + (TABLE_OVERLAY_ENTRY
+                * (self.meta.overlay_len().max(self.meta.overlay_capacity()) + 64))
+                as u64;
         8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead + 4 + overlay
     }
 
@@ -838,7 +844,7 @@ impl State {
     pub fn serialize_tables(&self, events: &[Event]) -> Vec<u8> {
         // Sized for the overlay, most of it at scale: a doubling buffer would hold up to twice
         // its megabytes at every commit.
-        let mut w = Writer::with_capacity(4096 + 8 + 32 * self.meta.overlay_len());
+        let mut w = Writer::with_capacity(4096 + 8 + TABLE_OVERLAY_ENTRY * self.meta.overlay_len());
         w.bytes(b"MVTBL002");
         w.u32(self.next_origin_no);
         w.u64(self.next_snap_id);
@@ -1056,13 +1062,13 @@ impl State {
         }
         if r.remaining() != 0 {
             let n = r.u64().ok_or_else(short)?;
-            if n > r.remaining() as u64 / 32 {
+            if n > (r.remaining() / TABLE_OVERLAY_ENTRY) as u64 {
                 return Err(format!("{n} overlay entries in a shorter stream"));
             }
             let mut entries = Vec::with_capacity(n as usize);
             for _ in 0..n {
-                let k: Key = r.bytes(16).ok_or_else(short)?.try_into().unwrap();
-                let v: Value = r.bytes(16).ok_or_else(short)?.try_into().unwrap();
+                let k: Key = r.bytes(KEY_LEN).ok_or_else(short)?.try_into().unwrap();
+                let v: Value = r.bytes(VALUE_LEN).ok_or_else(short)?.try_into().unwrap();
                 match preserved::key_origin(&k) {
                     Some(no) if st.origins.contains_key(&no) => entries.push((k, v)),
                     _ => return Err("an overlay entry outside the preserved entries".into()),
