@@ -245,8 +245,11 @@ fn leaf_bound(v: &dyn View, key: &Key) -> PResult<Option<Key>> {
 /// Descend to the leaf the fold takes next, so that a [`ProbeView`] notes the nodes it
 /// would read: only when one more entry makes the overlay fold (else no fold reads it).
 pub fn probe_fold(v: &dyn View) -> PResult<()> {
-    let full = v.overlay().filter(|o| o.len() >= o.capacity());
-    if let Some(k) = full.and_then(|o| o.next_to_fold()) {
+    if let Some(k) = v
+        .overlay()
+        .filter(|o| o.full())
+        .and_then(|o| o.next_to_fold())
+    {
         tree_get(v, &k)?;
     }
     Ok(())

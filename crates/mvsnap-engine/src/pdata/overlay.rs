@@ -58,6 +58,11 @@ impl Overlay {
         self.entries.len() > self.capacity
     }
 
+    /// One more new entry puts it over capacity: the next preserve folds.
+    pub fn full(&self) -> bool {
+        self.entries.len() >= self.capacity
+    }
+
     /// RAM held, in bytes (for the cache's budget).
     pub fn bytes(&self) -> usize {
         self.entries.len() * ENTRY_BYTES
@@ -147,9 +152,10 @@ mod tests {
     #[test]
     fn the_cursor_sweeps_in_key_order_and_wraps() {
         let mut o = Overlay::new(2);
-        for n in [5, 1] {
-            o.insert(k(n), [n; 16]);
-        }
+        o.insert(k(5), [5; 16]);
+        assert!(!o.full(), "below capacity");
+        o.insert(k(1), [1; 16]);
+        assert!(o.full(), "at capacity: the next entry folds");
         assert!(!o.over_capacity(), "at capacity, not over");
         for n in [9, 3, 7] {
             o.insert(k(n), [n; 16]);
