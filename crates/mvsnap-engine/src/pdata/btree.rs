@@ -114,6 +114,21 @@ fn too_deep(block: BlockNo) -> PdataError {
 }
 
 /// The child of an internal node whose range holds `key` (the first one for smaller keys).
+/// The entries from `mid` on, in a vector with room for a full node and the one that splits
+/// it: a right node that starts with a tenth of a node and fills up would otherwise grow by
+/// doubling, past a node's size, and the cache counts every node as 4 KiB.
+fn split_tail<T>(v: &mut Vec<T>, mid: usize, cap: usize) -> Vec<T> {
+    let mut tail = Vec::with_capacity(cap + 1);
+    tail.extend(v.drain(mid..));
+    tail
+}
+
+/// Whether `key`, going in at `i` of `keys`, would be the last of its run there: keys of one
+/// key space and origin (the first four bytes) make a run.
+fn ends_run(keys: &[Key], i: usize, key: &Key) -> bool {
+    keys.get(i).is_none_or(|next| next[..4] != key[..4])
+}
+
 fn child_index(keys: &[Key], key: &Key) -> usize {
     match keys.binary_search(key) {
         Ok(i) => i,
@@ -845,11 +860,17 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             return Err(too_deep(b));
         }
         let (nb, mut node) = self.shadow(b)?;
+        node.reserve_for_insert();
         let mut old = None;
+        // Where the new entry went in, if it is the last of its run in this node (what follows
+        // it, if anything, is another key space or origin): the run is being filled in key
+        // order here (a sequential overwrite's copy-outs, a sweep of the overlay).
+        let mut appended_at = None;
         match &mut node {
             Node::Leaf { keys, vals } => match keys.binary_search(&key) {
                 Ok(i) => old = Some(std::mem::replace(&mut vals[i], val)),
                 Err(i) => {
+                    appended_at = ends_run(keys, i, &key).then_some(i);
                     keys.insert(i, key);
                     vals.insert(i, val);
                 }
@@ -863,21 +884,30 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
                     keys[i] = key;
                 }
                 if let Some((sep, right)) = split {
+                    appended_at = ends_run(keys, i + 1, &sep).then_some(i + 1);
                     keys.insert(i + 1, sep);
                     children.insert(i + 1, right);
                 }
             }
         }
         let split = if node.len() > node.cap() {
-            let mid = node.len() / 2;
+            // Halves, unless a run is filled in key order: halves would then stay half full
+            // for good (nothing comes back to the left one), so the run's entries up to the
+            // new one stay on the left, up to nine tenths of it, leaving room for a few later
+            // inserts (PostgreSQL's fillfactor for rightmost splits).
+            let mid = match appended_at {
+                Some(i) => (i + 1).min(node.cap() * 9 / 10),
+                None => node.len() / 2,
+            };
+            let cap = node.cap();
             let right = match &mut node {
                 Node::Leaf { keys, vals } => Node::Leaf {
-                    keys: keys.split_off(mid),
-                    vals: vals.split_off(mid),
+                    keys: split_tail(keys, mid, cap),
+                    vals: split_tail(vals, mid, cap),
                 },
                 Node::Internal { keys, children } => Node::Internal {
-                    keys: keys.split_off(mid),
-                    children: children.split_off(mid),
+                    keys: split_tail(keys, mid, cap),
+                    children: split_tail(children, mid, cap),
                 },
             };
             let sep = right.keys()[0];

@@ -69,6 +69,23 @@ impl Node {
         }
     }
 
+    /// Room for one more entry than a full node holds, reserved exactly: a node about to take
+    /// an entry (a shadow, cloned or decoded at its length) would otherwise double its
+    /// vectors, to up to twice the 4 KiB the cache counts it as.
+    pub fn reserve_for_insert(&mut self) {
+        let room = (self.cap() + 1).saturating_sub(self.len());
+        match self {
+            Node::Leaf { keys, vals } => {
+                keys.reserve_exact(room);
+                vals.reserve_exact(room);
+            }
+            Node::Internal { keys, children } => {
+                keys.reserve_exact(room);
+                children.reserve_exact(room);
+            }
+        }
+    }
+
     pub fn cap(&self) -> usize {
         match self {
             Node::Leaf { .. } => LEAF_CAP,

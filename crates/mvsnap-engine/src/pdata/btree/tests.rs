@@ -606,6 +606,55 @@ fn nodes_fill_before_splitting_and_an_emptied_tree_holds_nothing() {
     assert!(alloc.in_use.is_empty(), "blocks left: {:?}", alloc.in_use);
 }
 
+/// Filled in key order (a sequential overwrite's copy-outs, the overlay's sweeps), leaves are
+/// split nine tenths to one tenth, not in halves that would stay half full: the same entries
+/// in fewer nodes, so more of the index fits the cache. Filled at random, halves as before.
+#[test]
+fn a_tree_filled_in_key_order_keeps_its_nodes_nine_tenths_full() {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let n = 20_000u64;
+    let fill = |order: &[u64], others: &[u64]| {
+        let mut db = Db::new(64);
+        let mut alloc = std::mem::take(&mut db.alloc);
+        let mut t = Txn::new(&db.io, &db.cache, &mut alloc, None, 1);
+        for &i in others {
+            t.insert(key(1, i), val(i)).unwrap();
+        }
+        for &i in order {
+            t.insert(key(0, i), val(i)).unwrap();
+        }
+        let r = check(&t).unwrap();
+        assert_eq!(r.entries, n + others.len() as u64);
+        for &i in order.iter().step_by(97) {
+            assert_eq!(get(&t, &key(0, i)).unwrap(), Some(val(i)));
+        }
+        r.blocks.len() as u64
+    };
+    let in_order: Vec<u64> = (0..n).collect();
+    let leaves = n.div_ceil((LEAF_CAP * 9 / 10) as u64);
+    let blocks = fill(&in_order, &[]);
+    assert!(
+        (leaves..=leaves + 3).contains(&blocks),
+        "{blocks} blocks for {n} entries in key order ({leaves} leaves nine tenths full)"
+    );
+    // The same with another key space's entries after them (as `W` follows `P`): the run
+    // is filled in key order although each entry goes in before those.
+    let others = 2 * LEAF_CAP as u64;
+    let blocks = fill(&in_order, &(0..others).collect::<Vec<u64>>());
+    assert!(
+        blocks <= leaves + 4 + others.div_ceil(LEAF_CAP as u64 / 2),
+        "{blocks} blocks for {n} entries in key order before {others} others"
+    );
+    let mut shuffled = in_order;
+    shuffled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(5));
+    let blocks = fill(&shuffled, &[]);
+    assert!(
+        blocks > n / (LEAF_CAP as u64 * 3 / 4),
+        "{blocks} blocks for {n} entries at random: halves leave leaves under 3/4 full"
+    );
+}
+
 /// Damaged trees whose nodes all pass their checksums (the damage is in what they say):
 /// children that loop back, point at each other or at blocks never written, keys in any
 /// order, leaves and internal nodes mixed at one level. Every operation returns, with a

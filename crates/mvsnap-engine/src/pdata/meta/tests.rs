@@ -382,7 +382,7 @@ fn nodes_fetched_while_their_blocks_are_reused_never_reach_the_cache_stale() {
     let machine = SimMachine::new();
     // Hardly more blocks than two versions of the tree need: freed blocks are reused within a
     // commit or two. A cache of 4 nodes: most lookups miss.
-    let blocks = 64;
+    let blocks = 48;
     machine.add_disk(Path::new(PATH), vec![0u8; blocks * 4096], false);
     let cache = 4 * NODE_SIZE as u64;
     let mut m = Meta::format(disk(&machine), blocks as u64, cache).unwrap();
