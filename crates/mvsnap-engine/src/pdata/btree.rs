@@ -113,7 +113,6 @@ fn too_deep(block: BlockNo) -> PdataError {
     }
 }
 
-/// The child of an internal node whose range holds `key` (the first one for smaller keys).
 /// The entries from `mid` on, in a vector with room for a full node and the one that splits
 /// it: a right node that starts with a tenth of a node and fills up would otherwise grow by
 /// doubling, past a node's size, and the cache counts every node as 4 KiB.
@@ -129,6 +128,7 @@ fn ends_run(keys: &[Key], i: usize, key: &Key) -> bool {
     keys.get(i).is_none_or(|next| next[..4] != key[..4])
 }
 
+/// The child of an internal node whose range holds `key` (the first one for smaller keys).
 fn child_index(keys: &[Key], key: &Key) -> usize {
     match keys.binary_search(key) {
         Ok(i) => i,

@@ -183,6 +183,34 @@ mod tests {
         k
     }
 
+    /// A node read back holds vectors of its length; about to take an entry, it gets room
+    /// for a full node and the entry that splits it at once, not by doubling.
+    #[test]
+    fn a_node_about_to_take_an_entry_has_room_for_a_full_one() {
+        for len in [0, 40, LEAF_CAP - 1, LEAF_CAP] {
+            let leaf = Node::Leaf {
+                keys: (0..len as u64).map(k).collect(),
+                vals: (0..len as u64).map(k).collect(),
+            };
+            let mut n = Node::decode(9, &leaf.encode(9, 1)[..]).unwrap();
+            n.reserve_for_insert();
+            let Node::Leaf { keys, vals } = &n else {
+                unreachable!()
+            };
+            assert!(keys.capacity() > LEAF_CAP && vals.capacity() > LEAF_CAP);
+            assert_eq!(keys.len(), len);
+        }
+        let mut int = Node::Internal {
+            keys: vec![k(1)],
+            children: vec![5],
+        };
+        int.reserve_for_insert();
+        let Node::Internal { keys, children } = &int else {
+            unreachable!()
+        };
+        assert!(keys.capacity() > INTERNAL_CAP && children.capacity() > INTERNAL_CAP);
+    }
+
     #[test]
     fn full_nodes_round_trip_and_damage_is_caught() {
         let leaf = Node::Leaf {

@@ -613,7 +613,8 @@ fn nodes_fill_before_splitting_and_an_emptied_tree_holds_nothing() {
 fn a_tree_filled_in_key_order_keeps_its_nodes_nine_tenths_full() {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
-    let n = 20_000u64;
+    // Enough leaves for several internal nodes, whose splits follow the same rule.
+    let n = 60_000u64;
     let fill = |order: &[u64], others: &[u64]| {
         let mut db = Db::new(64);
         let mut alloc = std::mem::take(&mut db.alloc);
@@ -633,17 +634,20 @@ fn a_tree_filled_in_key_order_keeps_its_nodes_nine_tenths_full() {
     };
     let in_order: Vec<u64> = (0..n).collect();
     let leaves = n.div_ceil((LEAF_CAP * 9 / 10) as u64);
+    // Internal nodes nine tenths full too, and a root.
+    let internal = leaves.div_ceil((INTERNAL_CAP * 9 / 10) as u64) + 1;
     let blocks = fill(&in_order, &[]);
     assert!(
-        (leaves..=leaves + 3).contains(&blocks),
-        "{blocks} blocks for {n} entries in key order ({leaves} leaves nine tenths full)"
+        (leaves..=leaves + internal).contains(&blocks),
+        "{blocks} blocks for {n} entries in key order ({leaves} leaves and {internal} internal \
+         nodes nine tenths full)"
     );
     // The same with another key space's entries after them (as `W` follows `P`): the run
     // is filled in key order although each entry goes in before those.
     let others = 2 * LEAF_CAP as u64;
     let blocks = fill(&in_order, &(0..others).collect::<Vec<u64>>());
     assert!(
-        blocks <= leaves + 4 + others.div_ceil(LEAF_CAP as u64 / 2),
+        blocks <= leaves + internal + 1 + others.div_ceil(LEAF_CAP as u64 / 2),
         "{blocks} blocks for {n} entries in key order before {others} others"
     );
     let mut shuffled = in_order;
@@ -653,6 +657,31 @@ fn a_tree_filled_in_key_order_keeps_its_nodes_nine_tenths_full() {
         blocks > n / (LEAF_CAP as u64 * 3 / 4),
         "{blocks} blocks for {n} entries at random: halves leave leaves under 3/4 full"
     );
+}
+
+/// A key that goes in inside its run (not after it) splits a full leaf in halves, wherever
+/// in the leaf it lands: only a run filled in key order keeps the left side full.
+#[test]
+fn a_key_inside_its_run_splits_a_leaf_in_halves() {
+    for new in [1, 101, 2 * LEAF_CAP as u64 - 3] {
+        let mut db = Db::new(64);
+        let mut alloc = std::mem::take(&mut db.alloc);
+        let mut t = Txn::new(&db.io, &db.cache, &mut alloc, None, 1);
+        for i in 0..LEAF_CAP as u64 {
+            t.insert(key(0, 2 * i), val(i)).unwrap();
+        }
+        t.insert(key(0, new), val(new)).unwrap();
+        let Node::Internal { children, .. } = &*t.node(t.root().unwrap()).unwrap() else {
+            panic!("one more entry splits the leaf under a new root");
+        };
+        let sizes: Vec<usize> = children.iter().map(|&c| t.node(c).unwrap().len()).collect();
+        let half = LEAF_CAP.div_ceil(2);
+        assert_eq!(
+            sizes,
+            [half, LEAF_CAP + 1 - half],
+            "key {new} went in inside its run"
+        );
+    }
 }
 
 /// Damaged trees whose nodes all pass their checksums (the damage is in what they say):
