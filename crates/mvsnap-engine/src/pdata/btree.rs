@@ -113,9 +113,15 @@ fn too_deep(block: BlockNo) -> PdataError {
     }
 }
 
-/// The entries from `mid` on, in a vector with room for a full node and the one that splits
-/// it: a right node that starts with a tenth of a node and fills up would otherwise grow by
-/// doubling, past a node's size, and the cache counts every node as 4 KiB.
+/// Room in a node's vector for a full node and the entry that splits it, reserved exactly
+/// before an entry goes in: a vector read or cloned at its length would otherwise grow by
+/// doubling, a full node's to twice the 4 KiB the cache counts for it.
+fn room_for_entry<T>(v: &mut Vec<T>, cap: usize) {
+    v.reserve_exact((cap + 1).saturating_sub(v.len()));
+}
+
+/// The entries from `mid` on, in a vector with room for a full node (see `room_for_entry`):
+/// a right node starts with as little as a tenth of one and fills up.
 fn split_tail<T>(v: &mut Vec<T>, mid: usize, cap: usize) -> Vec<T> {
     let mut tail = Vec::with_capacity(cap + 1);
     tail.extend(v.drain(mid..));
@@ -860,7 +866,7 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
             return Err(too_deep(b));
         }
         let (nb, mut node) = self.shadow(b)?;
-        node.reserve_for_insert();
+        let cap = node.cap();
         let mut old = None;
         // Where the new entry went in, if it is the last of its run in this node (what follows
         // it, if anything, is another key space or origin): the run is being filled in key
@@ -871,6 +877,8 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
                 Ok(i) => old = Some(std::mem::replace(&mut vals[i], val)),
                 Err(i) => {
                     appended_at = ends_run(keys, i, &key).then_some(i);
+                    room_for_entry(keys, cap);
+                    room_for_entry(vals, cap);
                     keys.insert(i, key);
                     vals.insert(i, val);
                 }
@@ -885,21 +893,22 @@ impl<'a, A: BlockAlloc> Txn<'a, A> {
                 }
                 if let Some((sep, right)) = split {
                     appended_at = ends_run(keys, i + 1, &sep).then_some(i + 1);
+                    room_for_entry(keys, cap);
+                    room_for_entry(children, cap);
                     keys.insert(i + 1, sep);
                     children.insert(i + 1, right);
                 }
             }
         }
-        let split = if node.len() > node.cap() {
+        let split = if node.len() > cap {
             // Halves, unless a run is filled in key order: halves would then stay half full
             // for good (nothing comes back to the left one), so the run's entries up to the
             // new one stay on the left, up to nine tenths of it, leaving room for a few later
             // inserts (PostgreSQL's fillfactor for rightmost splits).
             let mid = match appended_at {
-                Some(i) => (i + 1).min(node.cap() * 9 / 10),
+                Some(i) => (i + 1).min(cap * 9 / 10),
                 None => node.len() / 2,
             };
-            let cap = node.cap();
             let right = match &mut node {
                 Node::Leaf { keys, vals } => Node::Leaf {
                     keys: split_tail(keys, mid, cap),

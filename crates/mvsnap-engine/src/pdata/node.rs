@@ -69,23 +69,6 @@ impl Node {
         }
     }
 
-    /// Room for one more entry than a full node holds, reserved exactly: a node about to take
-    /// an entry (a shadow, cloned or decoded at its length) would otherwise double its
-    /// vectors, to up to twice the 4 KiB the cache counts it as.
-    pub fn reserve_for_insert(&mut self) {
-        let room = (self.cap() + 1).saturating_sub(self.len());
-        match self {
-            Node::Leaf { keys, vals } => {
-                keys.reserve_exact(room);
-                vals.reserve_exact(room);
-            }
-            Node::Internal { keys, children } => {
-                keys.reserve_exact(room);
-                children.reserve_exact(room);
-            }
-        }
-    }
-
     pub fn cap(&self) -> usize {
         match self {
             Node::Leaf { .. } => LEAF_CAP,
@@ -181,34 +164,6 @@ mod tests {
         let mut k = [0u8; 16];
         k[8..].copy_from_slice(&i.to_be_bytes());
         k
-    }
-
-    /// A node read back holds vectors of its length; about to take an entry, it gets room
-    /// for a full node and the entry that splits it at once, not by doubling.
-    #[test]
-    fn a_node_about_to_take_an_entry_has_room_for_a_full_one() {
-        for len in [0, 40, LEAF_CAP - 1, LEAF_CAP] {
-            let leaf = Node::Leaf {
-                keys: (0..len as u64).map(k).collect(),
-                vals: (0..len as u64).map(k).collect(),
-            };
-            let mut n = Node::decode(9, &leaf.encode(9, 1)[..]).unwrap();
-            n.reserve_for_insert();
-            let Node::Leaf { keys, vals } = &n else {
-                unreachable!()
-            };
-            assert!(keys.capacity() > LEAF_CAP && vals.capacity() > LEAF_CAP);
-            assert_eq!(keys.len(), len);
-        }
-        let mut int = Node::Internal {
-            keys: vec![k(1)],
-            children: vec![5],
-        };
-        int.reserve_for_insert();
-        let Node::Internal { keys, children } = &int else {
-            unreachable!()
-        };
-        assert!(keys.capacity() > INTERNAL_CAP && children.capacity() > INTERNAL_CAP);
     }
 
     #[test]

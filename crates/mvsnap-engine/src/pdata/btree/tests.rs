@@ -659,6 +659,38 @@ fn a_tree_filled_in_key_order_keeps_its_nodes_nine_tenths_full() {
     );
 }
 
+/// A leaf that takes an entry gets room for a full node at once (growing by doubling would
+/// take a full one to twice the 4 KiB the cache counts); one whose entry is only replaced
+/// keeps the vectors it was read with.
+#[test]
+fn a_leaf_taking_an_entry_gets_room_for_a_full_one_and_a_replace_none() {
+    let mut db = Db::new(64);
+    let mut alloc = std::mem::take(&mut db.alloc);
+    let mut t = Txn::new(&db.io, &db.cache, &mut alloc, None, 1);
+    for i in 0..40u64 {
+        t.insert(key(0, 2 * i), val(i)).unwrap();
+    }
+    let c = t.commit().unwrap();
+    alloc.flip();
+    let mut t = Txn::new(&db.io, &db.cache, &mut alloc, c.root, 2);
+    let capacity = |t: &Txn<MemAlloc>| match &t.dirty[&t.root().unwrap()] {
+        Node::Leaf { keys, vals } => (keys.capacity(), vals.capacity()),
+        Node::Internal { .. } => panic!("40 entries are one leaf"),
+    };
+    assert_eq!(t.insert(key(0, 10), val(99)).unwrap(), Some(val(5)));
+    let (k, v) = capacity(&t);
+    assert!(
+        k < LEAF_CAP && v < LEAF_CAP,
+        "a replace grew the leaf to {k}, {v}"
+    );
+    assert_eq!(t.insert(key(0, 11), val(11)).unwrap(), None);
+    let (k, v) = capacity(&t);
+    assert!(
+        k > LEAF_CAP && v > LEAF_CAP,
+        "an insert left room for {k}, {v}"
+    );
+}
+
 /// A key that goes in inside its run (not after it) splits a full leaf in halves, wherever
 /// in the leaf it lands: only a run filled in key order keeps the left side full.
 #[test]
