@@ -87,6 +87,7 @@ pub fn check_listen(opts: &ServeOptions) -> std::result::Result<(), String> {
 
 /// Run the daemon until a signal or a `shutdown` request; blocks.
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    crate::memory::limit_arenas();
     if let Err(msg) = check_listen(&opts) {
         bail!(msg);
     }

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod display;
 pub mod exports;
 pub mod files;
+pub mod memory;
 pub mod paths;
 pub mod service;
 mod session;

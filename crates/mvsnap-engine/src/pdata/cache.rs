@@ -1,6 +1,7 @@
 //! A bounded cache of clean, decoded nodes, with CLOCK eviction (a referenced bit per entry,
 //! a hand that clears it and evicts the first unreferenced one): RAM stays within the budget
-//! set at open, whatever the size of the index. Dirty nodes are not here; the transaction
+//! set at open, whatever the size of the index. Each node counts the RAM it takes
+//! ([`Node::heap_bytes`]), not its 4 KiB block. Dirty nodes are not here; the transaction
 //! that changes them holds them until its commit.
 //!
 //! The budget covers the nodes the open transaction changed and those a commit in flight is
@@ -23,6 +24,8 @@ use super::{BlockNo, NODE_SIZE};
 struct Entry {
     block: BlockNo,
     node: Arc<Node>,
+    /// `node.heap_bytes()`, as counted in [`Inner::used`].
+    bytes: usize,
     referenced: bool,
 }
 
@@ -33,6 +36,8 @@ const STAMP_BUCKETS: usize = 1024;
 struct Inner {
     entries: Vec<Entry>,
     index: HashMap<BlockNo, usize>,
+    /// RAM of the cached nodes.
+    used: usize,
     hand: usize,
     hits: u64,
     misses: u64,
@@ -46,8 +51,9 @@ fn bucket(block: BlockNo) -> usize {
 }
 
 pub struct NodeCache {
-    capacity: usize,
-    /// Nodes held outside the cache against its budget (see [`NodeCache::set_pinned`]).
+    budget: usize,
+    /// Nodes held outside the cache against its budget, a block each (see
+    /// [`NodeCache::set_pinned`]).
     pinned: AtomicUsize,
     inner: Mutex<Inner>,
 }
@@ -66,13 +72,14 @@ pub struct CacheStats {
 impl NodeCache {
     /// A cache of at most `budget_bytes` of nodes (at least one node).
     pub fn new(budget_bytes: u64) -> NodeCache {
-        let capacity = (budget_bytes / NODE_SIZE as u64).max(1) as usize;
+        let budget = usize::try_from(budget_bytes).unwrap_or(usize::MAX);
         NodeCache {
-            capacity,
+            budget,
             pinned: AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 entries: Vec::new(),
                 index: HashMap::new(),
+                used: 0,
                 hand: 0,
                 hits: 0,
                 misses: 0,
@@ -147,12 +154,13 @@ impl NodeCache {
         }
     }
 
-    /// Clean nodes the cache may hold now.
+    /// RAM the clean nodes may take now.
     fn room(&self) -> usize {
-        self.capacity
-            .saturating_sub(self.pinned.load(Ordering::Relaxed))
-            .max(self.capacity / 8)
-            .max(1)
+        let pinned = self
+            .pinned
+            .load(Ordering::Relaxed)
+            .saturating_mul(NODE_SIZE);
+        self.budget.saturating_sub(pinned).max(self.budget / 8)
     }
 
     /// Insert many, taking the cache's lock a few dozen at a time: lookups (some under the
@@ -170,27 +178,26 @@ impl NodeCache {
     }
 
     fn insert_locked(room: usize, inner: &mut Inner, block: BlockNo, node: Arc<Node>) {
+        let bytes = node.heap_bytes();
         if let Some(&i) = inner.index.get(&block) {
-            inner.entries[i].node = node;
-            inner.entries[i].referenced = true;
+            let e = &mut inner.entries[i];
+            inner.used = inner.used - e.bytes + bytes;
+            (e.node, e.bytes, e.referenced) = (node, bytes, true);
+            Self::shrink_locked(room, inner);
             return;
         }
-        let entry = Entry {
+        // At least one node stays cached, whatever the budget.
+        while !inner.entries.is_empty() && inner.used + bytes > room {
+            Self::evict_one(inner);
+        }
+        inner.index.insert(block, inner.entries.len());
+        inner.entries.push(Entry {
             block,
             node,
+            bytes,
             referenced: false,
-        };
-        Self::shrink_locked(room, inner);
-        if inner.entries.len() < room {
-            inner.index.insert(block, inner.entries.len());
-            inner.entries.push(entry);
-            return;
-        }
-        let h = Self::clock_victim(inner);
-        inner.hand = (h + 1) % inner.entries.len();
-        inner.index.remove(&inner.entries[h].block);
-        inner.index.insert(block, h);
-        inner.entries[h] = entry;
+        });
+        inner.used += bytes;
     }
 
     /// CLOCK: the first entry not referenced since the hand last passed (the hand stops on
@@ -205,16 +212,34 @@ impl NodeCache {
         }
     }
 
-    /// Evict (CLOCK, as an insert does) until at most `room` entries are left.
+    /// Evict (CLOCK, as an insert does) until the nodes left take at most `room` bytes (or
+    /// one is left).
     fn shrink_locked(room: usize, inner: &mut Inner) {
-        while inner.entries.len() > room {
-            let h = Self::clock_victim(inner);
-            Self::remove_at(inner, h);
+        while inner.used > room && inner.entries.len() > 1 {
+            Self::evict_one(inner);
         }
+    }
+
+    /// Evict the CLOCK victim. The last entry moves into its slot, and the hand passes over
+    /// it this round: it is often the newest, which would otherwise go next, before older
+    /// ones the hand has not reached.
+    fn evict_one(inner: &mut Inner) {
+        let h = Self::clock_victim(inner);
+        Self::remove_at(inner, h);
+        if h < inner.entries.len() {
+            inner.hand = (h + 1) % inner.entries.len();
+        }
+    }
+
+    /// Whether `block` is cached, without marking it used.
+    #[cfg(test)]
+    fn holds(&self, block: BlockNo) -> bool {
+        self.inner.lock().index.contains_key(&block)
     }
 
     fn remove_at(inner: &mut Inner, i: usize) {
         inner.index.remove(&inner.entries[i].block);
+        inner.used -= inner.entries[i].bytes;
         let last = inner.entries.len() - 1;
         inner.entries.swap_remove(i);
         if i != last {
@@ -242,8 +267,8 @@ impl NodeCache {
     pub fn stats(&self) -> CacheStats {
         let g = self.inner.lock();
         CacheStats {
-            capacity_bytes: (self.capacity * NODE_SIZE) as u64,
-            used_bytes: (g.entries.len() * NODE_SIZE) as u64,
+            capacity_bytes: self.budget as u64,
+            used_bytes: g.used as u64,
             pinned_bytes: (self.pinned.load(Ordering::Relaxed) * NODE_SIZE) as u64,
             hits: g.hits,
             misses: g.misses,
@@ -254,12 +279,78 @@ impl NodeCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pdata::node::LEAF_CAP;
 
-    fn leaf(i: u8) -> Arc<Node> {
+    /// A leaf of `n` entries of `i`.
+    fn leaf_of(i: u8, n: usize) -> Arc<Node> {
         Arc::new(Node::Leaf {
-            keys: vec![[i; 16]],
-            vals: vec![[i; 16]],
+            keys: vec![[i; 16]; n],
+            vals: vec![[i; 16]; n],
         })
+    }
+
+    /// A leaf a little smaller than a block in RAM: as many fit as blocks in the budget.
+    fn leaf(i: u8) -> Arc<Node> {
+        let l = leaf_of(i, 120);
+        assert!(l.heap_bytes() <= NODE_SIZE && l.heap_bytes() > NODE_SIZE * 15 / 16);
+        l
+    }
+
+    #[test]
+    fn nodes_never_used_leave_in_the_order_they_came() {
+        let c = NodeCache::new(4 * NODE_SIZE as u64);
+        for b in 0..40 {
+            c.insert(b, leaf(b as u8));
+            let kept: Vec<u64> = (0..=b).filter(|&x| c.holds(x)).collect();
+            let newest: Vec<u64> = (b.saturating_sub(3)..=b).collect();
+            assert_eq!(kept, newest, "after inserting {b}");
+        }
+    }
+
+    #[test]
+    fn nodes_count_the_ram_they_take_not_their_blocks() {
+        let c = NodeCache::new(8 * NODE_SIZE as u64);
+        // Half-full leaves: twice as many as the budget has blocks.
+        let half = leaf_of(0, 60).heap_bytes();
+        assert!(half <= NODE_SIZE / 2, "{half}");
+        for b in 0..16 {
+            c.insert(b, leaf_of(b as u8, 60));
+        }
+        assert!(
+            (0..16).all(|b| c.probe(b).is_some()),
+            "a half-full leaf was evicted"
+        );
+        assert_eq!(c.stats().used_bytes, 16 * half as u64);
+        // A full leaf takes more than its block: it evicts two of them.
+        let full = leaf_of(99, LEAF_CAP);
+        assert!(full.heap_bytes() > NODE_SIZE);
+        c.insert(99, full.clone());
+        assert_eq!((0..16).filter(|&b| c.probe(b).is_some()).count(), 14);
+        assert!(c.stats().used_bytes <= 8 * NODE_SIZE as u64);
+        // Replaced by a smaller node: counted at its new size.
+        c.insert(99, leaf_of(98, 1));
+        assert_eq!(
+            c.stats().used_bytes,
+            14 * half as u64 + leaf_of(98, 1).heap_bytes() as u64
+        );
+        // A node bigger than the whole budget is still cached, alone, even when the room
+        // shrinks.
+        let tiny = NodeCache::new(1024);
+        tiny.insert(1, leaf_of(1, 60));
+        tiny.insert(2, full);
+        assert!(!tiny.holds(1) && tiny.holds(2));
+        tiny.set_pinned(1);
+        assert!(tiny.holds(2));
+        // Nodes that fill the room exactly all stay, on insert and when one is replaced by
+        // a node of its size.
+        let exact = NodeCache::new(7 * half as u64);
+        for b in 0..7 {
+            exact.insert(b, leaf_of(b as u8, 60));
+        }
+        assert_eq!((0..7).filter(|&b| exact.holds(b)).count(), 7);
+        exact.insert(3, leaf_of(33, 60));
+        assert_eq!((0..7).filter(|&b| exact.holds(b)).count(), 7);
+        assert_eq!(exact.stats().used_bytes, 7 * half as u64);
     }
 
     #[test]
@@ -297,11 +388,8 @@ mod tests {
         // Five nodes held outside: three clean ones left, the one just used among them.
         c.set_pinned(5);
         let s = c.stats();
-        assert_eq!(
-            (s.used_bytes, s.pinned_bytes),
-            (3 * 4096, 5 * 4096),
-            "{s:?}"
-        );
+        let one = leaf(0).heap_bytes() as u64;
+        assert_eq!((s.used_bytes, s.pinned_bytes), (3 * one, 5 * 4096), "{s:?}");
         assert!(c.get(7).is_some(), "the clock evicted a node in use first");
         for b in 8..20 {
             c.insert(b, leaf(b as u8));
@@ -309,7 +397,7 @@ mod tests {
         }
         // Whatever is pinned, an eighth of the budget stays for lookups.
         c.set_pinned(100);
-        assert_eq!(c.stats().used_bytes, 4096);
+        assert_eq!(c.stats().used_bytes, one);
         c.insert(20, leaf(20));
         assert_eq!(c.get(20).unwrap().keys()[0], [20u8; 16]);
         let big = NodeCache::new(16 * NODE_SIZE as u64);
@@ -317,13 +405,13 @@ mod tests {
         for b in 0..5 {
             big.insert(b, leaf(b as u8));
         }
-        assert_eq!(big.stats().used_bytes, 2 * 4096, "an eighth of 16 nodes");
+        assert_eq!(big.stats().used_bytes, 2 * one, "an eighth of 16 nodes");
         // Unpinned (the commit finished): the room comes back.
         c.set_pinned(0);
         for b in 21..40 {
             c.insert(b, leaf(b as u8));
         }
-        assert_eq!(c.stats().used_bytes, 8 * 4096);
+        assert_eq!(c.stats().used_bytes, 8 * one);
     }
 
     #[test]
