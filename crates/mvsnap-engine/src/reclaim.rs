@@ -40,6 +40,9 @@ struct Queue {
     next_ticket: u64,
     /// Batches running now.
     busy: usize,
+    /// Crash tests hold the thread (it takes no batch) so that a power cut right after a
+    /// delete finds the reclaim not begun, whatever the scheduler does.
+    held: bool,
 }
 
 pub(crate) fn spawn_reclaimer(inner: &Arc<Inner>) -> std::io::Result<()> {
@@ -50,7 +53,7 @@ pub(crate) fn spawn_reclaimer(inner: &Arc<Inner>) -> std::io::Result<()> {
             let Some(inner) = weak.upgrade() else { break };
             {
                 let mut q = inner.reclaimer.queue.lock();
-                while q.origins.is_empty() {
+                while q.origins.is_empty() || q.held {
                     if inner.closed.load(Ordering::Acquire) {
                         return;
                     }
@@ -234,6 +237,13 @@ impl Inner {
         }
         drop(q);
         self.release_freed_space(true)
+    }
+
+    /// See [`Queue::held`]; `wait_reclaimed` still runs the batches itself.
+    #[cfg(any(test, feature = "crashsim"))]
+    pub(crate) fn hold_reclaimer(&self, held: bool) {
+        self.reclaimer.queue.lock().held = held;
+        self.reclaimer.cv.notify_all();
     }
 
     pub(crate) fn stop_reclaimer(&self) {

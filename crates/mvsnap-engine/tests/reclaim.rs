@@ -57,6 +57,8 @@ fn a_deleted_snapshot_is_reclaimed_in_batches_and_after_a_crash() {
     o.flush().unwrap();
     let before = s.info().mappings;
     assert!(before >= 40_960 + 1_000, "{before} mappings");
+    // Held, so the drop below always cuts it short (else a fast reclaim may end first).
+    s.hold_background_reclaim(true);
     s.delete_snapshot("o0@a").unwrap();
     // A crash right after the delete: no close, the reclaim cut short.
     drop(o);
@@ -173,6 +175,8 @@ fn deleted_writable_snapshots_are_reclaimed_in_batches_and_after_a_crash() {
     drop(v);
     let before = s.info().mappings;
     assert!(before >= 40_960 + 512 + 1024, "{before} mappings");
+    // Held, so the cut below always finds it not begun (else a fast reclaim may end first).
+    s.hold_background_reclaim(true);
     s.delete_snapshot("o0@w").unwrap();
     s.delete_snapshot("o0@f").unwrap();
     // A power cut right after the deletes (durable: each waited for its record), with the
@@ -246,6 +250,7 @@ fn zero_entries_of_a_deleted_snapshot_are_reclaimed_after_a_crash() {
     drop(o);
     let before = s.info().mappings;
     assert!(before >= 40_960, "{before} mappings");
+    s.hold_background_reclaim(true);
     s.delete_snapshot("o0@a").unwrap();
     // Durable first, so the reopen cannot find the entries in the journal alone.
     s.checkpoint().unwrap();

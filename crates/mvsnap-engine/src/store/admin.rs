@@ -310,6 +310,13 @@ impl Store {
         self.inner.finish_reclaim()
     }
 
+    /// Crash tests: hold the background reclaim (no batch runs until released), so a simulated
+    /// power cut after a delete always finds its work not begun.
+    #[cfg(any(test, feature = "crashsim"))]
+    pub fn hold_background_reclaim(&self, held: bool) {
+        self.inner.hold_reclaimer(held);
+    }
+
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         let st = self.inner.state.read();
         let usage = space_usage(&st, self.inner.geo);
