@@ -23,6 +23,12 @@
 #   --runtime S    fio runtime of step 3 and 5 (default 30)
 #   --snapshots N  snapshots in the store for the list timing (default 1000)
 #   --dir DIR      where the scratch files go (default target/; 4M needs ~40 GB free)
+#   --cache-size S `serve --cache-size` (default: serve's own)
+#   --warm-origin  read the origin into the page cache before step 3, so a copy-out's old
+#                  block is a memory copy, not a device read (what remains is the engine)
+#   --cost         also count, with `perf stat` over step 3 and 5, each server's CPU time,
+#                  context switches and futex / sched_yield calls per request (needs perf
+#                  and root; threads waiting for each other show there, not in IOPS)
 #
 # Prints Markdown on stdout; progress on stderr. Installs nothing: run scripts/install-deps.sh
 # (as root) for fio, qemu-nbd, qemu-img. Dropping the page cache needs root (skipped without).
@@ -32,7 +38,7 @@ cd "$(dirname "$0")/.."
 BENCH=scale.sh
 . bench/lib.sh
 
-mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0
+mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0 cache="" warm=0 cost=0
 while [ $# -gt 0 ]; do
     case $1 in
     --quick) quick=1 mappings=64K runtime=3 nsnaps=20 ;;
@@ -40,6 +46,9 @@ while [ $# -gt 0 ]; do
     --runtime) runtime=$2; shift ;;
     --snapshots) nsnaps=$2; shift ;;
     --dir) dir=$2; shift ;;
+    --cache-size) cache=$2; shift ;;
+    --warm-origin) warm=1 ;;
+    --cost) cost=1 ;;
     -h | --help) usage; exit 0 ;;
     *) bad_argument "$1" ;;
     esac
@@ -47,6 +56,10 @@ while [ $# -gt 0 ]; do
 done
 
 need_tools "run scripts/install-deps.sh as root" cargo fio qemu-nbd qemu-img python3 numfmt
+if [ "$cost" = 1 ]; then
+    need_tools "install perf (Debian: linux-perf)" perf
+    [ "$runtime" -ge 3 ] || die "--cost needs --runtime 3 or more"
+fi
 make_work "$dir"
 stop_all() { stop_pids; }
 trap_cleanup
@@ -65,7 +78,8 @@ mvs() { MVSNAP_RUNTIME_DIR=$work/run "$MVSNAP" --store "$work/s.store" "$@"; }
 start_serve() { # start_serve: serve the store on $work/s.sock; PID in $spid
     local out
     rm -f "$work/s.sock"
-    out=$(mvs serve --nbd-socket "$work/s.sock" --detach) || die "mvsnap serve failed"
+    out=$(mvs serve ${cache:+--cache-size "$cache"} --nbd-socket "$work/s.sock" --detach) ||
+        die "mvsnap serve failed"
     spid=$(echo "$out" | awk '$1 == "pid" { print $2 }')
     [ -n "$spid" ] || die "no pid in mvsnap serve output: $out"
     PIDS+=("$spid")
@@ -83,7 +97,24 @@ overwrite_nbd() { # overwrite_nbd URI BYTES: 1 MiB writes over NBD, a different 
         { cat "$work/fio.log" >&2; die "overwrite failed"; }
 }
 
-results=()
+# cost_start PID: count PID's CPU time, switches and lock system calls (every thread, those it
+# starts too) over the fio run but its last 2 s, in the background; cost_end IOPS prints "CPU
+# us, switches, futex, sched_yield" per request.
+cost_start() {
+    cost_secs=$((runtime - 2))
+    perf stat -e task-clock,context-switches,syscalls:sys_enter_futex,syscalls:sys_enter_sched_yield \
+        -x, -o "$work/cost.csv" -p "$1" -- sleep "$cost_secs" >/dev/null 2>&1 &
+    cost_pid=$!
+}
+cost_end() {
+    wait "$cost_pid" || die "perf stat failed: $(cat "$work/cost.csv")"
+    awk -F, -v n="$(($1 * cost_secs))" '
+        $3 == "task-clock" { cpu = $1 } $3 == "context-switches" { cs = $1 }
+        $3 ~ /futex/ { fx = $1 } $3 ~ /sched_yield/ { y = $1 }
+        END { printf "%.0f %.2f %.2f %.2f\n", cpu * 1000 / n, cs / n, fx / n, y / n }' "$work/cost.csv"
+}
+
+results=() costs=()
 for m in ${mappings//,/ }; do
     n=$(numfmt --from=iec "$m")
     bytes=$((n * 4096))
@@ -110,11 +141,16 @@ for m in ${mappings//,/ }; do
     start_serve
     open_ms=$(( $(now_ms) - t0 ))
     rss_open=$(rss_mib "$spid")
+    if [ "$warm" = 1 ]; then
+        cat "$origin" >/dev/null
+    fi
     load0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
+    [ "$cost" = 1 ] && cost_start "$spid"
     fio_randwrite "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
     steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r iops p50 p9999 max _ < <(fio_summary "$work/m.json")
+    [ "$cost" = 1 ] && mcost=$(cost_end "$iops")
     rss_after=$(rss_mib "$spid")
     load1=$(cut -d' ' -f1 /proc/loadavg)
     log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%)"
@@ -154,9 +190,15 @@ for m in ${mappings//,/ }; do
     wait_socket "$work/q.sock"
     qload0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
+    [ "$cost" = 1 ] && cost_start "$qpid"
     fio_randwrite "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
     qsteal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r qiops qp50 qp9999 qmax _ < <(fio_summary "$work/q.json")
+    if [ "$cost" = 1 ]; then
+        qcost=$(cost_end "$qiops")
+        costs+=("$m|$iops|$mcost|$qiops|$qcost")
+        log "  per request (CPU us, switches, futex, sched_yield): mvsnap $mcost; qemu-nbd $qcost"
+    fi
     qrss=$(rss_mib "$qpid")
     stop_pids
     rm -f "$work"/*.qcow2 "$work/q.sock" "$origin"
@@ -168,7 +210,7 @@ echo "### Index size sweep over NBD ($(date -u +%FT%TZ))"
 echo
 echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r); scratch on $(df -T "$work" | awk 'NR == 2 { print $2 }')"
 echo "- $(fio --version); $(qemu-nbd --version | head -1)"
-echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps"
+echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$cost" = 1 ] && echo " --cost")"
 echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1"
 echo "- qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 (overlays with extended_l2=on,cluster_size=64k)"
 echo
@@ -179,3 +221,14 @@ for r in "${results[@]}"; do
     ratio=$(awk -v a="$i" -v b="$qi" 'BEGIN { printf "%.2f", a / b }')
     echo "| $m | $b | $o | $r0 / $r1 | $i | $p5 | $p9 | $mx | $l | $sl | $lm | $qi | $qp5 | $qp9 | $qmx | $qr | $ql | $qsl | ${ratio}x |"
 done
+if [ "$cost" = 1 ]; then
+    echo
+    echo "Per request over the run but its last 2 s (\`perf stat -p\` on each server: its CPU time, context switches, futex and sched_yield calls / requests):"
+    echo
+    echo "| mappings | mvsnap IOPS | CPU (us) | switches | futex | sched_yield | qcow2 el2 IOPS | CPU (us) | switches | futex | sched_yield |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for c in "${costs[@]}"; do
+        IFS='|' read -r m i mc qi qc <<<"$c"
+        echo "| $m | $i | ${mc// / | } | $qi | ${qc// / | } |"
+    done
+fi
