@@ -146,9 +146,17 @@ record() {
 
 # build_mvsnap: build the release binary; MVSNAP becomes a private copy of it in $work (others
 # may rebuild target/ while we run).
+# MVSNAP_BIN=path runs that binary instead of building this checkout (to compare two builds
+# side by side on one machine, alternating runs).
 build_mvsnap() {
-    log "building mvsnap (release)"
-    cargo build --release -q -p mvsnap-cli >&2 || die "cargo build --release -p mvsnap-cli failed"
-    cp target/release/mvsnap "$work/mvsnap"
+    if [ -n "${MVSNAP_BIN:-}" ]; then
+        [ -x "$MVSNAP_BIN" ] || die "MVSNAP_BIN=$MVSNAP_BIN is not an executable"
+        log "using $MVSNAP_BIN"
+        cp "$MVSNAP_BIN" "$work/mvsnap"
+    else
+        log "building mvsnap (release)"
+        cargo build --release -q -p mvsnap-cli >&2 || die "cargo build --release -p mvsnap-cli failed"
+        cp target/release/mvsnap "$work/mvsnap"
+    fi
     MVSNAP=$work/mvsnap
 }

@@ -14,6 +14,8 @@ impl Store {
         // The write lock: the space map's check reads bitmaps through its own cache.
         let mut guard = self.inner.state.write();
         let st = &mut *guard;
+        // Copies answered but not logged yet hold blocks no record names: logged first.
+        self.inner.log_finished(st);
         // The durable and working versions only: a commit being written is finished first.
         let finished = self.inner.wait_inflight(st);
         let geo = self.inner.geo;

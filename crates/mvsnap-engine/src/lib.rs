@@ -10,6 +10,7 @@ pub mod blockdev;
 mod check;
 mod codec;
 mod commit;
+mod copyout;
 #[cfg(any(test, feature = "crashsim"))]
 pub mod crashsim;
 pub mod error;

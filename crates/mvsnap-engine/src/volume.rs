@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::blockdev::BlockDev;
+use crate::copyout::{self, Copy, CopyJob};
 use crate::error::{Error, Result};
 use crate::format::Geometry;
 use crate::journal::Record;
@@ -15,7 +16,7 @@ use crate::state::ZERO_SLOT;
 use crate::state::{Origin, Snap, State};
 use crate::store::{resolve_name, Handles, Inner, Store};
 use crate::types::{Extent, SnapshotState};
-use crate::writeback;
+use crate::writeback::{self, PENDING};
 
 #[derive(Clone)]
 enum Kind {
@@ -49,17 +50,12 @@ enum Src {
     Zero,
 }
 
-/// A copy-out decided: origin block `block`, for generations `lo..=` the newest, into `slot`
-/// (or [`ZERO_SLOT`]).
-struct Copy {
-    block: u64,
-    lo: u32,
-    /// None: the store is full.
-    slot: Option<u32>,
-    /// The old data reads as zeroes: recorded, not copied.
-    zero: bool,
-    /// Writing the copy failed.
-    failed: Option<String>,
+/// What a copy-out left its origin write to do.
+enum Preserved {
+    /// Go ahead once this record is durable (0: at once).
+    Wait(u64),
+    /// Nothing: the write is queued behind its copies (issued once their records are durable).
+    Queued,
 }
 
 struct Piece {
@@ -343,7 +339,7 @@ impl Volume {
             let n = (offset + len - pos).min(PIECE - pos % PIECE);
             let _gate = gate.read();
             let wait_seq = {
-                let mut st = self.inner.state.write();
+                let st = self.inner.state.write();
                 let (first, last) = (pos / cs, (pos + n - 1) / cs);
                 let o = st
                     .origins
@@ -353,13 +349,15 @@ impl Volume {
                     .needs_preserve(o, first, last)
                     .map_err(|e| self.meta_error(e))?;
                 // Copies of these blocks not durable yet are waited for either way.
-                let wait = if slow {
-                    self.preserve(&mut st, *no, dev, pos, n, true)?
+                if slow {
+                    match self.preserve(st, *no, dev, pos, n, None)? {
+                        Preserved::Wait(seq) => seq,
+                        Preserved::Queued => unreachable!("only a write is queued behind copies"),
+                    }
                 } else {
                     self.inner.check_poison()?;
-                    self.inflight_wait(&st, *no, first, last)
-                };
-                wait.max(st.release_barrier(*no))
+                    copyout::inflight_wait(&st, *no, first, last).max(st.release_barrier(*no))
+                }
             };
             // Invariant 2, as for a write; and writes acknowledged before this one go first.
             self.inner.writeback.drain(&self.inner);
@@ -515,15 +513,17 @@ impl Volume {
                     .map_err(|e| self.meta_error(e))?;
                 let mut wait_seq = st.release_barrier(no);
                 if !slow {
-                    wait_seq = wait_seq.max(self.inflight_wait(st, no, first, last));
+                    wait_seq = wait_seq.max(copyout::inflight_wait(st, no, first, last));
                 }
                 Ok((slow, wait_seq))
             },
         )?;
         if slow {
-            let mut st = self.inner.state.write();
-            wait_seq = self.preserve(&mut st, no, dev, offset, data.len() as u64, false)?;
-            wait_seq = wait_seq.max(st.release_barrier(no));
+            let st = self.inner.state.write();
+            match self.preserve(st, no, dev, offset, data.len() as u64, Some(data))? {
+                Preserved::Queued => return if fua { self.flush() } else { Ok(()) },
+                Preserved::Wait(seq) => wait_seq = seq,
+            }
         }
         // Invariant 2: the old data and its mapping are durable before the origin changes. A
         // write that would wait for that is queued instead (answered now, issued after the
@@ -549,25 +549,26 @@ impl Volume {
     }
 
     /// Copy out every block of `[offset, offset+len)` that some live snapshot still needs.
-    /// `zeroing`: the range is about to read as zeroes (TRIM, WRITE_ZEROES), so a block that
-    /// reads as zeroes now does not change and needs nothing (not even a zero entry; a later
-    /// write to it preserves it then). Returns the journal sequence the origin write must wait
-    /// for.
+    /// `write`: the origin write the copies guard, queued behind them once they are made
+    /// (answered then; its records are logged by the next holder of the state write lock,
+    /// see `copyout`). None: the range is about to read as zeroes (TRIM, WRITE_ZEROES), so a
+    /// block that reads as zeroes now does not change and needs nothing (not even a zero
+    /// entry; a later write to it preserves it then), and the records are logged here.
     ///
     /// The copy's I/O runs without the state lock (it is what a first write costs): the
     /// blocks are claimed under the lock (`State::copying`: a writer of the same block waits
-    /// for the copy, then finds it done), read and written unlocked, and their records logged
-    /// under the lock again. The origin cannot change meanwhile: its writers of those blocks
-    /// wait, and snapshot creation waits for the origin's gate, which the caller holds.
+    /// for the copy, then finds it done), then read and written unlocked. The origin cannot
+    /// change meanwhile: its writers of those blocks wait, and snapshot creation waits for
+    /// the origin's gate, which the caller holds, then drains the queue (logging the jobs).
     fn preserve(
         &self,
-        st: &mut RwLockWriteGuard<'_, State>,
+        mut st: RwLockWriteGuard<'_, State>,
         no: u32,
         dev: &Arc<dyn BlockDev>,
         offset: u64,
         len: u64,
-        zeroing: bool,
-    ) -> Result<u64> {
+        write: Option<&[u8]>,
+    ) -> Result<Preserved> {
         let bs = self.inner.geo.chunk_size as u64;
         let end = offset + len;
         let (first, last) = (offset / bs, (end - 1) / bs);
@@ -576,6 +577,8 @@ impl Volume {
         let (copies, gen) = loop {
             // Neither a copy nor an invalidation can be made durable any more.
             self.inner.check_poison()?;
+            // Others' copies made since: their records (and a block of ours they cover).
+            self.inner.log_finished(&mut st);
             let settled = self.inner.settled_seq.load(Ordering::Acquire);
             let durable = self.inner.commit.lock().durable_seq;
             st.inflight_preserves.expire(durable);
@@ -603,7 +606,7 @@ impl Volume {
             if busy {
                 // Another writer is copying one of these blocks: wait for it, then look again.
                 let seen = self.inner.copies_done.load(Ordering::Acquire);
-                RwLockWriteGuard::unlocked(st, || self.inner.wait_copies(seen));
+                RwLockWriteGuard::unlocked(&mut st, || self.inner.wait_copies(seen));
                 continue;
             }
             let gen = st.origins[&no].gen;
@@ -612,204 +615,63 @@ impl Volume {
                 st.copying.insert((no, c));
                 // A block for every copy, zeroes or not (known only once read): a zero one
                 // gives its block back. None: the store is full.
-                let slot = self.inner.alloc_data_slot(st);
+                let slot = self.inner.alloc_data_slot(&mut st);
                 copies.push(Copy {
                     block: c,
                     lo,
                     slot,
                     zero: false,
+                    crc: 0,
                     failed: None,
                 });
             }
             break (copies, gen);
         };
         if copies.is_empty() {
-            return Ok(self.inflight_wait(st, no, first, last));
+            let wait = copyout::inflight_wait(&st, no, first, last);
+            return Ok(Preserved::Wait(wait.max(st.release_barrier(no))));
         }
+        drop(st);
         // 2. Unlocked: one read of the old data, runs of neighbouring blocks written at once.
         let (lo_block, hi_block) = (copies[0].block, copies[copies.len() - 1].block);
-        let mut copies = copies;
-        let read = RwLockWriteGuard::unlocked(st, || {
-            let mut old = vec![0u8; ((hi_block - lo_block + 1) * bs) as usize];
-            let src = lo_block * bs;
-            let osize = self.size;
-            let avail = osize.saturating_sub(src).min(old.len() as u64) as usize;
-            dev.read_at(&mut old[..avail], src)
-                .map_err(|e| Error::io("read", dev.path(), e))?;
-            self.write_copies(&old, lo_block, &mut copies);
-            Ok(old)
-        });
-        // 3. Under the lock again: a record for each copy made; the rest given back.
-        let logged = match read {
-            Ok(old) => self.log_copies(st, no, gen, &old, lo_block, &copies, zeroing),
-            Err(e) => Err(e),
+        let mut job = CopyJob {
+            volume: self.name.clone(),
+            origin: no,
+            gen,
+            first,
+            last,
+            copies,
+            zeroing: write.is_none(),
+            deferred: None,
         };
-        if logged.is_err() {
-            for c in &copies {
-                if let Some(slot) = c.slot {
-                    if st.unlogged.contains(&slot) {
-                        let _ = st.free_unlogged(slot);
-                    }
-                }
+        let mut old = vec![0u8; ((hi_block - lo_block + 1) * bs) as usize];
+        let src = lo_block * bs;
+        let avail = self.size.saturating_sub(src).min(old.len() as u64) as usize;
+        let read = dev
+            .read_at(&mut old[..avail], src)
+            .map_err(|e| Error::io("read", dev.path(), e));
+        if read.is_ok() {
+            self.inner.write_copies(&old, lo_block, &mut job.copies);
+            if let Some(data) = write.filter(|_| !self.inner.ephemeral) {
+                // 3a. The write waits in the queue for its copies' records; answered now.
+                let entry = self.inner.writeback.push(no, dev, offset, data, PENDING);
+                job.deferred = Some(entry);
+                self.inner.push_finished(job);
+                return Ok(Preserved::Queued);
             }
         }
-        for c in &copies {
-            st.copying.remove(&(no, c.block));
-        }
+        // 3b. Under the lock again: a record for each copy made; the rest given back.
+        let mut st = self.inner.state.write();
+        let logged = match read {
+            Ok(()) => self.inner.log_job(&mut st, &job),
+            Err(e) => {
+                self.inner.release_claims(&mut st, &job, true);
+                Err(e)
+            }
+        };
+        drop(st);
         self.inner.copies_finished();
-        let seq = logged?;
-        Ok(seq.max(self.inflight_wait(st, no, first, last)))
-    }
-
-    /// The newest record a write of `first..=last` must wait for: copies of those blocks
-    /// logged but not durable yet.
-    fn inflight_wait(&self, st: &State, no: u32, first: u64, last: u64) -> u64 {
-        if st.inflight_preserves.is_empty() {
-            return 0;
-        }
-        (first..=last)
-            .filter_map(|c| st.inflight_preserves.get(&(no, c)))
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Write the copies (`old` holds the origin's blocks from `first` on): zero blocks are
-    /// noted, not written; a run of neighbouring blocks into neighbouring store blocks goes
-    /// out as one write. A failed write is noted on its copies.
-    fn write_copies(&self, old: &[u8], first: u64, copies: &mut [Copy]) {
-        let geo = self.inner.geo;
-        let bs = geo.chunk_size as usize;
-        let at = |c: &Copy| (c.block - first) as usize * bs;
-        for c in copies.iter_mut() {
-            c.zero = old[at(c)..at(c) + bs].iter().all(|&b| b == 0);
-        }
-        let mut i = 0;
-        while i < copies.len() {
-            let Some(slot) = copies[i].slot.filter(|_| !copies[i].zero) else {
-                i += 1;
-                continue;
-            };
-            let mut j = i + 1;
-            while j < copies.len()
-                && !copies[j].zero
-                && copies[j].slot == Some(copies[j - 1].slot.unwrap().wrapping_add(1))
-                && copies[j].block == copies[j - 1].block + 1
-            {
-                j += 1;
-            }
-            let run = &old[at(&copies[i])..at(&copies[j - 1]) + bs];
-            if let Err(e) = self.inner.store_write_data(run, geo.slot_offset(slot)) {
-                // ENOSPC of a sparse store on a full file system, EIO: the origin stays
-                // writable, as with a full store (dm-snapshot does the same).
-                for c in &mut copies[i..j] {
-                    c.failed = Some(e.to_string());
-                }
-            }
-            i = j;
-        }
-    }
-
-    /// Append each copy's `Preserve` record (a zero block's records zeroes and gives its
-    /// block back); a copy that could not be made (a full store, a failed write) invalidates
-    /// the snapshots that needed it. Returns the newest record's sequence.
-    #[allow(clippy::too_many_arguments)]
-    fn log_copies(
-        &self,
-        st: &mut State,
-        no: u32,
-        gen: u32,
-        old: &[u8],
-        first: u64,
-        copies: &[Copy],
-        zeroing: bool,
-    ) -> Result<u64> {
-        let bs = self.inner.geo.chunk_size as usize;
-        let at = |c: &Copy| (c.block - first) as usize * bs;
-        let mut wait_seq = 0;
-        for copy in copies {
-            if copy.zero || copy.failed.is_some() {
-                if let Some(slot) = copy.slot {
-                    st.free_unlogged(slot).map_err(|e| self.meta_error(e))?;
-                }
-            }
-            // A snapshot deleted meanwhile may have left nothing that needs it.
-            if !st.origins[&no].any_live(copy.lo, gen) {
-                if let Some(slot) = copy.slot.filter(|_| !copy.zero && copy.failed.is_none()) {
-                    st.free_unlogged(slot).map_err(|e| self.meta_error(e))?;
-                }
-                continue;
-            }
-            if copy.zero && zeroing {
-                continue;
-            }
-            let slot = match (copy.zero, copy.slot, &copy.failed) {
-                (true, _, _) => ZERO_SLOT,
-                (false, Some(slot), None) => slot,
-                (false, slot, failed) => {
-                    let reason = match (slot, failed) {
-                        (_, Some(e)) => format!(
-                            "COW store write failed ({e}): could not preserve block {}",
-                            copy.block
-                        ),
-                        _ => format!("COW store full: could not preserve block {}", copy.block),
-                    };
-                    let seq = self.invalidate_needing(st, no, copy.lo, gen, &reason)?;
-                    wait_seq = wait_seq.max(seq);
-                    continue;
-                }
-            };
-            let crc = if slot == ZERO_SLOT {
-                0
-            } else {
-                crc32c::crc32c(&old[at(copy)..at(copy) + bs])
-            };
-            let seq = self.inner.log(
-                st,
-                Record::Preserve {
-                    origin: no,
-                    chunk: copy.block,
-                    lo: copy.lo,
-                    hi: gen,
-                    slot,
-                    bits: 1,
-                    crc,
-                },
-            )?;
-            st.inflight_preserves.insert((no, copy.block), seq);
-            wait_seq = wait_seq.max(seq);
-        }
-        Ok(wait_seq)
-    }
-
-    /// A copy-out cannot be made (the store is full, or writing it failed): the origin write
-    /// must go on, so the snapshots that needed this copy lose it. They are marked invalid and
-    /// their space is reclaimed. Returns the journal sequence that must be durable before any
-    /// write of this origin reaches the disk.
-    fn invalidate_needing(
-        &self,
-        st: &mut State,
-        no: u32,
-        lo: u32,
-        hi: u32,
-        why: &str,
-    ) -> Result<u64> {
-        let o = &st.origins[&no];
-        let ids: Vec<u64> = st
-            .snaps
-            .values()
-            .filter(|s| {
-                s.origin == no && s.state == SnapshotState::Valid && (lo..=hi).contains(&s.gen)
-            })
-            .map(|s| s.id)
-            .collect();
-        let names: Vec<String> = ids
-            .iter()
-            .map(|id| format!("{}@{}", o.id, st.snaps[id].tag))
-            .collect();
-        let reason = format!("{why} of {}", o.id);
-        let seq = self.inner.invalidate(st, no, &ids, &reason, &names)?;
-        st.release_seq.insert(no, seq);
-        Ok(seq)
+        Ok(Preserved::Wait(logged?))
     }
 
     fn write_snapshot(&self, id: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {

@@ -10,9 +10,13 @@
 //!
 //! Without this, every first write after a snapshot waits for an fdatasync; with it, many
 //! share one in the background (docs/BENCHMARKS.md measures the difference).
+//!
+//! A first write's entry is queued *pending* once its copies are made, before their records
+//! are logged (`copyout`): whoever logs them next resolves it to the record it waits for, or
+//! cancels it. A pending entry blocks the queue like one whose record is not durable yet.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -30,6 +34,8 @@ const TRACK_SHIFT: u32 = 12;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(2);
 /// How long an idle background thread sleeps before it checks whether the store is gone.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// `Deferred::after_seq` of an entry whose copy-out records are not logged yet.
+pub(crate) const PENDING: u64 = u64::MAX;
 
 pub(crate) struct Writeback {
     queue: Mutex<Queue>,
@@ -37,6 +43,8 @@ pub(crate) struct Writeback {
     work: Condvar,
     /// Signalled when queued writes were issued (writers waiting for room, drains).
     progress: Condvar,
+    /// Signalled when a pending entry is resolved or cancelled (the issuer waits on it).
+    resolved: Condvar,
     /// Held by whoever issues queued writes, so they reach the devices in queue order.
     apply: Mutex<()>,
     /// Entries queued: a lock-free "nothing queued" test for the hot paths.
@@ -55,6 +63,8 @@ struct Queue {
     errors: HashMap<u32, String>,
     /// The highest record any queued write waits for (what the committer commits up to).
     max_after: u64,
+    /// Entries pushed pending and not resolved or cancelled yet.
+    pending: usize,
     /// The committer waits for work: a push that needs a commit must wake it.
     committer_idle: bool,
     closed: bool,
@@ -65,8 +75,23 @@ pub(crate) struct Deferred {
     dev: Arc<dyn BlockDev>,
     offset: u64,
     data: Vec<u8>,
-    /// The journal record that must be durable before this write is issued.
-    after_seq: u64,
+    /// The journal record that must be durable before this write is issued ([`PENDING`]:
+    /// not known yet).
+    after_seq: AtomicU64,
+    /// Never to be issued: its copy-out failed or could not be logged.
+    cancelled: AtomicBool,
+}
+
+impl Deferred {
+    fn after(&self) -> u64 {
+        self.after_seq.load(Ordering::Acquire)
+    }
+
+    /// Whether the record this write waits for is durable.
+    fn covered(&self, durable: u64) -> bool {
+        let after = self.after();
+        after != PENDING && after <= durable
+    }
 }
 
 fn tracked_blocks(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
@@ -93,11 +118,13 @@ impl Writeback {
                 bytes: 0,
                 errors: HashMap::new(),
                 max_after: 0,
+                pending: 0,
                 committer_idle: false,
                 closed: false,
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
+            resolved: Condvar::new(),
             apply: Mutex::new(()),
             queued: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
@@ -135,9 +162,19 @@ impl Writeback {
                 }
             }
             let Some(inner) = inner.upgrade() else { return };
-            if let Some(seq) = self.issue_ready(&inner, u64::MAX) {
+            match self.issue_ready(&inner, u64::MAX) {
+                Some(PENDING) => {
+                    // The committer or a writer logs it; wait until one has.
+                    let mut q = self.queue.lock();
+                    if q.entries.front().is_some_and(|e| e.after() == PENDING) {
+                        self.resolved.wait_for(&mut q, COMMIT_INTERVAL);
+                    }
+                }
                 // The committer is on it (or anyone else's commit will do).
-                inner.wait_committed(seq, Duration::from_millis(20));
+                Some(seq) => {
+                    inner.wait_committed(seq, Duration::from_millis(20));
+                }
+                None => {}
             }
         }
     }
@@ -147,6 +184,12 @@ impl Writeback {
         loop {
             let need = {
                 let Some(inner) = inner.upgrade() else { return };
+                // Copy-outs finished since the last round and not logged by a writer yet: their
+                // records, all under one hold of the state lock, go into this commit (on a
+                // poisoned store, their writes are cancelled).
+                if inner.has_finished() {
+                    inner.log_finished(&mut inner.state.write());
+                }
                 let mut q = self.queue.lock();
                 if q.closed {
                     return;
@@ -161,6 +204,12 @@ impl Writeback {
                 }
                 // A poisoned store commits nothing more; the issuer drops what waits for it.
                 if q.max_after <= inner.durable_seq() || inner.check_poison().is_err() {
+                    if q.pending > 0 && inner.check_poison().is_ok() {
+                        // Copies still being made: their jobs come soon.
+                        drop(inner);
+                        self.work.wait_for(&mut q, COMMIT_INTERVAL);
+                        continue;
+                    }
                     q.committer_idle = true;
                     drop(inner);
                     self.work.wait_for(&mut q, IDLE_WAIT);
@@ -202,8 +251,8 @@ impl Writeback {
         !self.is_empty() && self.queue.lock().overlaps(origin, offset, len)
     }
 
-    /// Queue a write; it is issued after record `after_seq` is durable. Waits while too much
-    /// is queued.
+    /// Queue a write; it is issued after record `after_seq` is durable ([`PENDING`]: after
+    /// [`Writeback::resolve`] names the record). Waits while too much is queued.
     pub fn push(
         &self,
         origin: u32,
@@ -211,13 +260,14 @@ impl Writeback {
         offset: u64,
         data: &[u8],
         after_seq: u64,
-    ) {
+    ) -> Arc<Deferred> {
         let entry = Arc::new(Deferred {
             origin,
             dev: dev.clone(),
             offset,
             data: data.to_vec(),
-            after_seq,
+            after_seq: AtomicU64::new(after_seq),
+            cancelled: AtomicBool::new(false),
         });
         let mut q = self.queue.lock();
         while q.bytes >= MAX_QUEUED_BYTES && !q.closed {
@@ -227,14 +277,62 @@ impl Writeback {
             *q.blocks.entry((origin, b)).or_insert(0) += 1;
         }
         q.bytes += data.len();
-        q.max_after = q.max_after.max(after_seq);
+        if after_seq == PENDING {
+            q.pending += 1;
+        } else {
+            q.max_after = q.max_after.max(after_seq);
+        }
         let was_empty = q.entries.is_empty();
-        q.entries.push_back(entry);
+        q.entries.push_back(entry.clone());
         self.queued.store(q.entries.len(), Ordering::Release);
         if was_empty || (after_seq > 0 && q.committer_idle) {
             q.committer_idle = false;
             self.work.notify_all();
         }
+        entry
+    }
+
+    /// A pending entry's copy-out is logged: it waits for record `seq` from now on.
+    pub fn resolve(&self, entry: &Deferred, seq: u64) {
+        debug_assert!(seq != PENDING);
+        let mut q = self.queue.lock();
+        if entry
+            .after_seq
+            .compare_exchange(PENDING, seq, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            q.pending -= 1;
+        }
+        q.max_after = q.max_after.max(seq);
+        if q.committer_idle && seq > 0 {
+            q.committer_idle = false;
+            self.work.notify_all();
+        }
+        drop(q);
+        self.resolved.notify_all();
+    }
+
+    /// A pending entry is never to be issued: its copy-out's records could not be logged. The
+    /// write was answered, so its origin's next flush reports `error`.
+    pub fn cancel(&self, entry: &Deferred, error: String) {
+        let mut q = self.queue.lock();
+        entry.cancelled.store(true, Ordering::Release);
+        if entry
+            .after_seq
+            .compare_exchange(PENDING, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            q.pending -= 1;
+        }
+        tracing::error!(
+            origin = entry.origin,
+            "an acknowledged origin write was dropped: {error}"
+        );
+        q.errors.entry(entry.origin).or_insert(format!(
+            "a write acknowledged since the last flush was dropped: {error}"
+        ));
+        drop(q);
+        self.resolved.notify_all();
     }
 
     /// Take the queued writes overlapping a range, to lay over what the device returns. Call
@@ -265,6 +363,11 @@ impl Writeback {
         }
         let target = self.queue.lock().tail();
         while let Some(seq) = self.issue_ready(inner, target) {
+            if seq == PENDING {
+                // Its copies are made or being made: log them (or wait for them) here.
+                inner.log_finished_or_wait();
+                continue;
+            }
             // Lead or join the commit the head waits for. A failure poisons the store, and
             // the next round drops what can no longer be issued.
             let _ = inner.wait_durable(seq);
@@ -293,10 +396,14 @@ impl Writeback {
                     .entries
                     .iter()
                     .take(limit)
-                    .take_while(|e| e.after_seq <= durable || poisoned.is_some())
+                    .take_while(|e| {
+                        e.covered(durable)
+                            || poisoned.is_some()
+                            || e.cancelled.load(Ordering::Acquire)
+                    })
                     .cloned()
                     .collect();
-                let blocked = (batch.len() < limit).then(|| q.entries[batch.len()].after_seq);
+                let blocked = (batch.len() < limit).then(|| q.entries[batch.len()].after());
                 (batch, blocked)
             };
             if batch.is_empty() {
@@ -304,8 +411,11 @@ impl Writeback {
             }
             let mut failed: Vec<(u32, String)> = Vec::new();
             for e in &batch {
+                if e.cancelled.load(Ordering::Acquire) {
+                    continue;
+                }
                 // Invariant 2: only a write whose copy-out is durable reaches the origin.
-                let r = if e.after_seq <= durable {
+                let r = if e.covered(durable) {
                     e.dev.write_at(&e.data, e.offset).map_err(|err| {
                         format!(
                             "write {} at offset {}: {err}",

@@ -631,3 +631,43 @@ fn info_counts_origin_writes_queued_behind_their_copy_outs() {
     drop(o);
     s.close().unwrap();
 }
+
+/// A first write is answered once its copy is made, before its record is logged (whoever
+/// takes the state lock next logs it). If the store is poisoned in between, the record can
+/// never be logged: the origin write must be dropped, never issued (the snapshot's copy would
+/// be named by no record), and the origin's next flush must say so.
+#[test]
+fn an_answered_write_whose_copy_cannot_be_logged_is_dropped_and_its_flush_fails() {
+    let content = pattern(14, MIB);
+    let (_dir, m, s) = setup(16 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.close().unwrap();
+    let (hold, reached, go) = HoldCommitter::new(m.store_disk().unwrap(), "mvsnap-group");
+    let s = Store::open_with(hold.clone(), None, m.opener(), &OpenOptions::default()).unwrap();
+    let o = s.volume("o0").unwrap();
+    hold.armed.store(true, Ordering::Release);
+    // The committer logs this first write's copy, then is held in the sync of its group.
+    o.write_at(65536, &[0x5a; 4096], false).unwrap();
+    reached
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the group committer syncs the first copy-out");
+    // Nobody logs this one's copy while the committer is held: answered, record pending.
+    o.write_at(3 * 65536, &[0xa5; 4096], false).unwrap();
+    // The held sync fails: the store is poisoned.
+    m.store_disk().unwrap().fail_sync_after(1);
+    go.send(()).unwrap();
+    let e = o.flush().expect_err("the flush reports the dropped writes");
+    assert!(
+        e.to_string().contains("dropped"),
+        "the flush says writes were dropped: {e}"
+    );
+    // Neither write reached the origin: their copies never became durable.
+    let now = read_all(&s, "o0");
+    common::assert_image("o0 after the poison", &now, &content);
+    drop(o);
+    drop(s);
+    let s = power_cut(&m);
+    common::assert_image("o0@a after a power cut", &read_all(&s, "o0@a"), &content);
+    common::assert_image("o0 after a power cut", &read_all(&s, "o0"), &content);
+    common::assert_clean(&s, "after the power cut");
+}

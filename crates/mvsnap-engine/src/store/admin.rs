@@ -318,7 +318,7 @@ impl Store {
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        let st = self.inner.state.read();
+        let st = self.inner.state_for_report();
         let usage = space_usage(&st, self.inner.geo);
         st.snaps
             .values()
@@ -396,7 +396,7 @@ impl Store {
     pub fn info(&self) -> StoreInfo {
         let snapshots = self.snapshots();
         let origins = self.origins();
-        let st = self.inner.state.read();
+        let st = self.inner.state_for_report();
         let geo = self.inner.geo;
         let sb = self.inner.sb.lock().clone();
         let cs = META_BLOCK;

@@ -93,6 +93,9 @@ pub(crate) struct Inner {
     pub(crate) copies_done: AtomicU64,
     copy_mx: Mutex<()>,
     copy_cv: Condvar,
+    /// Copy-outs made and not logged yet, and how many (see `copyout`).
+    pub(crate) finished: Mutex<Vec<crate::copyout::CopyJob>>,
+    pub(crate) finished_len: std::sync::atomic::AtomicUsize,
     /// The tree commit being written, if any (see `commit`).
     pub(crate) inflight: Mutex<Option<Arc<crate::commit::Inflight>>>,
     /// Wakes the committer thread when a commit is frozen.

@@ -519,6 +519,8 @@ impl Store {
             copies_done: AtomicU64::new(0),
             copy_mx: Mutex::new(()),
             copy_cv: Condvar::new(),
+            finished: Mutex::new(Vec::new()),
+            finished_len: std::sync::atomic::AtomicUsize::new(0),
             committer_cv: Condvar::new(),
             committer: Mutex::new(None),
             writeback: Writeback::new(),
