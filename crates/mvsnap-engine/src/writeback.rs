@@ -34,6 +34,10 @@ const TRACK_SHIFT: u32 = 12;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(2);
 /// How long an idle background thread sleeps before it checks whether the store is gone.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// Most queued writes issued between two updates of the queue. A commit can make thousands
+/// ready at once; issued as one batch, they kept writers waiting for room for up to 574 ms
+/// (at 1M mappings, where each 4 KiB origin write cost ~60 us of ext4's time).
+const ISSUE_CHUNK: usize = 64;
 /// `Deferred::after_seq` of an entry whose copy-out records are not logged yet.
 pub(crate) const PENDING: u64 = u64::MAX;
 
@@ -392,6 +396,9 @@ impl Writeback {
             let (batch, blocked) = {
                 let q = self.queue.lock();
                 let limit = target.saturating_sub(q.head).min(q.entries.len() as u64) as usize;
+                // In chunks, each followed by its room made: writers waiting for room wait
+                // for a chunk, not for everything one commit made ready.
+                let limit = limit.min(ISSUE_CHUNK);
                 let batch: Vec<Arc<Deferred>> = q
                     .entries
                     .iter()
