@@ -26,8 +26,11 @@ use crate::blockdev::BlockDev;
 use crate::error::Error;
 use crate::store::Inner;
 
-/// Queued bytes above which writers wait for the worker (bounds memory and drain time).
-const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Queued bytes above which writers wait for the worker: bounds the RAM and what a FLUSH
+/// waits for. Under sustained first writes the issuer is the bottleneck and the queue stays
+/// full, so a FLUSH waits for all of it: 605-618 ms on average at 64 MiB, 242-246 ms at 16 MiB
+/// (docs/BENCHMARKS.md). 16 MiB still holds far more than one commit's worth of writes.
+const MAX_QUEUED_BYTES: usize = 16 << 20;
 /// Overlap is tracked per 4 KiB block, whatever the store's geometry.
 const TRACK_SHIFT: u32 = 12;
 /// Least time between two commits the committer starts.
