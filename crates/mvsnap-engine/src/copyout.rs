@@ -49,8 +49,12 @@ pub(crate) struct CopyJob {
     pub copies: Vec<Copy>,
     /// The range is about to read as zeroes: a block that reads as zeroes needs no entry.
     pub zeroing: bool,
-    /// The origin write queued behind this job; None when the caller waits for it itself.
-    pub deferred: Option<Arc<Deferred>>,
+}
+
+/// A job handed over with the origin write queued behind it, pending until it is logged.
+pub(crate) struct Finished {
+    pub job: CopyJob,
+    pub deferred: Arc<Deferred>,
 }
 
 impl Inner {
@@ -92,9 +96,9 @@ impl Inner {
     }
 
     /// Hand a finished job over, to be logged by the next holder of the state write lock.
-    pub(crate) fn push_finished(&self, job: CopyJob) {
+    pub(crate) fn push_finished(&self, job: CopyJob, deferred: Arc<Deferred>) {
         let mut q = self.finished.lock();
-        q.push(job);
+        q.push(Finished { job, deferred });
         self.finished_len.store(q.len(), Ordering::Release);
         drop(q);
         // A writer waiting for one of these blocks logs it itself.
@@ -119,12 +123,10 @@ impl Inner {
             self.finished_len.store(0, Ordering::Release);
             std::mem::take(&mut *q)
         };
-        for job in jobs {
-            let logged = self.log_job(st, &job);
-            match (&job.deferred, logged) {
-                (Some(d), Ok(seq)) => self.writeback.resolve(d, seq),
-                (Some(d), Err(e)) => self.writeback.cancel(d, e.to_string()),
-                (None, _) => unreachable!("a job without a queued write is logged by its writer"),
+        for Finished { job, deferred } in jobs {
+            match self.log_job(st, &job) {
+                Ok(seq) => self.writeback.resolve(&deferred, seq),
+                Err(e) => self.writeback.cancel(&deferred, e.to_string()),
             }
         }
         self.copies_finished();

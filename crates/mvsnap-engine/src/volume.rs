@@ -642,7 +642,6 @@ impl Volume {
             last,
             copies,
             zeroing: write.is_none(),
-            deferred: None,
         };
         let mut old = vec![0u8; ((hi_block - lo_block + 1) * bs) as usize];
         let src = lo_block * bs;
@@ -655,8 +654,7 @@ impl Volume {
             if let Some(data) = write.filter(|_| !self.inner.ephemeral) {
                 // 3a. The write waits in the queue for its copies' records; answered now.
                 let entry = self.inner.writeback.push(no, dev, offset, data, PENDING);
-                job.deferred = Some(entry);
-                self.inner.push_finished(job);
+                self.inner.push_finished(job, entry);
                 return Ok(Preserved::Queued);
             }
         }

@@ -94,7 +94,7 @@ pub(crate) struct Inner {
     copy_mx: Mutex<()>,
     copy_cv: Condvar,
     /// Copy-outs made and not logged yet, and how many (see `copyout`).
-    pub(crate) finished: Mutex<Vec<crate::copyout::CopyJob>>,
+    pub(crate) finished: Mutex<Vec<crate::copyout::Finished>>,
     pub(crate) finished_len: std::sync::atomic::AtomicUsize,
     /// The tree commit being written, if any (see `commit`).
     pub(crate) inflight: Mutex<Option<Arc<crate::commit::Inflight>>>,
