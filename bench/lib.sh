@@ -57,10 +57,12 @@ wait_socket() {
 }
 
 # fio_randwrite URI OUT: 4 KiB random writes over NBD, QD16, $runtime seconds, seed 7 (the same
-# blocks in the same order every run), JSON to OUT.
+# blocks in the same order every run), JSON to OUT. With $flush_every set, a FLUSH after every
+# that many writes (fio_flushes reads their latency).
 fio_randwrite() {
     fio --name=randwrite --ioengine=nbd "--uri=$1" --rw=randwrite --bs=4k --iodepth=16 \
         --time_based "--runtime=$runtime" --randseed=7 --lat_percentiles=1 \
+        ${flush_every:+"--fsync=$flush_every"} \
         --percentile_list=50:99:99.9:99.99 --output-format=json "--output=$2" \
         >"$work/fio.log" 2>&1 || { cat "$work/fio.log" >&2; die "fio failed"; }
 }
@@ -75,6 +77,16 @@ p = lat["percentile"]
 def ms(ns): return ns / 1e6
 print("%.0f %.3f %.2f %.2f %d" % (w["iops"], ms(p["50.000000"]), ms(p["99.990000"]), ms(lat["max"]),
                                   w["total_ios"]))
+EOF
+}
+
+# fio_flushes OUT: "flushes mean_ms max_ms" of the FLUSH requests in fio_randwrite's JSON.
+fio_flushes() {
+    python3 - "$1" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))["jobs"][0].get("sync") or {}
+lat = s.get("lat_ns") or {}
+print("%d %.1f %.1f" % (s.get("total_ios", 0), lat.get("mean", 0) / 1e6, lat.get("max", 0) / 1e6))
 EOF
 }
 

@@ -26,6 +26,9 @@
 #   --cache-size S `serve --cache-size` (default: serve's own)
 #   --warm-origin  read the origin into the page cache before step 3, so a copy-out's old
 #                  block is a memory copy, not a device read (what remains is the engine)
+#   --flush-every N  a FLUSH after every N writes in step 3 and 5, and its latency reported
+#                  (how long a client's flush waits while first writes keep the write-behind
+#                  queue full)
 #   --cost         also count, with `perf stat` over step 3 and 5, each server's CPU time,
 #                  context switches and futex / sched_yield calls per request (needs perf
 #                  and root; threads waiting for each other show there, not in IOPS)
@@ -38,7 +41,7 @@ cd "$(dirname "$0")/.."
 BENCH=scale.sh
 . bench/lib.sh
 
-mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0 cache="" warm=0 cost=0
+mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0 cache="" warm=0 cost=0 flush_every=""
 while [ $# -gt 0 ]; do
     case $1 in
     --quick) quick=1 mappings=64K runtime=3 nsnaps=20 ;;
@@ -49,6 +52,7 @@ while [ $# -gt 0 ]; do
     --cache-size) cache=$2; shift ;;
     --warm-origin) warm=1 ;;
     --cost) cost=1 ;;
+    --flush-every) flush_every=$2; shift ;;
     -h | --help) usage; exit 0 ;;
     *) bad_argument "$1" ;;
     esac
@@ -114,7 +118,7 @@ cost_end() {
         END { printf "%.0f %.2f %.2f %.2f\n", cpu * 1000 / n, cs / n, fx / n, y / n }' "$work/cost.csv"
 }
 
-results=() costs=()
+results=() costs=() flushes=()
 for m in ${mappings//,/ }; do
     n=$(numfmt --from=iec "$m")
     bytes=$((n * 4096))
@@ -150,6 +154,7 @@ for m in ${mappings//,/ }; do
     fio_randwrite "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
     steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r iops p50 p9999 max _ < <(fio_summary "$work/m.json")
+    mflushes=$(fio_flushes "$work/m.json")
     [ "$cost" = 1 ] && mcost=$(cost_end "$iops")
     rss_after=$(rss_mib "$spid")
     load1=$(cut -d' ' -f1 /proc/loadavg)
@@ -194,6 +199,11 @@ for m in ${mappings//,/ }; do
     fio_randwrite "nbd+unix:///disk0?socket=$work/q.sock" "$work/q.json"
     qsteal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r qiops qp50 qp9999 qmax _ < <(fio_summary "$work/q.json")
+    if [ -n "$flush_every" ]; then
+        qflushes=$(fio_flushes "$work/q.json")
+        flushes+=("$m|$mflushes|$qflushes")
+        log "  FLUSH (count, mean ms, max ms): mvsnap $mflushes; qemu-nbd $qflushes"
+    fi
     if [ "$cost" = 1 ]; then
         qcost=$(cost_end "$qiops")
         costs+=("$m|$iops|$mcost|$qiops|$qcost")
@@ -210,8 +220,8 @@ echo "### Index size sweep over NBD ($(date -u +%FT%TZ))"
 echo
 echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r); scratch on $(df -T "$work" | awk 'NR == 2 { print $2 }')"
 echo "- $(fio --version); $(qemu-nbd --version | head -1)"
-echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$cost" = 1 ] && echo " --cost")"
-echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1"
+echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$cost" = 1 ] && echo " --cost")${flush_every:+ --flush-every $flush_every}"
+echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1${flush_every:+ --fsync=$flush_every}"
 echo "- qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 (overlays with extended_l2=on,cluster_size=64k)"
 echo
 echo "| mappings | build (s) | open (ms) | RSS open / after (MiB) | mvsnap IOPS | p50 (ms) | p99.99 (ms) | max (ms) | load | steal % | list of $nsnaps (ms) | qcow2 el2 IOPS | p50 | p99.99 | max | qemu-nbd RSS | load | steal % | IOPS ratio |"
@@ -230,5 +240,16 @@ if [ "$cost" = 1 ]; then
     for c in "${costs[@]}"; do
         IFS='|' read -r m i mc qi qc <<<"$c"
         echo "| $m | $i | ${mc// / | } | $qi | ${qc// / | } |"
+    done
+fi
+if [ -n "$flush_every" ]; then
+    echo
+    echo "FLUSH requests during the random writes (one after every $flush_every writes; fio's \`sync\` latency):"
+    echo
+    echo "| mappings | mvsnap flushes | mean (ms) | max (ms) | qcow2 el2 flushes | mean (ms) | max (ms) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for f in "${flushes[@]}"; do
+        IFS='|' read -r m mf qf <<<"$f"
+        echo "| $m | ${mf// / | } | ${qf// / | } |"
     done
 fi

@@ -132,25 +132,31 @@ impl Inner {
         self.copies_finished();
     }
 
+    /// Log finished jobs, if there are any, under the state write lock taken for it (the
+    /// guard is handed back; None if nothing had finished).
+    pub(crate) fn log_finished_locking(&self) -> Option<RwLockWriteGuard<'_, State>> {
+        if !self.has_finished() {
+            return None;
+        }
+        let mut st = self.state.write();
+        self.log_finished(&mut st);
+        Some(st)
+    }
+
     /// The state for a report (`info`, `snapshot list`): copy-outs answered but not logged
     /// yet are logged first, so its counts include every write answered before the call.
     pub(crate) fn state_for_report(&self) -> RwLockReadGuard<'_, State> {
-        if self.has_finished() {
-            let mut st = self.state.write();
-            self.log_finished(&mut st);
-            return RwLockWriteGuard::downgrade(st);
+        match self.log_finished_locking() {
+            Some(st) => RwLockWriteGuard::downgrade(st),
+            None => self.state.read(),
         }
-        self.state.read()
     }
 
     /// Log `log_finished`'s jobs, taking the state lock; or, if none is finished yet, wait a
     /// little for one (a drain waiting for copies still being made).
     pub(crate) fn log_finished_or_wait(&self) {
         let seen = self.copies_done.load(Ordering::Acquire);
-        if self.has_finished() {
-            let mut st = self.state.write();
-            self.log_finished(&mut st);
-        } else {
+        if self.log_finished_locking().is_none() {
             self.wait_copies(seen);
         }
     }

@@ -16,7 +16,7 @@
 //! cancels it. A pending entry blocks the queue like one whose record is not durable yet.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 const ISSUE_CHUNK: usize = 64;
 /// `Deferred::after_seq` of an entry whose copy-out records are not logged yet.
 pub(crate) const PENDING: u64 = u64::MAX;
+/// `Deferred::after_seq` of an entry never to be issued: its copy-out's records could not be
+/// logged.
+const CANCELLED: u64 = u64::MAX - 1;
 
 pub(crate) struct Writeback {
     queue: Mutex<Queue>,
@@ -83,10 +86,8 @@ pub(crate) struct Deferred {
     offset: u64,
     data: Vec<u8>,
     /// The journal record that must be durable before this write is issued ([`PENDING`]:
-    /// not known yet).
+    /// not known yet; [`CANCELLED`]: never).
     after_seq: AtomicU64,
-    /// Never to be issued: its copy-out failed or could not be logged.
-    cancelled: AtomicBool,
 }
 
 impl Deferred {
@@ -97,7 +98,11 @@ impl Deferred {
     /// Whether the record this write waits for is durable.
     fn covered(&self, durable: u64) -> bool {
         let after = self.after();
-        after != PENDING && after <= durable
+        after != PENDING && after != CANCELLED && after <= durable
+    }
+
+    fn cancelled(&self) -> bool {
+        self.after() == CANCELLED
     }
 }
 
@@ -194,9 +199,7 @@ impl Writeback {
                 // Copy-outs finished since the last round and not logged by a writer yet: their
                 // records, all under one hold of the state lock, go into this commit (on a
                 // poisoned store, their writes are cancelled).
-                if inner.has_finished() {
-                    inner.log_finished(&mut inner.state.write());
-                }
+                drop(inner.log_finished_locking());
                 let mut q = self.queue.lock();
                 if q.closed {
                     return;
@@ -210,8 +213,9 @@ impl Writeback {
                     continue;
                 }
                 // A poisoned store commits nothing more; the issuer drops what waits for it.
-                if q.max_after <= inner.durable_seq() || inner.check_poison().is_err() {
-                    if q.pending > 0 && inner.check_poison().is_ok() {
+                let poisoned = inner.check_poison().is_err();
+                if q.max_after <= inner.durable_seq() || poisoned {
+                    if q.pending > 0 && !poisoned {
                         // Copies still being made: their jobs come soon.
                         drop(inner);
                         self.work.wait_for(&mut q, COMMIT_INTERVAL);
@@ -274,7 +278,6 @@ impl Writeback {
             offset,
             data: data.to_vec(),
             after_seq: AtomicU64::new(after_seq),
-            cancelled: AtomicBool::new(false),
         });
         let mut q = self.queue.lock();
         while q.bytes >= MAX_QUEUED_BYTES && !q.closed {
@@ -301,7 +304,7 @@ impl Writeback {
 
     /// A pending entry's copy-out is logged: it waits for record `seq` from now on.
     pub fn resolve(&self, entry: &Deferred, seq: u64) {
-        debug_assert!(seq != PENDING);
+        debug_assert!(seq < CANCELLED);
         let mut q = self.queue.lock();
         if entry
             .after_seq
@@ -323,10 +326,9 @@ impl Writeback {
     /// write was answered, so its origin's next flush reports `error`.
     pub fn cancel(&self, entry: &Deferred, error: String) {
         let mut q = self.queue.lock();
-        entry.cancelled.store(true, Ordering::Release);
         if entry
             .after_seq
-            .compare_exchange(PENDING, 0, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(PENDING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             q.pending -= 1;
@@ -406,11 +408,7 @@ impl Writeback {
                     .entries
                     .iter()
                     .take(limit)
-                    .take_while(|e| {
-                        e.covered(durable)
-                            || poisoned.is_some()
-                            || e.cancelled.load(Ordering::Acquire)
-                    })
+                    .take_while(|e| e.covered(durable) || poisoned.is_some() || e.cancelled())
                     .cloned()
                     .collect();
                 let blocked = (batch.len() < limit).then(|| q.entries[batch.len()].after());
@@ -421,7 +419,7 @@ impl Writeback {
             }
             let mut failed: Vec<(u32, String)> = Vec::new();
             for e in &batch {
-                if e.cancelled.load(Ordering::Acquire) {
+                if e.cancelled() {
                     continue;
                 }
                 // Invariant 2: only a write whose copy-out is durable reaches the origin.

@@ -598,19 +598,29 @@ fn a_commit_is_not_made_durable_after_another_threads_sync_failed() {
     drop(dir);
 }
 
+/// Snapshot `a` of o0, then the store opened again with the group committer to be held at
+/// its next sync: the store, o0, a receiver told when it is held, the sender that lets it go.
+fn with_group_committer_held_at_its_next_sync(
+    m: &SimMachine,
+    s: Store,
+) -> (Store, Volume, mpsc::Receiver<()>, mpsc::Sender<()>) {
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    s.close().unwrap();
+    let (hold, reached, go) = HoldCommitter::new(m.store_disk().unwrap(), "mvsnap-group");
+    let s = Store::open_with(hold.clone(), None, m.opener(), &OpenOptions::default()).unwrap();
+    let o = s.volume("o0").unwrap();
+    hold.armed.store(true, Ordering::Release);
+    (s, o, reached, go)
+}
+
 /// `info` counts what the store holds in RAM beside its node cache: origin writes queued until
 /// their copy-outs are durable, and (above) the nodes of a commit being written.
 #[test]
 fn info_counts_origin_writes_queued_behind_their_copy_outs() {
     let content = pattern(13, MIB);
     let (_dir, m, s) = setup(16 << 20, &content);
-    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
-    s.close().unwrap();
-    let (hold, reached, go) = HoldCommitter::new(m.store_disk().unwrap(), "mvsnap-group");
-    let s = Store::open_with(hold.clone(), None, m.opener(), &OpenOptions::default()).unwrap();
-    let o = s.volume("o0").unwrap();
+    let (s, o, reached, go) = with_group_committer_held_at_its_next_sync(&m, s);
     assert_eq!(s.info().queued_write_bytes, 0);
-    hold.armed.store(true, Ordering::Release);
     // A first write: its copy-out is logged, the write itself queued and answered.
     o.write_at(65536, &[0x5a; 8192], false).unwrap();
     reached
@@ -640,12 +650,7 @@ fn info_counts_origin_writes_queued_behind_their_copy_outs() {
 fn an_answered_write_whose_copy_cannot_be_logged_is_dropped_and_its_flush_fails() {
     let content = pattern(14, MIB);
     let (_dir, m, s) = setup(16 << 20, &content);
-    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
-    s.close().unwrap();
-    let (hold, reached, go) = HoldCommitter::new(m.store_disk().unwrap(), "mvsnap-group");
-    let s = Store::open_with(hold.clone(), None, m.opener(), &OpenOptions::default()).unwrap();
-    let o = s.volume("o0").unwrap();
-    hold.armed.store(true, Ordering::Release);
+    let (s, o, reached, go) = with_group_committer_held_at_its_next_sync(&m, s);
     // The committer logs this first write's copy, then is held in the sync of its group.
     o.write_at(65536, &[0x5a; 4096], false).unwrap();
     reached
