@@ -25,7 +25,11 @@
 #   --dir DIR      where the scratch files go (default target/; 4M needs ~40 GB free)
 #   --cache-size S `serve --cache-size` (default: serve's own)
 #   --warm-origin  read the origin into the page cache before step 3, so a copy-out's old
-#                  block is a memory copy, not a device read (what remains is the engine)
+#                  block is a memory copy, not a device read (what remains is the engine).
+#                  With `cat`, so the cache holds it in large folios (2 MiB), as a sequential
+#                  reader (a backup) leaves it; ext4 pays ~40 us for a 4 KiB write into one
+#   --warm-pages   the same, but with random 4 KiB reads (fio, FADV_RANDOM), so the cache
+#                  holds 4 KiB pages, as an origin written or read at random leaves it
 #   --flush-every N  a FLUSH after every N writes in step 3 and 5, and its latency reported
 #                  (how long a client's flush waits while first writes keep the write-behind
 #                  queue full)
@@ -51,6 +55,7 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift ;;
     --cache-size) cache=$2; shift ;;
     --warm-origin) warm=1 ;;
+    --warm-pages) warm=pages ;;
     --cost) cost=1 ;;
     --flush-every) flush_every=$2; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -147,6 +152,11 @@ for m in ${mappings//,/ }; do
     rss_open=$(rss_mib "$spid")
     if [ "$warm" = 1 ]; then
         cat "$origin" >/dev/null
+    elif [ "$warm" = pages ]; then
+        fio --name=warm "--filename=$origin" --rw=randread --bs=4k "--size=$((bytes / 4))" \
+            --numjobs=4 "--offset_increment=$((bytes / 4))" --ioengine=psync \
+            --fadvise_hint=random --invalidate=0 --output=/dev/null >/dev/null 2>&1 ||
+            die "reading the origin in 4 KiB pages failed"
     fi
     load0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
@@ -220,7 +230,7 @@ echo "### Index size sweep over NBD ($(date -u +%FT%TZ))"
 echo
 echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r); scratch on $(df -T "$work" | awk 'NR == 2 { print $2 }')"
 echo "- $(fio --version); $(qemu-nbd --version | head -1)"
-echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$cost" = 1 ] && echo " --cost")${flush_every:+ --flush-every $flush_every}"
+echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$warm" = pages ] && echo " --warm-pages")$([ "$cost" = 1 ] && echo " --cost")${flush_every:+ --flush-every $flush_every}"
 echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1${flush_every:+ --fsync=$flush_every}"
 echo "- qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 (overlays with extended_l2=on,cluster_size=64k)"
 echo
