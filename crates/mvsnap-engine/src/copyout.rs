@@ -167,9 +167,7 @@ impl Inner {
         let logged = self.log_copies(st, job);
         self.release_claims(st, job, logged.is_err());
         let seq = logged?;
-        Ok(seq
-            .max(inflight_wait(st, job.origin, job.first, job.last))
-            .max(st.release_barrier(job.origin)))
+        Ok(seq.max(write_wait(st, job.origin, job.first, job.last)))
     }
 
     /// A job's blocks leave `State::copying`; `failed`: its slots no record names go back.
@@ -283,14 +281,16 @@ impl Inner {
     }
 }
 
-/// The newest record a write of `first..=last` must wait for: copies of those blocks logged
-/// but not durable yet.
-pub(crate) fn inflight_wait(st: &State, no: u32, first: u64, last: u64) -> u64 {
-    if st.inflight_preserves.is_empty() {
-        return 0;
-    }
-    (first..=last)
-        .filter_map(|c| st.inflight_preserves.get(&(no, c)))
-        .max()
-        .unwrap_or(0)
+/// The newest record a write of `first..=last` of origin `no` must wait for: copies of those
+/// blocks logged but not durable yet, and the origin's release barrier.
+pub(crate) fn write_wait(st: &State, no: u32, first: u64, last: u64) -> u64 {
+    let inflight = if st.inflight_preserves.is_empty() {
+        0
+    } else {
+        (first..=last)
+            .filter_map(|c| st.inflight_preserves.get(&(no, c)))
+            .max()
+            .unwrap_or(0)
+    };
+    inflight.max(st.release_barrier(no))
 }

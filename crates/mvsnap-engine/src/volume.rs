@@ -356,7 +356,7 @@ impl Volume {
                     }
                 } else {
                     self.inner.check_poison()?;
-                    copyout::inflight_wait(&st, *no, first, last).max(st.release_barrier(*no))
+                    copyout::write_wait(&st, *no, first, last)
                 }
             };
             // Invariant 2, as for a write; and writes acknowledged before this one go first.
@@ -511,10 +511,12 @@ impl Volume {
                 let slow = st
                     .needs_preserve(o, first, last)
                     .map_err(|e| self.meta_error(e))?;
-                let mut wait_seq = st.release_barrier(no);
-                if !slow {
-                    wait_seq = wait_seq.max(copyout::inflight_wait(st, no, first, last));
-                }
+                // A write that needs a copy-out learns what it waits for from `preserve`.
+                let wait_seq = if slow {
+                    0
+                } else {
+                    copyout::write_wait(st, no, first, last)
+                };
                 Ok((slow, wait_seq))
             },
         )?;
@@ -628,8 +630,7 @@ impl Volume {
             break (copies, gen);
         };
         if copies.is_empty() {
-            let wait = copyout::inflight_wait(&st, no, first, last);
-            return Ok(Preserved::Wait(wait.max(st.release_barrier(no))));
+            return Ok(Preserved::Wait(copyout::write_wait(&st, no, first, last)));
         }
         drop(st);
         // 2. Unlocked: one read of the old data, runs of neighbouring blocks written at once.
