@@ -118,6 +118,22 @@ impl Queue {
     fn overlaps(&self, origin: u32, offset: u64, len: u64) -> bool {
         tracked_blocks(offset, len).any(|b| self.blocks.contains_key(&(origin, b)))
     }
+
+    /// A pending entry learns what it waits for (a record, or [`CANCELLED`]); counted once.
+    fn leave_pending(&mut self, entry: &Deferred, to: u64) {
+        if entry
+            .after_seq
+            .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.pending -= 1;
+        }
+    }
+}
+
+/// What an origin's next flush reports for a write it answered and never issued.
+fn dropped_write(reason: &str) -> String {
+    format!("a write acknowledged since the last flush was dropped: {reason}")
 }
 
 impl Writeback {
@@ -306,13 +322,7 @@ impl Writeback {
     pub fn resolve(&self, entry: &Deferred, seq: u64) {
         debug_assert!(seq < CANCELLED);
         let mut q = self.queue.lock();
-        if entry
-            .after_seq
-            .compare_exchange(PENDING, seq, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            q.pending -= 1;
-        }
+        q.leave_pending(entry, seq);
         q.max_after = q.max_after.max(seq);
         if q.committer_idle && seq > 0 {
             q.committer_idle = false;
@@ -326,20 +336,14 @@ impl Writeback {
     /// write was answered, so its origin's next flush reports `error`.
     pub fn cancel(&self, entry: &Deferred, error: String) {
         let mut q = self.queue.lock();
-        if entry
-            .after_seq
-            .compare_exchange(PENDING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            q.pending -= 1;
-        }
+        q.leave_pending(entry, CANCELLED);
         tracing::error!(
             origin = entry.origin,
             "an acknowledged origin write was dropped: {error}"
         );
-        q.errors.entry(entry.origin).or_insert(format!(
-            "a write acknowledged since the last flush was dropped: {error}"
-        ));
+        q.errors
+            .entry(entry.origin)
+            .or_insert_with(|| dropped_write(&error));
         drop(q);
         self.resolved.notify_all();
     }
@@ -432,9 +436,8 @@ impl Writeback {
                         )
                     })
                 } else {
-                    Err(format!(
-                        "a write acknowledged since the last flush was dropped: {}",
-                        poisoned.as_deref().unwrap_or("store poisoned")
+                    Err(dropped_write(
+                        poisoned.as_deref().unwrap_or("store poisoned"),
                     ))
                 };
                 if let Err(msg) = r {
