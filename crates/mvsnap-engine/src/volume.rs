@@ -1,7 +1,7 @@
 //! Volumes: the origin and its snapshots, as front ends see them (read, write, flush, trim,
 //! block status). The copy-out ordering rule (DESIGN invariant 2) is enforced here.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockWriteGuard};
@@ -39,6 +39,9 @@ pub struct Volume {
     name: String,
     size: u64,
     kind: Kind,
+    /// Whether this handle's last origin write needed a copy-out: after a snapshot most
+    /// first writes come in runs, so the next write takes the state's write lock at once.
+    copy_outs_likely: Arc<AtomicBool>,
 }
 
 /// Where a piece of a read comes from.
@@ -98,6 +101,7 @@ impl Store {
             name: name.to_string(),
             size: o.size,
             kind,
+            copy_outs_likely: Arc::default(),
         })
     }
 
@@ -496,37 +500,53 @@ impl Volume {
         let (first, last) = (offset / cs, (offset + data.len() as u64 - 1) / cs);
         // The tree nodes the lookups below and `preserve` need, read without the state lock
         // (profiled at 2M mappings: leaf reads under the lock were most of the writers' waits),
-        // then the lookups under the read lock of the last probe.
-        let (slow, mut wait_seq) = self.inner.with_nodes_read(
-            |st| {
-                st.origins
-                    .get(&no)
-                    .map_or_else(Vec::new, |o| st.first_write_misses(o, first, last))
-            },
-            |st| -> Result<(bool, u64)> {
-                let o = st
-                    .origins
-                    .get(&no)
-                    .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
-                let slow = st
-                    .needs_preserve(o, first, last)
-                    .map_err(|e| self.meta_error(e))?;
-                // A write that needs a copy-out learns what it waits for from `preserve`.
-                let wait_seq = if slow {
-                    0
-                } else {
-                    copyout::write_wait(st, no, first, last)
-                };
-                Ok((slow, wait_seq))
-            },
-        )?;
-        if slow {
-            let st = self.inner.state.write();
-            match self.preserve(st, no, dev, offset, data.len() as u64, Some(data))? {
-                Preserved::Queued => return if fua { self.flush() } else { Ok(()) },
-                Preserved::Wait(seq) => wait_seq = seq,
+        // then the lookups under the lock of the last probe: the write lock when the last
+        // write needed a copy-out (this one likely does too, and claims its copies in the same
+        // round), else the read lock.
+        let probe = |st: &State| {
+            st.origins
+                .get(&no)
+                .map_or_else(Vec::new, |o| st.first_write_misses(o, first, last))
+        };
+        let lookup = |st: &State| -> Result<bool> {
+            let o = st
+                .origins
+                .get(&no)
+                .ok_or_else(|| Error::NotFound(format!("origin {}", self.name)))?;
+            let slow = st
+                .needs_preserve(o, first, last)
+                .map_err(|e| self.meta_error(e))?;
+            self.copy_outs_likely.store(slow, Ordering::Relaxed);
+            Ok(slow)
+        };
+        let wait = if self.copy_outs_likely.load(Ordering::Relaxed) {
+            self.inner
+                .with_nodes_write(probe, |st| -> Result<Preserved> {
+                    if lookup(&st)? {
+                        self.preserve(st, no, dev, offset, data.len() as u64, Some(data))
+                    } else {
+                        Ok(Preserved::Wait(copyout::write_wait(&st, no, first, last)))
+                    }
+                })?
+        } else {
+            // None: a copy-out, which learns what the write waits for in `preserve`.
+            let without_copy_out =
+                self.inner
+                    .with_nodes_read(probe, |st| -> Result<Option<u64>> {
+                        Ok((!lookup(st)?).then(|| copyout::write_wait(st, no, first, last)))
+                    })?;
+            match without_copy_out {
+                Some(seq) => Preserved::Wait(seq),
+                None => {
+                    let st = self.inner.state.write();
+                    self.preserve(st, no, dev, offset, data.len() as u64, Some(data))?
+                }
             }
-        }
+        };
+        let wait_seq = match wait {
+            Preserved::Queued => return if fua { self.flush() } else { Ok(()) },
+            Preserved::Wait(seq) => seq,
+        };
         // Invariant 2: the old data and its mapping are durable before the origin changes. A
         // write that would wait for that is queued instead (answered now, issued after the
         // commit); so is one that overlaps a queued write, to stay behind it.
