@@ -33,6 +33,13 @@
 #   --flush-every N  a FLUSH after every N writes in step 3 and 5, and its latency reported
 #                  (how long a client's flush waits while first writes keep the write-behind
 #                  queue full)
+#   --pretouch G   touch (and free) G GiB of anonymous memory right before each server's fio
+#                  phase. On a VM whose host takes free guest memory back (free page
+#                  reporting), the first touch of such a page costs a fault in the host (~15 us
+#                  a page on the machine of docs/BENCHMARKS.md, against 1.6 us): a server whose
+#                  page cache grows into it pays that per write. Without this, mvsnap's phase
+#                  follows the origin's warming (which takes the memory the cache drop freed)
+#                  and qemu-nbd's does not
 #   --cost         also count, with `perf stat` over step 3 and 5, each server's CPU time,
 #                  context switches and futex / sched_yield calls per request (needs perf
 #                  and root; threads waiting for each other show there, not in IOPS)
@@ -45,7 +52,7 @@ cd "$(dirname "$0")/.."
 BENCH=scale.sh
 . bench/lib.sh
 
-mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0 cache="" warm=0 cost=0 flush_every=""
+mappings=1M,2M,4M runtime=30 nsnaps=1000 dir=target quick=0 cache="" warm=0 cost=0 flush_every="" pretouch=""
 while [ $# -gt 0 ]; do
     case $1 in
     --quick) quick=1 mappings=64K runtime=3 nsnaps=20 ;;
@@ -58,6 +65,7 @@ while [ $# -gt 0 ]; do
     --warm-pages) warm=pages ;;
     --cost) cost=1 ;;
     --flush-every) flush_every=$2; shift ;;
+    --pretouch) pretouch=$2; shift ;;
     -h | --help) usage; exit 0 ;;
     *) bad_argument "$1" ;;
     esac
@@ -65,6 +73,8 @@ while [ $# -gt 0 ]; do
 done
 
 need_tools "run scripts/install-deps.sh as root" cargo fio qemu-nbd qemu-img python3 numfmt
+[[ -z "$pretouch" || "$pretouch" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
+    die "--pretouch takes a size in GiB (a number), not '$pretouch'"
 if [ "$cost" = 1 ]; then
     need_tools "install perf (Debian: linux-perf)" perf
     [ "$runtime" -ge 3 ] || die "--cost needs --runtime 3 or more"
@@ -77,6 +87,18 @@ build_mvsnap
 drop_caches() {
     sync
     if [ -w /proc/sys/vm/drop_caches ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+
+pretouch_memory() { # see --pretouch
+    [ -n "$pretouch" ] || return 0
+    python3 - "$pretouch" <<'PY' || die "touching $pretouch GiB of memory failed"
+import mmap, sys
+n = int(float(sys.argv[1]) * (1 << 30))
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for off in range(0, n, 4096):
+    m[off] = 1
+m.close()
+PY
 }
 
 rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
@@ -158,6 +180,7 @@ for m in ${mappings//,/ }; do
             --fadvise_hint=random --invalidate=0 --output=/dev/null >/dev/null 2>&1 ||
             die "reading the origin in 4 KiB pages failed"
     fi
+    pretouch_memory
     load0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
     [ "$cost" = 1 ] && cost_start "$spid"
@@ -203,6 +226,7 @@ for m in ${mappings//,/ }; do
     qpid=$(cat "$work/q.pid")
     PIDS+=("$qpid")
     wait_socket "$work/q.sock"
+    pretouch_memory
     qload0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
     [ "$cost" = 1 ] && cost_start "$qpid"
@@ -230,7 +254,7 @@ echo "### Index size sweep over NBD ($(date -u +%FT%TZ))"
 echo
 echo "- machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r); scratch on $(df -T "$work" | awk 'NR == 2 { print $2 }')"
 echo "- $(fio --version); $(qemu-nbd --version | head -1)"
-echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$warm" = pages ] && echo " --warm-pages")$([ "$cost" = 1 ] && echo " --cost")${flush_every:+ --flush-every $flush_every}"
+echo "- command: bash bench/scale.sh --mappings $mappings --runtime $runtime --snapshots $nsnaps${cache:+ --cache-size $cache}$([ "$warm" = 1 ] && echo " --warm-origin")$([ "$warm" = pages ] && echo " --warm-pages")$([ "$cost" = 1 ] && echo " --cost")${flush_every:+ --flush-every $flush_every}${pretouch:+ --pretouch $pretouch}"
 echo "- fio: --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=$runtime --randseed=7 --lat_percentiles=1${flush_every:+ --fsync=$flush_every}"
 echo "- qemu-nbd -f qcow2 --cache=writeback --aio=threads --persistent --shared=16 (overlays with extended_l2=on,cluster_size=64k)"
 echo
