@@ -184,20 +184,7 @@ impl Inner {
         probe: impl Fn(&State) -> Vec<(u64, u32)>,
         then: impl FnOnce(&State) -> R,
     ) -> R {
-        for _ in 0..=crate::pdata::btree::MAX_DEPTH {
-            let (missed, fetcher) = {
-                let st = self.state.read();
-                let missed = probe(&st);
-                if missed.is_empty() {
-                    return then(&st);
-                }
-                (missed, st.meta.fetcher())
-            };
-            if !fetcher.fetch_all(missed) {
-                break;
-            }
-        }
-        then(&self.state.read())
+        self.with_nodes(|| self.state.read(), probe, |st| then(&st))
     }
 
     /// [`Inner::with_nodes_read`] for lookups that will likely lead to a change of the state
@@ -210,8 +197,18 @@ impl Inner {
         probe: impl Fn(&State) -> Vec<(u64, u32)>,
         then: impl FnOnce(RwLockWriteGuard<'_, State>) -> R,
     ) -> R {
+        self.with_nodes(|| self.state.write(), probe, then)
+    }
+
+    /// The rounds of [`Inner::with_nodes_read`] under either side of the state lock.
+    fn with_nodes<G: std::ops::Deref<Target = State>, R>(
+        &self,
+        lock: impl Fn() -> G,
+        probe: impl Fn(&State) -> Vec<(u64, u32)>,
+        then: impl FnOnce(G) -> R,
+    ) -> R {
         for _ in 0..=crate::pdata::btree::MAX_DEPTH {
-            let st = self.state.write();
+            let st = lock();
             let missed = probe(&st);
             if missed.is_empty() {
                 return then(st);
@@ -222,7 +219,7 @@ impl Inner {
                 break;
             }
         }
-        then(self.state.write())
+        then(lock())
     }
 
     /// Stop and join the flusher and the write-behind threads (idempotent).
