@@ -34,7 +34,9 @@
 #                  (how long a client's flush waits while first writes keep the write-behind
 #                  queue full)
 #   --pretouch G   touch (and free) G GiB of anonymous memory right before each server's fio
-#                  phase. On a VM whose host takes free guest memory back (free page
+#                  phase, at most the free memory less 1 GiB (so a warmed origin stays
+#                  cached); default 6 where 16 GiB or more are available, else 0; 0 turns
+#                  it off; --quick: 0. On a VM whose host takes free guest memory back (free page
 #                  reporting), the first touch of such a page costs a fault in the host (~15 us
 #                  a page on the machine of docs/BENCHMARKS.md, against 1.6 us): a server whose
 #                  page cache grows into it pays that per write. Without this, mvsnap's phase
@@ -75,6 +77,11 @@ done
 need_tools "run scripts/install-deps.sh as root" cargo fio qemu-nbd qemu-img python3 numfmt
 [[ -z "$pretouch" || "$pretouch" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
     die "--pretouch takes a size in GiB (a number), not '$pretouch'"
+if [ -z "$pretouch" ]; then
+    # Both servers on memory the guest touched last, unless the machine is small or quick.
+    avail_gib=$(awk '/^MemAvailable:/ { print int($2 / 1048576) }' /proc/meminfo)
+    if [ "$quick" = 0 ] && [ "${avail_gib:-0}" -ge 16 ]; then pretouch=6; else pretouch=0; fi
+fi
 if [ "$cost" = 1 ]; then
     need_tools "install perf (Debian: linux-perf)" perf
     [ "$runtime" -ge 3 ] || die "--cost needs --runtime 3 or more"
@@ -90,15 +97,24 @@ drop_caches() {
 }
 
 pretouch_memory() { # see --pretouch
-    [ -n "$pretouch" ] || return 0
-    python3 - "$pretouch" <<'PY' || die "touching $pretouch GiB of memory failed"
+    [ "$pretouch" != 0 ] || return 0
+    local touched
+    touched=$(
+        python3 - "$pretouch" <<'PY'
 import mmap, sys
-n = int(float(sys.argv[1]) * (1 << 30))
+# Free memory only, less 1 GiB: taking the page cache's (a warmed origin) would evict it.
+free = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemFree:"))
+n = max(0, min(int(float(sys.argv[1]) * (1 << 30)), free * 1024 - (1 << 30))) // 4096 * 4096
+print(f"{n / (1 << 30):.1f}")
+if n == 0:
+    sys.exit(0)
 m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for off in range(0, n, 4096):
     m[off] = 1
 m.close()
 PY
+    ) || die "touching $pretouch GiB of memory failed"
+    log "  touched $touched GiB of free memory (--pretouch $pretouch)"
 }
 
 rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }

@@ -168,7 +168,7 @@ pub struct StoreInfo {
     #[serde(default)]
     pub overlay_bytes: u64,
     /// Origin writes answered and held in RAM until their copy-outs are durable (at most
-    /// 64 MiB). With the cache and the two above, what the daemon's memory holds for the store.
+    /// 16 MiB). With the cache and the two above, what the daemon's memory holds for the store.
     #[serde(default)]
     pub queued_write_bytes: u64,
     pub ephemeral: bool,
