@@ -13,7 +13,6 @@ use common::{format_opts, pattern, read_all};
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
-/// The crash cut the reclaim short (mappings `left` at reopen) and the reopen finished it.
 /// Mappings the crash left, read by a read-only open: it starts no reclaim thread, while a
 /// writable open's thread starts at once and may finish before anyone reads the count.
 fn mappings_left_by_the_crash(open: impl Fn(&OpenOptions) -> mvsnap_engine::Result<Store>) -> u64 {
@@ -27,6 +26,7 @@ fn mappings_left_by_the_crash(open: impl Fn(&OpenOptions) -> mvsnap_engine::Resu
     left
 }
 
+/// The crash cut the reclaim short (mappings `left` at reopen) and the reopen finished it.
 fn assert_crash_left_work(before: u64, left: u64, after: u64) {
     eprintln!("mappings: {before} before the delete, {left} at reopen, {after} reclaimed");
     assert!(
