@@ -153,6 +153,11 @@ cost_start() {
         -x, -o "$work/cost.csv" -p "$1" -- sleep "$cost_secs" >/dev/null 2>&1 &
     cost_pid=$!
 }
+# node_reads: the nodes the daemon read from the store since it opened (`info`'s cache misses).
+node_reads() {
+    mvs info --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["cache_misses"])' ||
+        die "mvsnap info failed"
+}
 cost_end() {
     wait "$cost_pid" || die "perf stat failed: $(cat "$work/cost.csv")"
     awk -F, -v n="$(($1 * cost_secs))" '
@@ -199,15 +204,20 @@ for m in ${mappings//,/ }; do
     pretouch_memory
     load0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
+    reads0=$(node_reads)
     [ "$cost" = 1 ] && cost_start "$spid"
     fio_randwrite "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
     steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
-    read -r iops p50 p9999 max _ < <(fio_summary "$work/m.json")
+    read -r iops p50 p9999 max reqs < <(fio_summary "$work/m.json")
+    # Index nodes the first writes read from the store (not in the node cache): each a read
+    # on some write's path, from the page cache or the device.
+    reads=$(( $(node_reads) - reads0 ))
+    per_write=$(awk -v r="$reads" -v n="$reqs" 'BEGIN { printf "%.2f", n ? r / n : 0 }')
     mflushes=$(fio_flushes "$work/m.json")
     [ "$cost" = 1 ] && mcost=$(cost_end "$iops")
     rss_after=$(rss_mib "$spid")
     load1=$(cut -d' ' -f1 /proc/loadavg)
-    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%)"
+    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%); $reads index nodes read, $per_write per write"
     for ((i = 3; i <= nsnaps; i++)); do
         mvs snapshot create disk0 --tag "l$i" >/dev/null
     done
@@ -256,7 +266,7 @@ for m in ${mappings//,/ }; do
     fi
     if [ "$cost" = 1 ]; then
         qcost=$(cost_end "$qiops")
-        costs+=("$m|$iops|$mcost|$qiops|$qcost")
+        costs+=("$m|$iops|$mcost $per_write|$qiops|$qcost")
         log "  per request (CPU us, switches, futex, sched_yield): mvsnap $mcost; qemu-nbd $qcost"
     fi
     qrss=$(rss_mib "$qpid")
@@ -283,10 +293,10 @@ for r in "${results[@]}"; do
 done
 if [ "$cost" = 1 ]; then
     echo
-    echo "Per request over the run but its last 2 s (\`perf stat -p\` on each server: its CPU time, context switches, futex and sched_yield calls / requests):"
+    echo "Per request over the run but its last 2 s (\`perf stat -p\` on each server: its CPU time, context switches, futex and sched_yield calls / requests; index nodes read: \`info\`'s cache misses over the whole run / requests):"
     echo
-    echo "| mappings | mvsnap IOPS | CPU (us) | switches | futex | sched_yield | qcow2 el2 IOPS | CPU (us) | switches | futex | sched_yield |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| mappings | mvsnap IOPS | CPU (us) | switches | futex | sched_yield | index nodes read | qcow2 el2 IOPS | CPU (us) | switches | futex | sched_yield |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for c in "${costs[@]}"; do
         IFS='|' read -r m i mc qi qc <<<"$c"
         echo "| $m | $i | ${mc// / | } | $qi | ${qc// / | } |"

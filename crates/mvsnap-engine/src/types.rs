@@ -153,6 +153,13 @@ pub struct StoreInfo {
     pub cache_bytes: u64,
     #[serde(default)]
     pub cache_used_bytes: u64,
+    /// Since open: lookups of a node the cache held, and nodes read from the store. Misses
+    /// that keep growing in steady service say the index's working set outgrew the cache
+    /// (`--cache-size`); each is a read of the store on some request's path.
+    #[serde(default)]
+    pub cache_hits: u64,
+    #[serde(default)]
+    pub cache_misses: u64,
     /// Tree nodes changed since the last commit: held in RAM, within the cache's budget, until
     /// the next commit (or, for an ephemeral store, until they are written out uncommitted).
     #[serde(default)]

@@ -168,6 +168,19 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
     common::assert_clean(&s, "after the writes");
     drop(s);
     let s = Store::open(&store, &opts).unwrap();
+    let opened = s.info();
     check(&s, "after a reopen");
+    // The reads went through a cold cache smaller than the index: `info` counts the nodes
+    // they read (more than the cache holds) and the lookups the cache served (most: a leaf
+    // serves every block of it in a row).
+    let read = s.info();
+    let nodes_read = read.cache_misses - opened.cache_misses;
+    let hits = read.cache_hits - opened.cache_hits;
+    assert!(
+        nodes_read * 4096 > read.cache_bytes && hits > nodes_read,
+        "{nodes_read} nodes read and {hits} hits over a whole read of a {} byte index, {} byte cache",
+        read.metadata_bytes,
+        read.cache_bytes
+    );
     common::assert_clean(&s, "after a reopen");
 }

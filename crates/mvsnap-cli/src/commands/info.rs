@@ -100,6 +100,8 @@ impl InfoArgs {
         if st.scripted {
             t.row(vec!["cache used".into(), st.size(info.cache_used_bytes)]);
             t.row(vec!["cache".into(), st.size(info.cache_bytes)]);
+            t.row(vec!["cache hits".into(), info.cache_hits.to_string()]);
+            t.row(vec!["cache misses".into(), info.cache_misses.to_string()]);
         } else {
             t.row(vec![
                 "cache".into(),
@@ -109,6 +111,17 @@ impl InfoArgs {
                     st.size(info.cache_bytes)
                 ),
             ]);
+            let lookups = info.cache_hits + info.cache_misses;
+            if lookups > 0 {
+                t.row(vec![
+                    "cache hits".into(),
+                    format!(
+                        "{:.1}% ({} nodes read from the store)",
+                        info.cache_hits as f64 * 100.0 / lookups as f64,
+                        info.cache_misses
+                    ),
+                ]);
+            }
         }
         // Part of the cache's budget: changes not committed yet, and the commit being written.
         t.row(vec![

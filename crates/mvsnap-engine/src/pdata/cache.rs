@@ -65,6 +65,8 @@ pub struct CacheStats {
     /// Of the budget, what the open transaction and a commit in flight hold (not counted in
     /// `used_bytes`).
     pub pinned_bytes: u64,
+    /// Lookups a cached node served, and nodes read from the store (since the cache was
+    /// made): how well the budget fits the index's working set.
     pub hits: u64,
     pub misses: u64,
 }
@@ -128,10 +130,11 @@ impl NodeCache {
     /// content. A block already cached keeps its entry. True if inserted.
     pub fn insert_fetched(&self, block: BlockNo, node: Arc<Node>, stamp: u32) -> bool {
         let mut g = self.inner.lock();
+        // The read was made, kept or not.
+        g.misses += 1;
         if g.removals[bucket(block)] != stamp || g.index.contains_key(&block) {
             return false;
         }
-        g.misses += 1;
         Self::insert_locked(self.room(), &mut g, block, node);
         true
     }

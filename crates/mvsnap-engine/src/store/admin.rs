@@ -425,6 +425,8 @@ impl Store {
             mappings: st.mappings(),
             cache_bytes: cache.capacity_bytes,
             cache_used_bytes: cache.used_bytes,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
             dirty_bytes: st.meta.dirty_nodes() as u64 * META_BLOCK,
             committing_bytes: st.meta.frozen_nodes() as u64 * META_BLOCK,
             overlay_entries: st.meta.overlay_len() as u64,
