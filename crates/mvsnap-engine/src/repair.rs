@@ -121,7 +121,8 @@ fn touches_origin(l: &LostRange, no: u32) -> bool {
 }
 
 /// Set every counter kept beside the tree (entries and generation ranges per origin, keys per
-/// snapshot node, live generations) from the tree itself. True if any was wrong.
+/// snapshot node, live generations) from the tree itself, and the written mark of each
+/// block's newest preserved entry. True if any was wrong.
 fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
     let mut changed = false;
     let mut node_keys: HashMap<u32, u64> = HashMap::new();
@@ -132,16 +133,39 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
         let mut ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         let mut zero_ranges: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         let mut entries = 0u64;
+        // Blocks preserved through a generation but marked written in no epoch from it on
+        // (`check` says why that matters): marked in that generation's epoch.
+        let mut unmarked: Vec<(u64, u32)> = Vec::new();
         {
             let view = st.meta.view();
-            preserved::for_each(&view, no, &mut |_, e| {
+            let gen = st.origins[&no].gen;
+            let mut newest: Option<(u64, u32)> = None;
+            let mut walk_err = None;
+            let mut note_newest = |newest: Option<(u64, u32)>| {
+                if let Some((b, hi)) = newest {
+                    match written::marked_in(&view, no, b, hi..=gen) {
+                        Ok(true) => {}
+                        Ok(false) => unmarked.push((b, hi)),
+                        Err(e) => walk_err = Some(e),
+                    }
+                }
+            };
+            preserved::for_each(&view, no, &mut |block, e| {
                 entries += 1;
                 if e.loc != preserved::ZERO {
                     *ranges.entry((e.lo, e.hi)).or_default() += 1;
                 } else {
                     *zero_ranges.entry((e.lo, e.hi)).or_default() += 1;
                 }
+                if newest.is_some_and(|(b, _)| b != block) {
+                    note_newest(newest);
+                }
+                newest = Some((block, e.hi));
             })?;
+            note_newest(newest);
+            if let Some(e) = walk_err {
+                return Err(e);
+            }
             snapdata::for_each(&view, no, &mut |_, node, _| {
                 *node_keys.entry(node).or_default() += 1;
                 if !st.nodes.contains(node) {
@@ -156,6 +180,13 @@ fn recount(st: &mut State) -> std::result::Result<bool, PdataError> {
             .filter(|s| s.origin == no && s.state == SnapshotState::Valid)
         {
             *live.entry(s.gen).or_default() += 1;
+        }
+        if !unmarked.is_empty() {
+            changed = true;
+            for (block, hi) in unmarked {
+                st.meta
+                    .change(|t| written::mark(t, no, hi, block, 1).map(|_| ()))?;
+            }
         }
         let o = st.origins.get_mut(&no).expect("listed");
         if o.entries != entries

@@ -84,6 +84,36 @@ impl Origin {
     }
 }
 
+/// Epochs a first write looks back through in the written bitmaps before it reads the
+/// block's preserved entries instead.
+const LOOKBACK_EPOCHS: u32 = 8;
+
+/// The generation through which `chunk` of `o` needs no new copy, for a first write of it in
+/// epoch `o.gen`: the newest epoch before `o.gen` that wrote it, from the written bitmaps
+/// (small, and cached), not the newest preserved entry's `hi` (a leaf of the big index,
+/// often not cached: at 4M mappings the lookup that read the store on most first writes).
+///
+/// It may be newer than that `hi`, never older, and no live generation lies between the
+/// two, so the copy the write makes for the generations after it neither overlaps an entry
+/// nor misses a live snapshot:
+/// - a `Preserve` marks its block in `W(hi)` with the entry; reclaim only lowers `hi`, past
+///   dead generations; `W` never loses a bit (see [`written::merge_into`]);
+/// - a write that marked the block in epoch `e` either preserved it through `e`, or found
+///   no live generation since the previous copy (`mark_done`); and no generation older than
+///   the newest becomes live later (a snapshot of a snapshot takes a live one's).
+///
+/// Further back than [`LOOKBACK_EPOCHS`], the entries themselves.
+pub(crate) fn preserved_through(
+    v: &dyn btree::View,
+    o: &Origin,
+    chunk: u64,
+) -> Result<u32, PdataError> {
+    match written::last_marked_before(v, o.no, chunk, o.gen, LOOKBACK_EPOCHS)? {
+        Some(epoch) => Ok(epoch),
+        None => preserved::preserved_through(v, o.no, chunk),
+    }
+}
+
 pub struct Snap {
     pub id: u64,
     pub origin: u32,
@@ -308,7 +338,7 @@ impl State {
             let hi = last.min((region + 1) * written::REGION - 1);
             for c in lo..=hi {
                 if bits & (1u128 << (c % written::REGION)) == 0 {
-                    let _ = preserved::preserved_through(&v, o.no, c);
+                    let _ = preserved_through(&v, o, c);
                 }
             }
         }
@@ -349,9 +379,11 @@ impl State {
             .change(|t| written::mark(t, no, gen, chunk, 1).map(|_| ()))
     }
 
-    /// The newest generation through which `chunk` of origin `no` is preserved (0: never).
-    pub fn preserved_through(&self, no: u32, chunk: u64) -> Result<u32, PdataError> {
-        preserved::preserved_through(&self.meta.view(), no, chunk)
+    /// The generation through which `chunk` of `o` needs no new copy: a first write of it in
+    /// epoch `o.gen` copies it for the live generations after this one. See
+    /// [`preserved_through`].
+    pub fn preserved_through(&self, o: &Origin, chunk: u64) -> Result<u32, PdataError> {
+        preserved_through(&self.meta.view(), o, chunk)
     }
 
     /// The slot (or [`ZERO_SLOT`]) a snapshot of generation `gen` reads `chunk` from, if it

@@ -617,7 +617,7 @@ impl Volume {
                     busy = true;
                     break;
                 }
-                let pt = st.preserved_through(no, c).map_err(merr)?;
+                let pt = st.preserved_through(o, c).map_err(merr)?;
                 if pt >= gen || !o.any_live(pt + 1, gen) {
                     // Nothing live needs this block's old data: done for this epoch.
                     st.mark_done(no, gen, c).map_err(merr)?;
