@@ -251,6 +251,15 @@ impl<L: Listed> Listing<L> {
     }
 }
 
+/// "s" unless `n` is one: "1 node", "2 nodes".
+pub fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
 /// A listing's column names are its table's, in order, and its defaults are among them.
 #[cfg(test)]
 pub fn assert_listed<L: Listed, T>(columns: &[Column<T>]) {

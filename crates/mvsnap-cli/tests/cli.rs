@@ -169,6 +169,11 @@ fn round_trip() {
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     // Format v2: space in 4 KiB blocks.
     assert_eq!(info["chunk_size"], 4096);
+    // The node cache's counts since this open: it read the tree's root at least.
+    assert!(
+        info["cache_hits"].is_u64() && info["cache_misses"].as_u64() >= Some(1),
+        "{info}"
+    );
 
     mvsnap(&["--store", st, "snapshot", "delete", "disk.img@a"]).ok();
     let list = mvsnap(&["--store", st, "snapshot", "list", "--json"]).ok();

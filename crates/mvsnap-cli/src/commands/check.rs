@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{print_json, Global};
-use crate::output::{outln, Progress, ProgressArgs};
+use crate::output::{outln, plural, Progress, ProgressArgs};
 
 /// Check the store's invariants (fsck); exit status 1 on any error.
 ///
@@ -112,13 +112,13 @@ fn report_check(path: &str, report: &mvsnap_engine::CheckReport, json: bool) -> 
             outln!(
                 "clean: no errors, {} warning{}",
                 report.warnings.len(),
-                plural(report.warnings.len())
+                plural(report.warnings.len() as u64)
             );
         } else {
             outln!(
                 "NOT CLEAN: {} error{}",
                 report.errors.len(),
-                plural(report.errors.len())
+                plural(report.errors.len() as u64)
             );
         }
     }
@@ -131,17 +131,9 @@ fn finish(path: &str, report: &mvsnap_engine::CheckReport) -> Result<()> {
         bail!(
             "check of {path} found {} error{}: {}",
             report.errors.len(),
-            plural(report.errors.len()),
+            plural(report.errors.len() as u64),
             report.errors[0]
         );
     }
     Ok(())
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 {
-        ""
-    } else {
-        "s"
-    }
 }

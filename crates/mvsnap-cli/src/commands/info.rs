@@ -8,7 +8,7 @@ use mvsnap_engine::StoreInfo;
 use super::snapshot::{reason_cell, state_cell};
 use super::{print_json, Global};
 use crate::output::out;
-use crate::output::{Style, Table};
+use crate::output::{plural, Style, Table};
 
 /// Show the store: geometry, space used and free, events, per-snapshot space.
 ///
@@ -116,9 +116,10 @@ impl InfoArgs {
                 t.row(vec![
                     "cache hits".into(),
                     format!(
-                        "{:.1}% ({} nodes read from the store)",
+                        "{:.1}% ({} node{} read from the store)",
                         info.cache_hits as f64 * 100.0 / lookups as f64,
-                        info.cache_misses
+                        info.cache_misses,
+                        plural(info.cache_misses)
                     ),
                 ]);
             }
