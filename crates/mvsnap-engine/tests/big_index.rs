@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use mvsnap_engine::{OpenOptions, Store};
 
-use common::format_opts;
+use common::{assert_volume_versions, format_opts, versioned_block, xorshift};
 
 /// A 128 MiB origin of 4 KiB chunks: 32,768 mappings per overwrite, some 260 tree leaves or
 /// more for one snapshot's copies, against a 1 MiB (256-node) cache.
@@ -18,36 +18,6 @@ const BLOCKS: u64 = 32_768;
 const BS: usize = 4096;
 const WRITERS: u64 = 3;
 const WRITES_PER_WRITER: u64 = 1500;
-
-/// Block `b` as version `v` wrote it: every 8 bytes say (block, version, word).
-fn block(b: u64, v: u64) -> Vec<u8> {
-    (0..BS as u64 / 8)
-        .flat_map(|i| (b << 40 ^ v << 20 ^ i).to_le_bytes())
-        .collect()
-}
-
-fn image(v: u64) -> Vec<u8> {
-    (0..BLOCKS).flat_map(|b| block(b, v)).collect()
-}
-
-fn assert_blocks(what: &str, got: &[u8], want: impl Fn(u64) -> u64) {
-    assert_eq!(got.len() as u64, BLOCKS * BS as u64, "{what}: size");
-    for b in 0..BLOCKS {
-        let at = b as usize * BS;
-        if got[at..at + BS] != block(b, want(b))[..] {
-            let v = u64::from_le_bytes(got[at..at + 8].try_into().unwrap()) >> 20 & 0xfffff;
-            panic!("{what}: block {b} holds version {v}, not {}", want(b));
-        }
-    }
-}
-
-/// xorshift: the writers' and the reader's random block numbers.
-fn next(r: &mut u64) -> u64 {
-    *r ^= *r << 13;
-    *r ^= *r >> 7;
-    *r ^= *r << 17;
-    *r
-}
 
 /// The tree's RAM now: cached nodes, those the open transaction and a commit in flight hold,
 /// and the overlay's entries.
@@ -62,7 +32,7 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
     let (store, _) = common::real_setup(
         dir.path(),
         &format_opts(512 << 20, 4096),
-        &[("o0", image(0))],
+        &[("o0", common::versioned_image(BLOCKS, 0))],
     );
     let opts = OpenOptions {
         cache_bytes: Some(1 << 20),
@@ -72,7 +42,7 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
     let o = s.volume("o0").unwrap();
     // s1 keeps version 0; the origin becomes version 1 (one copy-out per block).
     s.create_snapshot(&["o0"], Some("s1"), "", false).unwrap();
-    let v1 = image(1);
+    let v1 = common::versioned_image(BLOCKS, 1);
     for at in (0..v1.len()).step_by(1 << 20) {
         o.write_at(at as u64, &v1[at..at + (1 << 20)], false)
             .unwrap();
@@ -112,9 +82,10 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
                 let mut last = std::collections::HashMap::new();
                 let mut r = 0x9e37_79b9_7f4a_7c15 ^ (t + 1);
                 for i in 0..WRITES_PER_WRITER {
-                    let b = next(&mut r) % (BLOCKS / WRITERS) * WRITERS + t;
+                    let b = xorshift(&mut r) % (BLOCKS / WRITERS) * WRITERS + t;
                     let v = 2 + t * WRITES_PER_WRITER + i;
-                    o.write_at(b * BS as u64, &block(b, v), false).unwrap();
+                    o.write_at(b * BS as u64, &versioned_block(b, v), false)
+                        .unwrap();
                     last.insert(b, v);
                 }
                 last
@@ -132,11 +103,11 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
                 if i % 16 == 0 {
                     most_held = most_held.max(held(&s));
                 }
-                let b = next(&mut r) % BLOCKS;
+                let b = xorshift(&mut r) % BLOCKS;
                 for (vol, v) in [(&s1, 0), (&s2, 1)] {
                     vol.read_at(b * BS as u64, &mut buf).unwrap();
                     assert!(
-                        buf == block(b, v),
+                        buf == versioned_block(b, v),
                         "block {b} of version {v} read under load"
                     );
                 }
@@ -159,10 +130,10 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
     let s = Arc::into_inner(s).unwrap();
     s.create_snapshot(&["o0"], Some("s3"), "", false).unwrap();
     let check = |s: &Store, when: &str| {
-        assert_blocks(&format!("s1 {when}"), &common::read_all(s, "o0@s1"), |_| 0);
-        assert_blocks(&format!("s2 {when}"), &common::read_all(s, "o0@s2"), |_| 1);
-        assert_blocks(&format!("s3 {when}"), &common::read_all(s, "o0@s3"), origin);
-        assert_blocks(&format!("o0 {when}"), &common::read_all(s, "o0"), origin);
+        assert_volume_versions(s, "o0@s1", when, BLOCKS, |_| 0);
+        assert_volume_versions(s, "o0@s2", when, BLOCKS, |_| 1);
+        assert_volume_versions(s, "o0@s3", when, BLOCKS, origin);
+        assert_volume_versions(s, "o0", when, BLOCKS, origin);
     };
     check(&s, "live");
     common::assert_clean(&s, "after the writes");

@@ -15,28 +15,9 @@ use std::collections::BTreeMap;
 
 use mvsnap_engine::{OpenOptions, Store};
 
-use common::format_opts;
+use common::{assert_volume_versions, format_opts, versioned_block, versioned_image, xorshift};
 
 const BS: usize = 4096;
-
-/// Block `b` as version `v` wrote it: every 8 bytes say (block, version, word).
-fn block(b: u64, v: u64) -> Vec<u8> {
-    (0..BS as u64 / 8)
-        .flat_map(|i| (b << 40 ^ v << 20 ^ i).to_le_bytes())
-        .collect()
-}
-
-fn image(blocks: u64, v: u64) -> Vec<u8> {
-    (0..blocks).flat_map(|b| block(b, v)).collect()
-}
-
-/// xorshift: random block numbers.
-fn next(r: &mut u64) -> u64 {
-    *r ^= *r << 13;
-    *r ^= *r >> 7;
-    *r ^= *r << 17;
-    *r
-}
 
 #[test]
 fn first_writes_after_a_snapshot_read_no_preserved_entries() {
@@ -48,7 +29,7 @@ fn first_writes_after_a_snapshot_read_no_preserved_entries() {
     let (store, _) = common::real_setup(
         dir.path(),
         &format_opts(512 << 20, 4096),
-        &[("o0", image(BLOCKS, 0))],
+        &[("o0", versioned_image(BLOCKS, 0))],
     );
     let opts = OpenOptions {
         cache_bytes: Some(1 << 20),
@@ -57,7 +38,7 @@ fn first_writes_after_a_snapshot_read_no_preserved_entries() {
     let s = Store::open(&store, &opts).unwrap();
     s.create_snapshot(&["o0"], Some("s1"), "", false).unwrap();
     let o = s.volume("o0").unwrap();
-    let v1 = image(BLOCKS, 1);
+    let v1 = versioned_image(BLOCKS, 1);
     for at in (0..v1.len()).step_by(1 << 20) {
         o.write_at(at as u64, &v1[at..at + (1 << 20)], false)
             .unwrap();
@@ -72,11 +53,12 @@ fn first_writes_after_a_snapshot_read_no_preserved_entries() {
     let mut r = 0x9e37_79b9_7f4a_7c15u64;
     let mut written = BTreeMap::new();
     while written.len() < WRITES {
-        written.insert(next(&mut r) % BLOCKS, 2 + written.len() as u64);
+        written.insert(xorshift(&mut r) % BLOCKS, 2 + written.len() as u64);
     }
     let before = s.info();
     for (&b, &v) in &written {
-        o.write_at(b * BS as u64, &block(b, v), false).unwrap();
+        o.write_at(b * BS as u64, &versioned_block(b, v), false)
+            .unwrap();
     }
     let after = s.info();
     let nodes_read = after.cache_misses - before.cache_misses;
@@ -89,20 +71,11 @@ fn first_writes_after_a_snapshot_read_no_preserved_entries() {
     );
     drop(o);
     let check = |s: &Store, when: &str| {
-        assert!(
-            common::read_all(s, "o0@s1") == image(BLOCKS, 0),
-            "s1 {when}"
-        );
-        assert!(
-            common::read_all(s, "o0@s2") == image(BLOCKS, 1),
-            "s2 {when}"
-        );
-        let now = common::read_all(s, "o0");
-        for b in 0..BLOCKS {
-            let v = written.get(&b).copied().unwrap_or(1);
-            let at = (b as usize) * BS;
-            assert!(now[at..at + BS] == block(b, v)[..], "o0 {when}: block {b}");
-        }
+        assert_volume_versions(s, "o0@s1", when, BLOCKS, |_| 0);
+        assert_volume_versions(s, "o0@s2", when, BLOCKS, |_| 1);
+        assert_volume_versions(s, "o0", when, BLOCKS, |b| {
+            written.get(&b).copied().unwrap_or(1)
+        });
     };
     check(&s, "live");
     common::assert_clean(&s, "after the first writes");
@@ -121,7 +94,7 @@ fn blocks_last_written_up_to_forty_epochs_back_are_preserved_right() {
     let (store, _) = common::real_setup(
         dir.path(),
         &format_opts(64 << 20, 4096),
-        &[("o0", image(BLOCKS, 0))],
+        &[("o0", versioned_image(BLOCKS, 0))],
     );
     let s = Store::open(&store, &OpenOptions::default()).unwrap();
     let o = s.volume("o0").unwrap();
@@ -137,7 +110,8 @@ fn blocks_last_written_up_to_forty_epochs_back_are_preserved_right() {
         for b in 0..BLOCKS {
             if g % (b + 1) == 0 {
                 let v = g * 100 + b;
-                o.write_at(b * BS as u64, &block(b, v), false).unwrap();
+                o.write_at(b * BS as u64, &versioned_block(b, v), false)
+                    .unwrap();
                 now[b as usize] = v;
             }
         }
@@ -151,26 +125,10 @@ fn blocks_last_written_up_to_forty_epochs_back_are_preserved_right() {
     drop(o);
     let check = |s: &Store, when: &str| {
         for (g, want) in &snaps {
-            let got = common::read_all(s, &format!("o0@g{g}"));
-            for b in 0..BLOCKS {
-                let at = b as usize * BS;
-                assert!(
-                    got[at..at + BS] == block(b, want[b as usize])[..],
-                    "g{g} {when}: block {b} is not version {}",
-                    want[b as usize]
-                );
-            }
+            let name = format!("o0@g{g}");
+            assert_volume_versions(s, &name, when, BLOCKS, |b| want[b as usize]);
         }
-        let got = common::read_all(s, "o0");
-        for b in 0..BLOCKS {
-            let at = b as usize * BS;
-            let v = u64::from_le_bytes(got[at..at + 8].try_into().unwrap()) >> 20 & 0xfffff;
-            assert!(
-                got[at..at + BS] == block(b, now[b as usize])[..],
-                "o0 {when}: block {b} holds version {v}, not {}",
-                now[b as usize]
-            );
-        }
+        assert_volume_versions(s, "o0", when, BLOCKS, |b| now[b as usize]);
     };
     check(&s, "live");
     common::assert_clean(&s, "after 40 generations");

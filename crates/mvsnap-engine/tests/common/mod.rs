@@ -19,6 +19,52 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     )
 }
 
+/// A 4 KiB block as version `v` wrote it: every 8 bytes say (block, version, word), so a
+/// wrong read says which version it found ([`assert_versions`]).
+pub fn versioned_block(b: u64, v: u64) -> Vec<u8> {
+    (0..4096u64 / 8)
+        .flat_map(|i| (b << 40 ^ v << 20 ^ i).to_le_bytes())
+        .collect()
+}
+
+/// Blocks `0..blocks`, each as version `v` wrote it.
+pub fn versioned_image(blocks: u64, v: u64) -> Vec<u8> {
+    (0..blocks).flat_map(|b| versioned_block(b, v)).collect()
+}
+
+/// `got` is blocks `0..blocks`, block `b` as version `want(b)` wrote it; a failure names
+/// the block and the version it holds.
+pub fn assert_versions(what: &str, got: &[u8], blocks: u64, want: impl Fn(u64) -> u64) {
+    const BS: usize = 4096;
+    assert_eq!(got.len() as u64, blocks * BS as u64, "{what}: size");
+    for b in 0..blocks {
+        let at = b as usize * BS;
+        if got[at..at + BS] != versioned_block(b, want(b))[..] {
+            let v = u64::from_le_bytes(got[at..at + 8].try_into().unwrap()) >> 20 & 0xfffff;
+            panic!("{what}: block {b} holds version {v}, not {}", want(b));
+        }
+    }
+}
+
+/// Volume `name` of `s` reads as [`assert_versions`] says (`when`: in the failure message).
+pub fn assert_volume_versions(
+    s: &Store,
+    name: &str,
+    when: &str,
+    blocks: u64,
+    want: impl Fn(u64) -> u64,
+) {
+    assert_versions(&format!("{name} {when}"), &read_all(s, name), blocks, want);
+}
+
+/// xorshift: random block numbers, the same for a seed every run.
+pub fn xorshift(r: &mut u64) -> u64 {
+    *r ^= *r << 13;
+    *r ^= *r >> 7;
+    *r ^= *r << 17;
+    *r
+}
+
 /// The whole content of a volume.
 pub fn read_all(s: &Store, name: &str) -> Vec<u8> {
     try_read_all(s, name).unwrap_or_else(|e| panic!("read {name}: {e}"))
