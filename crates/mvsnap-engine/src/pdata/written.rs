@@ -74,12 +74,10 @@ pub fn last_marked_before(
     max_epochs: u32,
 ) -> PResult<Option<u32>> {
     let oldest = before.saturating_sub(max_epochs).max(1);
-    for epoch in (oldest..before).rev() {
-        if is_marked(v, origin, epoch, block)? {
-            return Ok(Some(epoch));
-        }
+    match first_marked(v, origin, block, (oldest..before).rev())? {
+        Some(epoch) => Ok(Some(epoch)),
+        None => Ok((oldest == 1).then_some(0)),
     }
-    Ok((oldest == 1).then_some(0))
 }
 
 /// Whether `block` was written in some epoch of `epochs`.
@@ -89,12 +87,22 @@ pub fn marked_in(
     block: u64,
     epochs: std::ops::RangeInclusive<u32>,
 ) -> PResult<bool> {
+    Ok(first_marked(v, origin, block, epochs)?.is_some())
+}
+
+/// The first of `epochs`, in their order, that wrote `block`.
+fn first_marked(
+    v: &dyn View,
+    origin: u32,
+    block: u64,
+    epochs: impl Iterator<Item = u32>,
+) -> PResult<Option<u32>> {
     for epoch in epochs {
         if is_marked(v, origin, epoch, block)? {
-            return Ok(true);
+            return Ok(Some(epoch));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// The bitmap of region `region` (blocks `region * 128 ..`) in `epoch`: one lookup for up to
