@@ -153,9 +153,10 @@ cost_start() {
         -x, -o "$work/cost.csv" -p "$1" -- sleep "$cost_secs" >/dev/null 2>&1 &
     cost_pid=$!
 }
-# node_reads: the nodes the daemon read from the store since it opened (`info`'s cache misses).
+# node_reads: "N L": the nodes the daemon read from the store since it opened (`info`'s cache
+# misses), and how many of them it read under the state lock (not fetched ahead of a lookup).
 node_reads() {
-    mvs info --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["cache_misses"])' ||
+    mvs info --json | python3 -c 'import json, sys; i = json.load(sys.stdin); print(i["cache_misses"], i["cache_misses"] - i["cache_prefetched"])' ||
         die "mvsnap info failed"
 }
 cost_end() {
@@ -204,20 +205,21 @@ for m in ${mappings//,/ }; do
     pretouch_memory
     load0=$(cut -d' ' -f1 /proc/loadavg)
     cpu0=$(cpu_stat)
-    reads0=$(node_reads)
+    read -r reads0 locked0 < <(node_reads)
     [ "$cost" = 1 ] && cost_start "$spid"
     fio_randwrite "nbd+unix:///disk0?socket=$work/s.sock" "$work/m.json"
     steal=$(cpu_steal "$cpu0" "$(cpu_stat)")
     read -r iops p50 p9999 max reqs < <(fio_summary "$work/m.json")
     # Index nodes the first writes read from the store (not in the node cache): each a read
     # on some write's path, from the page cache or the device.
-    reads=$(( $(node_reads) - reads0 ))
+    read -r reads locked < <(node_reads)
+    reads=$((reads - reads0)) locked=$((locked - locked0))
     per_write=$(awk -v r="$reads" -v n="$reqs" 'BEGIN { printf "%.2f", n ? r / n : 0 }')
     mflushes=$(fio_flushes "$work/m.json")
     [ "$cost" = 1 ] && mcost=$(cost_end "$iops")
     rss_after=$(rss_mib "$spid")
     load1=$(cut -d' ' -f1 /proc/loadavg)
-    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%); $reads index nodes read, $per_write per write"
+    log "  mvsnap: open ${open_ms} ms, RSS ${rss_open} -> ${rss_after} MiB; $iops IOPS, p50 $p50 ms, p99.99 $p9999 ms, max $max ms (load $load0 -> $load1, steal $steal%); $reads index nodes read, $per_write per write, $locked under the state lock"
     for ((i = 3; i <= nsnaps; i++)); do
         mvs snapshot create disk0 --tag "l$i" >/dev/null
     done

@@ -160,6 +160,10 @@ pub struct StoreInfo {
     pub cache_hits: u64,
     #[serde(default)]
     pub cache_misses: u64,
+    /// Of the misses, nodes read ahead of a request's lookups, without the state lock; the
+    /// others were read under it, each a wait for every writer.
+    #[serde(default)]
+    pub cache_prefetched: u64,
     /// Tree nodes changed since the last commit: held in RAM, within the cache's budget, until
     /// the next commit (or, for an ephemeral store, until they are written out uncommitted).
     #[serde(default)]

@@ -102,6 +102,10 @@ impl InfoArgs {
             t.row(vec!["cache".into(), st.size(info.cache_bytes)]);
             t.row(vec!["cache hits".into(), info.cache_hits.to_string()]);
             t.row(vec!["cache misses".into(), info.cache_misses.to_string()]);
+            t.row(vec![
+                "cache prefetched".into(),
+                info.cache_prefetched.to_string(),
+            ]);
         } else {
             t.row(vec![
                 "cache".into(),

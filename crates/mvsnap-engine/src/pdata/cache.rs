@@ -41,6 +41,7 @@ struct Inner {
     hand: usize,
     hits: u64,
     misses: u64,
+    prefetched: u64,
     /// Removals so far, by block bucket: a block is removed before it is reused for another
     /// node, so a fetch that saw no removal of its bucket read the node its block still holds.
     removals: Vec<u32>,
@@ -69,6 +70,9 @@ pub struct CacheStats {
     /// made): how well the budget fits the index's working set.
     pub hits: u64,
     pub misses: u64,
+    /// Of the misses, nodes read by a fetch without the tree's lock (ahead of a lookup):
+    /// the rest were read by a lookup, under whatever lock its caller held.
+    pub prefetched: u64,
 }
 
 impl NodeCache {
@@ -85,6 +89,7 @@ impl NodeCache {
                 hand: 0,
                 hits: 0,
                 misses: 0,
+                prefetched: 0,
                 removals: vec![0; STAMP_BUCKETS],
             }),
         }
@@ -132,6 +137,7 @@ impl NodeCache {
         let mut g = self.inner.lock();
         // The read was made, kept or not.
         g.misses += 1;
+        g.prefetched += 1;
         if g.removals[bucket(block)] != stamp || g.index.contains_key(&block) {
             return false;
         }
@@ -275,6 +281,7 @@ impl NodeCache {
             pinned_bytes: (self.pinned.load(Ordering::Relaxed) * NODE_SIZE) as u64,
             hits: g.hits,
             misses: g.misses,
+            prefetched: g.prefetched,
         }
     }
 }

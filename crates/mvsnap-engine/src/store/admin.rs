@@ -427,6 +427,7 @@ impl Store {
             cache_used_bytes: cache.used_bytes,
             cache_hits: cache.hits,
             cache_misses: cache.misses,
+            cache_prefetched: cache.prefetched,
             dirty_bytes: st.meta.dirty_nodes() as u64 * META_BLOCK,
             committing_bytes: st.meta.frozen_nodes() as u64 * META_BLOCK,
             overlay_entries: st.meta.overlay_len() as u64,
