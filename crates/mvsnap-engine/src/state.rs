@@ -855,11 +855,10 @@ impl State {
             .sum();
         let nodes = 8 + 16 * self.nodes.len() as u64;
         let dead = 4 + 16 * self.dead_nodes.len() as u64;
-        // The overlay grows with preserves up to its capacity (and a few past it between
+        // The overlay grows with preserves up to its limit (and a few past it between
         // folds): reserve room for all of it.
         let overlay = 8
-            + (TABLE_OVERLAY_ENTRY
-                * (self.meta.overlay_len().max(self.meta.overlay_capacity()) + 64))
+            + (TABLE_OVERLAY_ENTRY * (self.meta.overlay_len().max(self.meta.overlay_limit()) + 64))
                 as u64;
         8 + 4 + 8 + 4 + origins + 4 + snaps + nodes + 4 + dead + 4 + overlay
     }

@@ -477,9 +477,9 @@ impl Meta {
         self.overlay.set_capacity(entries);
     }
 
-    /// Entries the overlay holds before it folds.
-    pub fn overlay_capacity(&self) -> usize {
-        self.overlay.capacity()
+    /// Most entries the overlay holds (a few more between folds).
+    pub fn overlay_limit(&self) -> usize {
+        self.overlay.limit()
     }
 
     pub fn limit(&self) -> u64 {
@@ -564,24 +564,33 @@ impl Meta {
     }
 
     /// Fold while the overlay holds more than its share (a few leaves at most per call: the
-    /// sweep keeps pace with the inserts).
+    /// sweep keeps pace with the inserts). A leaf not in RAM is not read here, under the
+    /// caller's lock (a store's writers all wait for it): the fold stops, and the next first
+    /// write's probe reads it without the lock ([`btree::probe_fold`]). Only an overlay at its
+    /// limit folds whatever it must read (nothing probed: a replay, or writes that do not
+    /// probe).
     pub fn fold_if_full(&mut self) -> PResult<usize> {
-        if !self.overlay.over_capacity() {
-            return Ok(0);
-        }
-        self.change(|t| {
-            let mut moved = 0;
-            for _ in 0..FOLD_STEPS {
-                if !btree::View::overlay(&*t).is_some_and(Overlay::over_capacity) {
-                    break;
-                }
-                match t.fold(LEAF_CAP)? {
-                    0 => break,
-                    n => moved += n,
-                }
+        let mut moved = 0;
+        for _ in 0..FOLD_STEPS {
+            if !self.overlay.over_capacity()
+                || (!self.overlay.over_limit() && !self.next_fold_in_ram())
+            {
+                break;
             }
-            Ok(moved)
-        })
+            match self.change(|t| t.fold(LEAF_CAP))? {
+                0 => break,
+                n => moved += n,
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Whether the fold's next leaf, and the path to it, are in RAM.
+    fn next_fold_in_ram(&self) -> bool {
+        let v = self.probe_view();
+        // Another error shows again in the fold itself.
+        let _ = btree::probe_fold(&v);
+        v.into_missed().is_empty()
     }
 
     /// Fold every entry of the overlay into the tree.

@@ -63,6 +63,17 @@ impl Overlay {
         self.entries.len() >= self.capacity
     }
 
+    /// Most entries it holds: past its capacity, a fold waits for its next leaf to be read
+    /// into RAM without the caller's lock, up to this; here it reads what it must.
+    pub fn limit(&self) -> usize {
+        self.capacity + self.capacity / 4
+    }
+
+    /// At its limit: the fold goes on whatever it has to read.
+    pub fn over_limit(&self) -> bool {
+        self.entries.len() > self.limit()
+    }
+
     /// RAM held, in bytes (for the cache's budget).
     pub fn bytes(&self) -> usize {
         self.entries.len() * ENTRY_BYTES

@@ -734,3 +734,75 @@ fn the_overlay_folds_scattered_inserts_into_few_leaf_writes_and_reads_stay_exact
         "{folded} nodes written with the overlay, {direct} without"
     );
 }
+
+/// Scattered new keys into a tree bigger than the cache: with the fold's next leaf read ahead
+/// (without the caller's lock, as a first write's probe does), the fold itself reads no node
+/// and the overlay stays at its capacity; with nothing read ahead, the overlay grows to its
+/// limit and no further (measured after each fold), and the fold reads what it must there.
+#[test]
+fn the_fold_reads_no_node_itself_when_its_leaf_is_read_ahead() {
+    const KEYS: u64 = 80_000;
+    const CAPACITY: usize = 400;
+    const INSERTS: u64 = 3_000;
+    let run = |read_ahead: bool| -> (u64, usize) {
+        let dev = SimDevice::new(16_384);
+        // 256 nodes of cache; the tree has some 700 leaves.
+        let mut m = dev.format(1 << 20);
+        m.set_overlay_entries(CAPACITY);
+        m.update(|t| {
+            for i in 0..KEYS {
+                t.insert(ukey(2 * i), uval(i, 0))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let mut model = user_entries(&m);
+        let mut rng = StdRng::seed_from_u64(9);
+        let (mut fold_reads, mut most) = (0, 0);
+        for n in 0..INSERTS {
+            if read_ahead {
+                loop {
+                    let v = m.probe_view();
+                    let _ = btree::probe_fold(&v);
+                    let missed = v.into_missed();
+                    if missed.is_empty() {
+                        break;
+                    }
+                    assert!(m.fetcher().fetch_all(missed));
+                }
+            }
+            // A new odd key each time (the tree holds the even ones).
+            let k = loop {
+                let k = ukey(2 * rng.random_range(0..KEYS) + 1);
+                if !model.contains_key(&k) {
+                    break k;
+                }
+            };
+            m.change(|t| t.insert_buffered(k, uval(n, 1))).unwrap();
+            model.insert(k, uval(n, 1));
+            let before = m.cache_stats().misses;
+            m.fold_if_full().unwrap();
+            fold_reads += m.cache_stats().misses - before;
+            most = most.max(m.overlay_len());
+            if n % 50 == 49 {
+                m.commit(m.user()).unwrap();
+            }
+        }
+        assert_eq!(user_entries(&m), model);
+        (fold_reads, most)
+    };
+    let (reads, most) = run(true);
+    assert_eq!(
+        reads, 0,
+        "the fold read {reads} nodes though its leaves were read ahead"
+    );
+    // One over when a new key moved the cursor's next leaf after the read-ahead.
+    assert!(
+        most <= CAPACITY + 1,
+        "read ahead, the overlay held up to {most}"
+    );
+    let (reads, most) = run(false);
+    let limit = CAPACITY + CAPACITY / 4;
+    assert_eq!(most, limit, "not read ahead, the overlay held up to {most}");
+    assert!(reads > 0, "not read ahead, the fold read no node");
+}
