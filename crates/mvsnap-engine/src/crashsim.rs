@@ -328,6 +328,8 @@ struct DiskState {
     syncs: u64,
     write_fault: Option<Fault>,
     sync_fault: Option<Fault>,
+    /// Every read fails with this errno (until [`SimDisk::clear_faults`]).
+    read_fault: Option<i32>,
     failed_writes: u64,
     failed_syncs: u64,
     /// Bytes of pages the host can allocate for this disk in all (None: unlimited).
@@ -377,6 +379,7 @@ impl SimDisk {
                 syncs: 0,
                 write_fault: None,
                 sync_fault: None,
+                read_fault: None,
                 failed_writes: 0,
                 failed_syncs: 0,
                 space_limit: None,
@@ -441,11 +444,18 @@ impl SimDisk {
         });
     }
 
-    /// Forget every planned write and sync failure.
+    /// Make every read from now on fail with `errno`, until [`SimDisk::clear_faults`] (a bad
+    /// sector, a disk gone away).
+    pub fn fail_reads(&self, errno: i32) {
+        self.st.lock().read_fault = Some(errno);
+    }
+
+    /// Forget every planned read, write and sync failure.
     pub fn clear_faults(&self) {
         let mut st = self.st.lock();
         st.write_fault = None;
         st.sync_fault = None;
+        st.read_fault = None;
     }
 
     /// Let the host allocate at most `bytes` of pages for this disk (None: no limit): a write
@@ -574,6 +584,9 @@ impl BlockDev for SimDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let st = self.st.lock();
+        if let Some(errno) = st.read_fault {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= st.volatile.len)

@@ -487,3 +487,61 @@ fn a_full_store_invalidating_hundreds_of_snapshots_keeps_the_origin_writable() {
     drop(o);
     s.close().unwrap();
 }
+
+/// `check`'s counts (what `mvsnap check` prints) are the store's: its mappings are the blocks
+/// preserved, its snapshots the ones listed, its slots those `info` counts; a delete's reclaim
+/// takes them down by what the snapshot alone held.
+#[test]
+fn check_counts_the_preserved_blocks_snapshots_and_slots() {
+    const BS: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = common::real_setup(
+        dir.path(),
+        &format_opts(64 * MIB, 4096),
+        &[("o0", pattern(1, (8 * MIB) as usize))],
+    );
+    let s = Store::open(&store, &OpenOptions::default()).unwrap();
+    let counts = |when: &str| {
+        let r = s.check();
+        assert!(r.errors.is_empty(), "{when}: {:?}", r.errors);
+        let info = s.info();
+        assert_eq!(r.mappings, info.mappings, "{when}");
+        assert_eq!(r.slots_total, r.slots_used + r.slots_free, "{when}");
+        assert_eq!(r.slots_free * BS, info.free_bytes, "{when}");
+        assert_eq!(r.slots_used * BS, info.used_bytes, "{when}");
+        assert_eq!(r.slots_total * BS, info.data_bytes, "{when}");
+        r
+    };
+    let empty = counts("fresh");
+    assert_eq!((empty.mappings, empty.snapshots), (0, 0));
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    // 256 + 16 blocks' first writes since a.
+    o.write_at(0, &pattern(2, MIB as usize), false).unwrap();
+    o.write_at(4 * MIB, &pattern(3, 65536), false).unwrap();
+    s.create_snapshot(&["o0"], Some("b"), "", false).unwrap();
+    // One more since b.
+    o.write_at(0, &pattern(4, BS as usize), false).unwrap();
+    o.flush().unwrap();
+    let both = counts("two snapshots");
+    assert_eq!((both.mappings, both.snapshots), (273, 2));
+    assert!(
+        both.slots_used >= empty.slots_used + 273,
+        "273 blocks preserved: {} slots used, {} before",
+        both.slots_used,
+        empty.slots_used
+    );
+    // a's copies serve a alone: its delete gives them back.
+    s.delete_snapshot("o0@a").unwrap();
+    s.wait_reclaimed().unwrap();
+    let one = counts("a deleted");
+    assert_eq!((one.mappings, one.snapshots), (1, 1));
+    assert!(
+        one.slots_used + 272 <= both.slots_used,
+        "a's 272 blocks reclaimed: {} slots used, {} before",
+        one.slots_used,
+        both.slots_used
+    );
+    drop(o);
+    s.close().unwrap();
+}

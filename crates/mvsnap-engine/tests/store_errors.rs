@@ -414,6 +414,43 @@ fn store_enospc_on_copy_out_invalidates_and_the_origin_goes_on() {
     copy_out_error_invalidates_and_the_origin_goes_on(libc::ENOSPC);
 }
 
+/// 5: the old block of a first write cannot be read (a bad sector of the origin): that write
+/// fails and the origin keeps its old data, which the snapshot still reads; the block's claim
+/// is given back (the same write goes through once the origin reads again) and the store is
+/// not poisoned (other first writes go on meanwhile).
+#[test]
+fn origin_read_error_on_copy_out_fails_that_write_only() {
+    let content = pattern(13, MIB);
+    let (dir, m, s) = setup(16 << 20, &content);
+    s.create_snapshot(&["o0"], Some("a"), "", false).unwrap();
+    let o = s.volume("o0").unwrap();
+    let origin = m.disk(&dir.path().join("o0")).unwrap();
+    origin.fail_reads(libc::EIO);
+    let new = pattern(14, 65536);
+    match o.write_at(2 * 65536, &new, false) {
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO) => {}
+        other => panic!("a first write whose old block cannot be read: {other:?}"),
+    }
+    origin.clear_faults();
+    common::assert_image("o0 after the failed write", &read_all(&s, "o0"), &content);
+    // Not poisoned: other first writes, and the same one again, go through.
+    let mut now = content.clone();
+    for (block, seed) in [(5, 15), (2, 16)] {
+        let data = pattern(seed, 65536);
+        o.write_at(block * 65536, &data, false).unwrap();
+        now[block as usize * 65536..(block as usize + 1) * 65536].copy_from_slice(&data);
+    }
+    o.flush().unwrap();
+    common::assert_image("o0", &read_all(&s, "o0"), &now);
+    common::assert_image("o0@a", &read_all(&s, "o0@a"), &content);
+    common::assert_clean(&s, "after the failed copy-out");
+    drop(o);
+    let s = power_cut(&m);
+    common::assert_image("o0 after a power cut", &read_all(&s, "o0"), &now);
+    common::assert_image("o0@a after a power cut", &read_all(&s, "o0@a"), &content);
+    common::assert_clean(&s, "after the power cut");
+}
+
 /// 5: a writable snapshot's failed store write fails that write only.
 #[test]
 fn writable_snapshot_write_error_fails_only_that_write() {
