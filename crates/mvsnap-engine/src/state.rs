@@ -18,6 +18,7 @@ use crate::journal::Record;
 use crate::pdata::btree::{self, BlockAlloc, Txn};
 use crate::pdata::meta::Meta;
 use crate::pdata::node::{Key, Value};
+use crate::pdata::overlay::FrozenOverlay;
 use crate::pdata::snapdata::{self, Nodes};
 use crate::pdata::{preserved, written, PdataError};
 use crate::types::{Event, EventKind, SnapshotState};
@@ -873,9 +874,32 @@ impl State {
 
     /// The tables (everything but the index) for a tree commit.
     pub fn serialize_tables(&self, events: &[Event]) -> Vec<u8> {
-        // Sized for the overlay, most of it at scale: a doubling buffer would hold up to twice
-        // its megabytes at every commit.
-        let mut w = Writer::with_capacity(4096 + 8 + TABLE_OVERLAY_ENTRY * self.meta.overlay_len());
+        Self::tables_with_overlay(self.tables_head(events), &self.meta.frozen_overlay())
+    }
+
+    /// The tables' length with `overlay` after `head` ([`State::tables_with_overlay`]).
+    pub fn tables_len(head: &[u8], overlay: &FrozenOverlay) -> usize {
+        head.len() + 8 + TABLE_OVERLAY_ENTRY * overlay.len()
+    }
+
+    /// The tables: `head` ([`State::tables_head`]), then the overlay's entries (a commit
+    /// writes them beside the writers: the overlay is most of the tables at scale).
+    pub fn tables_with_overlay(head: Vec<u8>, overlay: &FrozenOverlay) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Self::tables_len(&head, overlay));
+        w.bytes(&head);
+        // The tree's overlay: preserved entries not folded into the tree yet, durable with
+        // the version these tables go with. Last again: older tables read as "none".
+        w.u64(overlay.len() as u64);
+        for (k, v) in overlay.iter() {
+            w.bytes(k);
+            w.bytes(v);
+        }
+        w.into_inner()
+    }
+
+    /// The tables but the overlay: small (rows of origins, snapshots, nodes, events).
+    pub fn tables_head(&self, events: &[Event]) -> Vec<u8> {
+        let mut w = Writer::with_capacity(4096);
         w.bytes(b"MVTBL002");
         w.u32(self.next_origin_no);
         w.u64(self.next_snap_id);
@@ -937,13 +961,6 @@ impl State {
         for o in self.origins.values() {
             w.u32(o.no);
             write_range_counts(&mut w, &o.zero_ranges);
-        }
-        // The tree's overlay: preserved entries not folded into the tree yet, durable with
-        // the version these tables go with. Last again: older tables read as "none".
-        w.u64(self.meta.overlay_len() as u64);
-        for (k, v) in self.meta.overlay_entries() {
-            w.bytes(k);
-            w.bytes(v);
         }
         w.into_inner()
     }

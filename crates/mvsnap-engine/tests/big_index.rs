@@ -53,10 +53,11 @@ fn first_writes_and_snapshot_reads_into_an_index_bigger_than_the_cache() {
         "{} bytes held after the overwrite",
         held(&s)
     );
-    // The newest entries wait in the overlay, an eighth of the budget, for the fold.
+    // The newest entries wait in the overlay, an eighth of the budget (a quarter more while
+    // the fold waits for its next leaf to be read), for the fold.
     let info = s.info();
     assert!(
-        info.overlay_entries > 0 && info.overlay_bytes <= (1 << 20) / 8,
+        info.overlay_entries > 0 && info.overlay_bytes <= (1 << 20) / 8 * 5 / 4,
         "overlay of {} entries, {} bytes",
         info.overlay_entries,
         info.overlay_bytes

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use super::btree::{self, FrozenNodes, Pending, PendingView, Txn};
 use super::cache::{CacheStats, NodeCache};
 use super::node::{Key, Node, Value, LEAF_CAP};
-use super::overlay::{Overlay, ENTRY_BYTES};
+use super::overlay::{FrozenOverlay, Overlay, ENTRY_BYTES};
 use super::spacemap::{Reconciled, Selector, SpaceMap, TxnAlloc};
 use super::{BlockNo, NodeIo, PResult, PdataError, NODE_SIZE};
 use crate::blockdev::BlockDev;
@@ -181,7 +181,14 @@ impl CommitJob {
         Ok(CommitStats {
             nodes,
             bitmaps: self.bitmaps.len(),
+            user: self.header.user,
         })
+    }
+
+    /// Set a user word of the header before it is written: one known only once the caller's
+    /// own writes for the commit are ready (a checksum of what it writes beside the lock).
+    pub fn set_user_word(&mut self, index: usize, value: u64) {
+        self.header.user[index] = value;
     }
 
     fn sync(&self) -> PResult<()> {
@@ -199,6 +206,8 @@ impl CommitJob {
 pub struct CommitStats {
     pub nodes: usize,
     pub bitmaps: usize,
+    /// The user words of the header written (see [`CommitJob::set_user_word`]).
+    pub user: [u64; USER_WORDS],
 }
 
 /// The tree and its space map, with one transaction always open: changes accumulate in it
@@ -554,6 +563,12 @@ impl Meta {
         self.overlay.iter()
     }
 
+    /// The overlay's entries as they are now, in O(1): a commit writes them out without the
+    /// caller's lock.
+    pub fn frozen_overlay(&self) -> FrozenOverlay {
+        self.overlay.frozen()
+    }
+
     /// Put back the overlay a durable version was committed with (its keys are not in
     /// the tree).
     pub fn load_overlay(&mut self, entries: impl IntoIterator<Item = (Key, Value)>) {
@@ -798,7 +813,8 @@ impl Meta {
             }
         };
         // Its nodes are in the cache already (`CommitJob::write`).
-        let (_, header) = self.frozen.take().expect("checked");
+        let (_, mut header) = self.frozen.take().expect("checked");
+        header.user = stats.user;
         self.header = header;
         self.map.frozen_durable();
         self.repin();

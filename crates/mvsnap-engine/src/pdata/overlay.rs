@@ -10,9 +10,11 @@
 //! the internal nodes above them).
 //!
 //! Durability is the caller's: the overlay is part of the working version, and whoever makes
-//! that version durable writes the overlay's entries with it (the store: in the tables).
+//! that version durable writes the overlay's entries with it (the store: in the tables). The
+//! map is persistent ([`imbl::OrdMap`]): [`Overlay::frozen`] takes it as it is in O(1), for a
+//! commit to write out without the caller's lock while inserts go on.
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 
 use super::node::{Key, Value};
 
@@ -22,7 +24,7 @@ pub const ENTRY_BYTES: usize = 48;
 
 #[derive(Debug, Default)]
 pub struct Overlay {
-    entries: BTreeMap<Key, Value>,
+    entries: OrdMap<Key, Value>,
     /// Where the fold goes on: the first key at or after it (`None`: the smallest key).
     cursor: Option<Key>,
     /// Entries held before the fold starts (see [`Overlay::over_capacity`]).
@@ -97,6 +99,11 @@ impl Overlay {
         self.entries.iter()
     }
 
+    /// The entries as they are now, unchanged by what happens to the overlay later.
+    pub fn frozen(&self) -> FrozenOverlay {
+        FrozenOverlay(self.entries.clone())
+    }
+
     /// Insert or replace; returns the value it replaced here.
     pub fn insert(&mut self, key: Key, val: Value) -> Option<Value> {
         self.entries.insert(key, val)
@@ -140,6 +147,25 @@ impl Overlay {
             self.cursor = successor(last);
         }
         taken
+    }
+}
+
+/// An overlay's entries as they were at [`Overlay::frozen`].
+#[derive(Debug, Clone, Default)]
+pub struct FrozenOverlay(OrdMap<Key, Value>);
+
+impl FrozenOverlay {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Value)> {
+        self.0.iter()
     }
 }
 

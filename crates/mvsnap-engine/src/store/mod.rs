@@ -10,7 +10,7 @@ mod space;
 mod tables;
 
 use open::read_superblocks;
-pub(crate) use tables::{table_blocks, TableWrites};
+pub(crate) use tables::{alloc_table_blocks, table_blocks, table_writes, TableWrites};
 
 use std::collections::HashMap;
 use std::fs::File;

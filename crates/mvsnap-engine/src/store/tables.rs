@@ -13,8 +13,19 @@ pub(crate) fn table_blocks(
     stamp: u64,
     stream: &[u8],
 ) -> std::result::Result<Option<(Vec<u64>, TableWrites)>, crate::pdata::PdataError> {
-    let payload = META_BLOCK as usize - CK_HEADER;
-    let n = stream.len().div_ceil(payload).max(1);
+    Ok(alloc_table_blocks(st, stream.len())?.map(|blocks| {
+        let writes = table_writes(st.geo, stamp, &blocks, stream);
+        (blocks, writes)
+    }))
+}
+
+/// Fresh blocks, in the open transaction, for a tables stream of `len` bytes. None: no room
+/// (nothing allocated).
+pub(crate) fn alloc_table_blocks(
+    st: &mut State,
+    len: usize,
+) -> std::result::Result<Option<Vec<u64>>, crate::pdata::PdataError> {
+    let n = table_block_count(len);
     let mut blocks = Vec::with_capacity(n);
     for _ in 0..n {
         match st.meta.alloc_block()? {
@@ -27,18 +38,34 @@ pub(crate) fn table_blocks(
             }
         }
     }
-    let writes = stream
+    Ok(Some(blocks))
+}
+
+/// Blocks of a tables stream of `len` bytes.
+pub(crate) fn table_block_count(len: usize) -> usize {
+    len.div_ceil(META_BLOCK as usize - CK_HEADER).max(1)
+}
+
+/// The writes of `stream` as the chain of `blocks` (as many as [`table_block_count`] says).
+pub(crate) fn table_writes(
+    geo: Geometry,
+    stamp: u64,
+    blocks: &[u64],
+    stream: &[u8],
+) -> TableWrites {
+    let payload = META_BLOCK as usize - CK_HEADER;
+    debug_assert_eq!(blocks.len(), table_block_count(stream.len()));
+    stream
         .chunks(payload)
         .enumerate()
         .map(|(i, piece)| {
             let next = blocks.get(i + 1).map_or(NO_SLOT, |&b| b as u32);
             (
-                st.geo.slot_offset(blocks[i] as u32),
+                geo.slot_offset(blocks[i] as u32),
                 table_block(stamp, i, next, piece),
             )
         })
-        .collect();
-    Ok(Some((blocks, writes)))
+        .collect()
 }
 
 /// One block of the tables' chain: a header (magic, checksum, the stamp of the commit that
